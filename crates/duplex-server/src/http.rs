@@ -1,0 +1,165 @@
+//! The HTTP side of the server. Endpoints:
+//!
+//! - `GET /v1/conversation` — WebSocket upgrade into a conversation session (`duplex.v1`,
+//!   see `proto/PROTOCOL.md`). Refused before the upgrade with 503 when the server is at its
+//!   connection cap or shutting down, 429 when the client IP is at its cap, 400 for an
+//!   unsupported `?v=`.
+//! - `GET /healthz` — liveness: 200 while the process serves requests.
+//! - `GET /readyz` — readiness: 200 when providers are ready and the server is not draining,
+//!   503 otherwise (load balancers stop routing new sessions during shutdown).
+//! - `GET /metrics` — Prometheus text format.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use duplex_proto::{self as proto, Encoding, ErrorCode, SessionStart};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::session::{self, SessionContext};
+
+/// Shared state of all handlers.
+pub(crate) struct AppState {
+    pub session: SessionContext,
+    pub tracker: TaskTracker,
+    pub connections: Arc<Semaphore>,
+    pub per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/conversation", get(conversation))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.session.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.session.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Holds one slot of the per-IP cap; frees it on drop.
+struct IpSlot {
+    ip: IpAddr,
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl IpSlot {
+    fn acquire(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, cap: usize) -> Option<IpSlot> {
+        let mut m = map.lock().expect("per-IP map is never poisoned: no panics while held");
+        let n = m.entry(ip).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { ip, map: map.clone() })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().expect("per-IP map is never poisoned: no panics while held");
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn reject(state: &AppState, status: StatusCode, reason: &'static str, message: &str) -> Response {
+    state.session.metrics.connections_rejected.with_label_values(&[reason]).inc();
+    (status, format!("{message}\n")).into_response()
+}
+
+async fn conversation(
+    ws: WebSocketUpgrade,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    State(state): State<Arc<AppState>>,
+) -> Response {
+    let config = state.session.config.clone();
+    if state.session.shutdown.is_cancelled() {
+        return reject(&state, StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "server is shutting down");
+    }
+    if let Some(v) = params.get("v") {
+        if v != &proto::VERSION.to_string() {
+            return reject(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "bad_version",
+                &format!("unsupported protocol version {v:?}; this server speaks v=1"),
+            );
+        }
+    }
+    let Ok(permit): Result<OwnedSemaphorePermit, _> = state.connections.clone().try_acquire_owned() else {
+        return reject(&state, StatusCode::SERVICE_UNAVAILABLE, "capacity", "server is at its connection limit");
+    };
+    let Some(slot) = IpSlot::acquire(&state.per_ip, peer.ip(), config.max_connections_per_ip) else {
+        return reject(&state, StatusCode::TOO_MANY_REQUESTS, "per_ip", "too many connections from this address");
+    };
+    let offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|h| h.to_str().ok())
+        .flat_map(|h| h.split(','))
+        .any(|p| p.trim() == proto::SUBPROTOCOL);
+    let ws = if offered { ws.protocols([proto::SUBPROTOCOL]) } else { ws };
+    let start = start_from_query(&params);
+    let ctx = state.session.clone();
+    let tracker = state.tracker.clone();
+    ws.max_message_size(config.max_message_bytes)
+        .max_frame_size(config.max_message_bytes)
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                let _permit = permit;
+                let _slot = slot;
+                session::run(socket, ctx, start, peer).await;
+            })
+        })
+}
+
+/// `session.start` given as query parameters (`?sample_rate=8000&encoding=mulaw`), for clients
+/// that cannot send a JSON message first. `None` when the URL has no `sample_rate`.
+fn start_from_query(q: &HashMap<String, String>) -> Option<Result<SessionStart, (ErrorCode, String)>> {
+    let rate = q.get("sample_rate")?;
+    Some((|| {
+        let num = |name: &str, v: &str| {
+            v.parse::<u32>().map_err(|_| (ErrorCode::UnsupportedSampleRate, format!("{name}={v:?} is not a number")))
+        };
+        let enc = |name: &str, v: &str| {
+            Encoding::parse(v).ok_or_else(|| (ErrorCode::UnsupportedEncoding, format!("{name}={v:?}: use pcm16 or mulaw")))
+        };
+        Ok(SessionStart {
+            sample_rate: num("sample_rate", rate)?,
+            encoding: q.get("encoding").map(|v| enc("encoding", v)).transpose()?.unwrap_or_default(),
+            language: q.get("language").cloned(),
+            voice: q.get("voice").cloned(),
+            model: q.get("model").cloned(),
+            system_prompt: q.get("system_prompt").cloned(),
+            output_sample_rate: q.get("output_sample_rate").map(|v| num("output_sample_rate", v)).transpose()?,
+            output_encoding: q.get("output_encoding").map(|v| enc("output_encoding", v)).transpose()?,
+        })
+    })())
+}

@@ -1,0 +1,120 @@
+//! The duplex server as a library: [`Server::bind`] builds everything from a [`Config`] and
+//! returns the bound address, so tests run a real server on `127.0.0.1:0`; the `duplex` binary
+//! is a thin wrapper around it.
+//!
+//! Modules: [`config`] (every environment variable), [`metrics`] (the Prometheus registry),
+//! `http` (the endpoints), `session` (one WebSocket connection: reader, writer, actor).
+
+pub mod config;
+mod http;
+pub mod metrics;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::serve::ListenerExt;
+use duplex_providers::ProviderSet;
+use duplex_providers::scripted::{ScriptedConfig, ScriptedLlm, ScriptedStt, ScriptedTts};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, ProviderMode};
+pub use metrics::Metrics;
+
+/// A running server.
+pub struct Server {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    serve: JoinHandle<std::io::Result<()>>,
+    grace: std::time::Duration,
+}
+
+impl Server {
+    /// Binds the listener and starts serving. Returns once the port is bound.
+    pub async fn bind(config: Config, metrics: Metrics) -> std::io::Result<Server> {
+        let providers = match config.providers {
+            ProviderMode::Scripted => Some(scripted_providers(&config)),
+            ProviderMode::Echo => None,
+        };
+        Server::bind_with(config, metrics, providers).await
+    }
+
+    /// Like [`Server::bind`] with an explicit provider set (`None` = echo mode).
+    pub async fn bind_with(
+        config: Config,
+        metrics: Metrics,
+        providers: Option<ProviderSet>,
+    ) -> std::io::Result<Server> {
+        let listener = TcpListener::bind((config.bind_addr, config.port)).await?;
+        let local_addr = listener.local_addr()?;
+        // 20 ms audio frames must not wait for Nagle's algorithm.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let grace = config.shutdown_grace;
+        let state = Arc::new(http::AppState {
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            per_ip: Arc::new(Mutex::new(HashMap::new())),
+            tracker: tracker.clone(),
+            session: session::SessionContext {
+                config: Arc::new(config),
+                metrics,
+                providers,
+                shutdown: shutdown.clone(),
+            },
+        });
+        let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let stop = shutdown.clone();
+        let serve = tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
+        });
+        tracing::info!(%local_addr, "listening");
+        Ok(Server { local_addr, shutdown, tracker, serve, grace })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The token that starts a graceful shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until shutdown is requested, then drains: stops accepting, lets sessions finish
+    /// their turn within the grace period, and returns when all sessions ended (or the grace
+    /// period plus a margin ran out).
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.tracker.close();
+        // Sessions close themselves by the grace deadline; the margin covers the close
+        // handshake with clients.
+        let margin = std::time::Duration::from_secs(2);
+        if tokio::time::timeout(self.grace + margin, self.tracker.wait()).await.is_err() {
+            tracing::warn!("sessions still open after the grace period; exiting anyway");
+        }
+        let _ = tokio::time::timeout(margin, self.serve).await;
+    }
+}
+
+fn scripted_providers(config: &Config) -> ProviderSet {
+    let sc = ScriptedConfig {
+        llm_first_token: config.scripted_llm_first_token,
+        llm_token_interval: config.scripted_llm_token_interval,
+        tts_latency: config.scripted_tts_latency,
+        ..ScriptedConfig::default()
+    };
+    ProviderSet {
+        stt: Arc::new(ScriptedStt::new(sc.clone())),
+        llm: Arc::new(ScriptedLlm::new(sc.clone())),
+        tts: Arc::new(ScriptedTts::new(sc)),
+    }
+}

@@ -1,0 +1,88 @@
+//! `duplex`: the server binary. Reads the configuration (environment, overridden by flags),
+//! sets up logging and metrics, serves until SIGTERM/SIGINT, then drains.
+
+use clap::Parser;
+use duplex_server::config::LogFormat;
+use duplex_server::{Config, Metrics, Server};
+
+/// Realtime voice-conversation server. Every setting is an environment variable (see the
+/// README); these flags override the most common ones.
+#[derive(Parser, Debug)]
+#[command(name = "duplex", version)]
+struct Cli {
+    /// Engine set: `scripted` (deterministic test stand-ins) or `echo` (transport test).
+    #[arg(long)]
+    providers: Option<String>,
+    /// Port to listen on (default $PORT or 10000).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Address to listen on (default $BIND_ADDR or 0.0.0.0).
+    #[arg(long)]
+    bind: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = Config::from_lookup(|name| {
+        let flag = match name {
+            "DUPLEX_PROVIDERS" => cli.providers.clone(),
+            "PORT" => cli.port.map(|p| p.to_string()),
+            "BIND_ADDR" => cli.bind.clone(),
+            _ => None,
+        };
+        flag.or_else(|| std::env::var(name).ok())
+    });
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("duplex: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
+    runtime.block_on(async move {
+        let server = match Server::bind(config.clone(), Metrics::new()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, bind = %config.bind_addr, port = config.port, "cannot bind");
+                return std::process::ExitCode::from(1);
+            }
+        };
+        tracing::info!(
+            addr = %server.local_addr(),
+            providers = config.providers.as_str(),
+            "duplex is ready: ws://{}/v1/conversation",
+            server.local_addr()
+        );
+        let token = server.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested: draining sessions");
+            token.cancel();
+        });
+        server.wait().await;
+        tracing::info!("bye");
+        std::process::ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

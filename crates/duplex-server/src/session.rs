@@ -1,0 +1,964 @@
+//! One WebSocket connection: a reader task and a writer task that only do IO, and the session
+//! actor that owns the audio front end, the conversation core and the provider stages.
+//!
+//! ```text
+//!  socket ─► reader ──Inbound (INBOUND_CAPACITY)──► session actor ──Outbound (OUTBOUND_CAPACITY)──► writer ─► socket
+//!                                                   │  ▲   │  ▲   │  ▲
+//!                                  SttInput (try_send) │   │  │   │  │ TtsEvent (read only while the core
+//!                                                  SttEvent│  │   │  │  wants audio: backpressure)
+//!                                                      LlmEvent   TtsInput
+//! ```
+//!
+//! The actor never awaits a send: audio to STT and everything to the writer go by `try_send`.
+//! A full STT queue drops (and counts) frames; a full writer queue means the client stopped
+//! reading, and the session ends with `slow_consumer` instead of buffering without limit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use duplex_audio::{EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, Resampler, VadMode};
+use duplex_core::conversation::{Conversation, ConversationConfig, Input, Output, Speaker, TurnId};
+use duplex_proto::{
+    self as proto, AudioEndReason, AudioFormat, ClientMessage, Encoding, ErrorCode, ServerMessage,
+    SessionStart, close_code,
+};
+use duplex_providers::{
+    ChatMessage, LlmEvent, LlmRequest, ProviderSet, Role, SttEvent, SttInput, SttParams, SttStream,
+    TtsEvent, TtsInput, TtsParams, TtsStream,
+};
+use futures::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::config::{Config, ProviderMode};
+use crate::metrics::Metrics;
+
+/// Client messages queued from the reader to the actor: ~1.3 s of 20 ms frames, enough to
+/// absorb a scheduling hiccup of the actor. Beyond it the reader waits and TCP pushes back on
+/// the client, which is the right place for backpressure on input.
+const INBOUND_CAPACITY: usize = 64;
+/// Messages queued for the writer. Pacing keeps only `audio_lead / 20 ms` (~15) audio frames in
+/// flight and JSON events are sparse, so a healthy client never gets near 256; a client that
+/// stops reading fills it within seconds and is disconnected as a slow consumer.
+const OUTBOUND_CAPACITY: usize = 256;
+/// Token events of one LLM turn queued for the actor; tokens are small and the actor reads
+/// them at once.
+const LLM_EVENT_CAPACITY: usize = 32;
+/// A single socket write blocked this long means the peer is gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After `session.end` (or a fatal error), how long messages already in flight still get
+/// answered (`session_ended`) before the close frame.
+const END_LINGER: Duration = Duration::from_millis(250);
+/// Outbound audio frames are 20 ms, like the inbound analysis frames.
+const OUT_FRAME_MS: u32 = 20;
+
+/// What the reader hands the actor.
+#[derive(Debug)]
+enum Inbound {
+    Text(String),
+    Binary(Vec<u8>),
+    /// The message exceeded `max_message_bytes`.
+    TooLarge,
+    /// The client closed, or the socket failed.
+    Closed,
+}
+
+/// What the actor hands the writer.
+#[derive(Debug)]
+enum Outbound {
+    Text(String),
+    Binary(Vec<u8>),
+    Close(u16, String),
+}
+
+/// Everything a session needs from the server.
+#[derive(Clone)]
+pub(crate) struct SessionContext {
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    pub providers: Option<ProviderSet>,
+    pub shutdown: CancellationToken,
+}
+
+/// Runs one connection to its end.
+pub(crate) async fn run(
+    socket: WebSocket,
+    ctx: SessionContext,
+    start: Option<Result<SessionStart, (ErrorCode, String)>>,
+    peer: SocketAddr,
+) {
+    let session_id = uuid::Uuid::new_v4().simple().to_string();
+    let span = tracing::info_span!("session", session_id = %session_id, turn_id = tracing::field::Empty);
+    async move {
+        info!(%peer, "session connected");
+        ctx.metrics.sessions_total.inc();
+        ctx.metrics.active_sessions.inc();
+        let (sink, stream) = socket.split();
+        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let (in_tx, in_rx) = mpsc::channel(INBOUND_CAPACITY);
+        let kill = CancellationToken::new();
+        let writer = tokio::spawn(writer(sink, out_rx, kill.clone()).in_current_span());
+        let reader = tokio::spawn(reader(stream, in_tx).in_current_span());
+        let mut session = Session::new(ctx.clone(), session_id, out_tx, kill);
+        if let Some(start) = start {
+            match start {
+                Ok(s) => session.start(s),
+                Err((code, message)) => session.send_error(code, message, false),
+            }
+        }
+        session.run(in_rx).await;
+        drop(session);
+        reader.abort();
+        let _ = writer.await;
+        ctx.metrics.active_sessions.dec();
+        info!("session closed");
+    }
+    .instrument(span)
+    .await
+}
+
+async fn reader(mut stream: futures::stream::SplitStream<WebSocket>, tx: mpsc::Sender<Inbound>) {
+    while let Some(msg) = stream.next().await {
+        let inbound = match msg {
+            Ok(Message::Text(t)) => Inbound::Text(t.to_string()),
+            Ok(Message::Binary(b)) => Inbound::Binary(b.to_vec()),
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(Message::Close(_)) => Inbound::Closed,
+            Err(e) => {
+                if is_capacity_error(&e) {
+                    Inbound::TooLarge
+                } else {
+                    debug!(error = %e, "socket read failed");
+                    Inbound::Closed
+                }
+            }
+        };
+        let last = matches!(inbound, Inbound::Closed | Inbound::TooLarge);
+        if tx.send(inbound).await.is_err() || last {
+            return;
+        }
+    }
+    let _ = tx.send(Inbound::Closed).await;
+}
+
+fn is_capacity_error(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(t) = err.downcast_ref::<tungstenite::Error>() {
+            return matches!(t, tungstenite::Error::Capacity(_));
+        }
+        source = err.source();
+    }
+    false
+}
+
+async fn writer(
+    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    kill: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = kill.cancelled() => {
+                // The queue is full because the client does not read: skip it and try to say why.
+                let err = ServerMessage::error(
+                    ErrorCode::SlowConsumer,
+                    "client did not read audio fast enough",
+                    true,
+                );
+                let _ = timeout(Duration::from_secs(1), async {
+                    sink.send(Message::Text(err.to_json().into())).await?;
+                    sink.send(close_message(close_code::SLOW_CONSUMER, "slow consumer")).await
+                })
+                .await;
+                return;
+            }
+            next = rx.recv() => next,
+        };
+        let msg = match next {
+            None => {
+                let _ = timeout(WRITE_TIMEOUT, sink.close()).await;
+                return;
+            }
+            Some(Outbound::Text(t)) => Message::Text(t.into()),
+            Some(Outbound::Binary(b)) => Message::Binary(b.into()),
+            Some(Outbound::Close(code, reason)) => {
+                let _ = timeout(WRITE_TIMEOUT, sink.send(close_message(code, &reason))).await;
+                return;
+            }
+        };
+        // Feed without flushing while more is queued: one syscall for a burst of frames.
+        let write = async {
+            sink.feed(msg).await?;
+            if rx.is_empty() { sink.flush().await } else { Ok(()) }
+        };
+        match timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "socket write failed");
+                return;
+            }
+            Err(_) => {
+                warn!("socket write timed out");
+                return;
+            }
+        }
+    }
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: reason.to_owned().into() }))
+}
+
+/// An LLM turn in flight: its task forwards the provider's stream into `events`.
+struct LlmTurn {
+    turn: TurnId,
+    events: mpsc::Receiver<Result<LlmEvent, duplex_providers::ProviderError>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for LlmTurn {
+    fn drop(&mut self) {
+        // Aborting drops the provider stream, which closes its HTTP request.
+        self.task.abort();
+    }
+}
+
+/// A TTS turn in flight, with the conversion of its audio to the session's output format.
+struct TtsTurn {
+    turn: TurnId,
+    stream: TtsStream,
+    resampler: Option<Resampler>,
+    out_rate: u32,
+    encoding: Encoding,
+    /// Output-rate samples not yet making a whole frame.
+    pending: Vec<i16>,
+    /// Chunk index of the first sample in `pending`.
+    pending_index: u32,
+    scratch: Vec<i16>,
+}
+
+impl TtsTurn {
+    fn frame_samples(&self) -> usize {
+        (self.out_rate * OUT_FRAME_MS / 1000) as usize
+    }
+
+    /// Converts provider audio to encoded output frames, handed to the core.
+    fn on_audio(&mut self, core: &mut Conversation, now: std::time::Instant, index: u32, samples: &[i16], rate: u32) {
+        if rate != self.out_rate {
+            let stale = self.resampler.as_ref().is_some_and(|r| r.from_rate() != rate);
+            if stale || self.resampler.is_none() {
+                match Resampler::new(rate, self.out_rate) {
+                    Ok(r) => self.resampler = Some(r),
+                    Err(e) => {
+                        warn!(rate, error = %e, "TTS audio at an unsupported rate, dropped");
+                        return;
+                    }
+                }
+            }
+            self.scratch.clear();
+            self.resampler.as_mut().expect("set above").process(samples, &mut self.scratch);
+            if self.pending.is_empty() {
+                self.pending_index = index;
+            }
+            let scratch = std::mem::take(&mut self.scratch);
+            self.pending.extend_from_slice(&scratch);
+            self.scratch = scratch;
+        } else {
+            if self.pending.is_empty() {
+                self.pending_index = index;
+            }
+            self.pending.extend_from_slice(samples);
+        }
+        self.emit_frames(core, now, false);
+    }
+
+    /// Flushes the resampler and the last partial frame at the end of the turn's audio.
+    fn finish(&mut self, core: &mut Conversation, now: std::time::Instant) {
+        if let Some(r) = self.resampler.as_mut() {
+            self.scratch.clear();
+            r.flush(&mut self.scratch);
+            self.pending.extend_from_slice(&self.scratch);
+        }
+        self.emit_frames(core, now, true);
+    }
+
+    fn emit_frames(&mut self, core: &mut Conversation, now: std::time::Instant, all: bool) {
+        let n = self.frame_samples();
+        let mut offset = 0;
+        while self.pending.len() - offset >= n || (all && offset < self.pending.len()) {
+            let end = (offset + n).min(self.pending.len());
+            let frame = &self.pending[offset..end];
+            let mut bytes = Vec::with_capacity(frame.len() * 2);
+            match self.encoding {
+                Encoding::Pcm16 => duplex_audio::codec::encode_pcm16(frame, &mut bytes),
+                Encoding::Mulaw => duplex_audio::codec::encode_mulaw(frame, &mut bytes),
+            }
+            let duration = Duration::from_micros(frame.len() as u64 * 1_000_000 / u64::from(self.out_rate));
+            core.handle_input(now, Input::TtsFrame { turn: self.turn, index: self.pending_index, bytes, duration });
+            offset = end;
+        }
+        self.pending.drain(..offset);
+    }
+}
+
+/// The running part of a session (after `session.start`).
+struct Running {
+    input: AudioFormat,
+    frontend: FrontEnd,
+    events: Vec<FrontEndEvent>,
+    /// `None` in echo mode.
+    core: Option<Conversation>,
+    stt: Option<SttStream>,
+    llm: Option<LlmTurn>,
+    tts: Option<TtsTurn>,
+    output: AudioFormat,
+    voice: Option<String>,
+    language: Option<String>,
+    model: Option<String>,
+    deadline: Option<Instant>,
+}
+
+enum Phase {
+    AwaitingStart,
+    Running(Box<Running>),
+}
+
+/// Why the actor's loop woke up.
+enum Wake {
+    Shutdown,
+    Inbound(Option<Inbound>),
+    Stt(Option<SttEvent>),
+    Llm(TurnId, Option<Result<LlmEvent, duplex_providers::ProviderError>>),
+    Tts(TurnId, Option<TtsEvent>),
+    Deadline,
+    Idle,
+    Drain,
+    Close,
+}
+
+struct Session {
+    ctx: SessionContext,
+    id: String,
+    out: mpsc::Sender<Outbound>,
+    kill: CancellationToken,
+    phase: Phase,
+    /// Last time the client sent anything.
+    last_seen: Instant,
+    /// Set on shutdown: the session closes when its turn ends, or at this deadline.
+    drain_deadline: Option<Instant>,
+    /// Set by `session.end` or a fatal error: close with this code at this time.
+    closing: Option<(Instant, u16, &'static str)>,
+    ended: bool,
+    /// The writer is gone or killed: stop.
+    dead: bool,
+}
+
+impl Session {
+    fn new(ctx: SessionContext, id: String, out: mpsc::Sender<Outbound>, kill: CancellationToken) -> Session {
+        Session {
+            ctx,
+            id,
+            out,
+            kill,
+            phase: Phase::AwaitingStart,
+            last_seen: Instant::now(),
+            drain_deadline: None,
+            closing: None,
+            ended: false,
+            dead: false,
+        }
+    }
+
+    async fn run(&mut self, mut inbound: mpsc::Receiver<Inbound>) {
+        loop {
+            self.drive();
+            if self.dead {
+                return;
+            }
+            let idle_at = self.last_seen + self.ctx.config.idle_timeout;
+            let wake = {
+                let (stt, llm, tts, deadline, wants_audio) = match &mut self.phase {
+                    Phase::Running(r) => {
+                        let wants = r.core.as_ref().is_none_or(|c| c.wants_tts_audio());
+                        (r.stt.as_mut(), r.llm.as_mut(), r.tts.as_mut(), r.deadline, wants)
+                    }
+                    Phase::AwaitingStart => (None, None, None, None, false),
+                };
+                let llm_turn = llm.as_ref().map(|l| l.turn).unwrap_or(0);
+                let tts_turn = tts.as_ref().map(|t| t.turn).unwrap_or(0);
+                let draining = self.drain_deadline.is_some();
+                tokio::select! {
+                    biased;
+                    _ = self.ctx.shutdown.cancelled(), if !draining && self.closing.is_none() => Wake::Shutdown,
+                    _ = sleep_until_opt(self.closing.map(|c| c.0)) => Wake::Close,
+                    m = inbound.recv() => Wake::Inbound(m),
+                    e = recv_opt(stt.map(|s| &mut s.events)) => Wake::Stt(e),
+                    e = recv_opt(llm.map(|l| &mut l.events)) => Wake::Llm(llm_turn, e),
+                    e = recv_opt(tts.filter(|_| wants_audio).map(|t| &mut t.stream.events)) => Wake::Tts(tts_turn, e),
+                    _ = sleep_until_opt(deadline) => Wake::Deadline,
+                    _ = sleep_until(idle_at), if self.closing.is_none() => Wake::Idle,
+                    _ = sleep_until_opt(self.drain_deadline) => Wake::Drain,
+                }
+            };
+            match wake {
+                Wake::Shutdown => self.on_shutdown(),
+                Wake::Close => {
+                    let (_, code, reason) = self.closing.expect("close deadline was set");
+                    let _ = self.out.try_send(Outbound::Close(code, reason.to_owned()));
+                    return;
+                }
+                Wake::Inbound(None) | Wake::Inbound(Some(Inbound::Closed)) => return,
+                Wake::Inbound(Some(m)) => {
+                    self.last_seen = Instant::now();
+                    self.on_inbound(m);
+                }
+                Wake::Stt(e) => self.on_stt(e),
+                Wake::Llm(turn, e) => self.on_llm(turn, e),
+                Wake::Tts(turn, e) => self.on_tts(turn, e),
+                Wake::Deadline => self.core_input(Input::Tick),
+                Wake::Idle => {
+                    self.send_error(ErrorCode::IdleTimeout, "no message from the client within the idle timeout", true);
+                    self.close_soon(close_code::IDLE_TIMEOUT, "idle timeout", Duration::ZERO);
+                }
+                Wake::Drain => {
+                    self.close_soon(close_code::GOING_AWAY, "server shutting down", Duration::ZERO);
+                }
+            }
+        }
+    }
+
+    // -- outputs ---------------------------------------------------------------------------
+
+    fn push(&mut self, msg: Outbound) {
+        if self.dead {
+            return;
+        }
+        match self.out.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!("client is not reading: disconnecting as slow consumer");
+                self.ctx.metrics.errors_total.with_label_values(&[ErrorCode::SlowConsumer.as_str()]).inc();
+                self.kill.cancel();
+                self.dead = true;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.dead = true,
+        }
+    }
+
+    fn send(&mut self, msg: &ServerMessage) {
+        if let ServerMessage::Error(e) = msg {
+            self.ctx.metrics.errors_total.with_label_values(&[e.code.as_str()]).inc();
+            debug!(code = e.code.as_str(), message = %e.message, "error event");
+        }
+        self.push(Outbound::Text(msg.to_json()));
+    }
+
+    fn send_error(&mut self, code: ErrorCode, message: impl Into<String>, fatal: bool) {
+        self.send(&ServerMessage::error(code, message, fatal));
+    }
+
+    fn close_soon(&mut self, code: u16, reason: &'static str, after: Duration) {
+        if self.closing.is_none() {
+            self.closing = Some((Instant::now() + after, code, reason));
+        }
+    }
+
+    // -- lifecycle ---------------------------------------------------------------------------
+
+    fn on_shutdown(&mut self) {
+        let busy = matches!(&self.phase, Phase::Running(r) if r.core.as_ref().is_some_and(|c| c.current_turn().is_some()));
+        self.send_error(ErrorCode::ServerShuttingDown, "the server is shutting down", true);
+        if busy {
+            info!("shutdown: letting the current turn finish");
+            self.drain_deadline = Some(Instant::now() + self.ctx.config.shutdown_grace);
+        } else {
+            self.close_soon(close_code::GOING_AWAY, "server shutting down", Duration::ZERO);
+        }
+    }
+
+    fn start(&mut self, s: SessionStart) {
+        if let Err((code, msg)) = self.try_start(s) {
+            self.send_error(code, msg, false);
+        }
+    }
+
+    fn try_start(&mut self, s: SessionStart) -> Result<(), (ErrorCode, String)> {
+        let rates = proto::SUPPORTED_SAMPLE_RATES;
+        if !rates.contains(&s.sample_rate) {
+            return Err((
+                ErrorCode::UnsupportedSampleRate,
+                format!("sample_rate {} is not supported; use one of {rates:?}", s.sample_rate),
+            ));
+        }
+        let out_rate = s.output_sample_rate.unwrap_or(s.sample_rate);
+        if !rates.contains(&out_rate) {
+            return Err((
+                ErrorCode::UnsupportedSampleRate,
+                format!("output_sample_rate {out_rate} is not supported; use one of {rates:?}"),
+            ));
+        }
+        let cfg = &self.ctx.config;
+        let input = AudioFormat { encoding: s.encoding, sample_rate: s.sample_rate };
+        let output = AudioFormat { encoding: s.output_encoding.unwrap_or(s.encoding), sample_rate: out_rate };
+        let vad_mode = match cfg.vad_mode {
+            0 => VadMode::Quality,
+            1 => VadMode::LowBitrate,
+            2 => VadMode::Aggressive,
+            _ => VadMode::VeryAggressive,
+        };
+        let frontend = FrontEnd::new(FrontEndConfig {
+            encoding: s.encoding,
+            input_rate: s.sample_rate,
+            vad_mode,
+            endpoint: EndpointConfig {
+                speech_start_ms: cfg.speech_start.as_millis() as u64,
+                end_of_turn_ms: cfg.end_of_turn.as_millis() as u64,
+                max_turn_ms: cfg.max_turn.as_millis() as u64,
+                ..EndpointConfig::default()
+            },
+        })
+        .map_err(|e| (ErrorCode::UnsupportedSampleRate, e.to_string()))?;
+        let (core, stt, names) = match &self.ctx.providers {
+            Some(p) => {
+                let core = Conversation::new(ConversationConfig {
+                    system_prompt: s.system_prompt.clone().unwrap_or_else(|| cfg.system_prompt.clone()),
+                    audio_lead: cfg.audio_lead,
+                    frame: Duration::from_millis(u64::from(OUT_FRAME_MS)),
+                    output_format: output,
+                    ..ConversationConfig::default()
+                });
+                let stt = p.stt.open(SttParams {
+                    sample_rate: duplex_audio::INTERNAL_RATE,
+                    language: s.language.clone(),
+                    session_id: self.id.clone(),
+                });
+                let names = proto::ProviderNames {
+                    stt: p.stt.name().to_owned(),
+                    llm: p.llm.name().to_owned(),
+                    tts: p.tts.name().to_owned(),
+                };
+                (Some(core), Some(stt), names)
+            }
+            None => {
+                let echo = ProviderMode::Echo.as_str().to_owned();
+                (None, None, proto::ProviderNames { stt: echo.clone(), llm: echo.clone(), tts: echo })
+            }
+        };
+        self.phase = Phase::Running(Box::new(Running {
+            input,
+            frontend,
+            events: Vec::with_capacity(8),
+            core,
+            stt,
+            llm: None,
+            tts: None,
+            output,
+            voice: s.voice.clone(),
+            language: s.language.clone(),
+            model: s.model.clone(),
+            deadline: None,
+        }));
+        let ready = ServerMessage::SessionReady(proto::SessionReady {
+            session_id: self.id.clone(),
+            protocol: proto::SUBPROTOCOL.to_owned(),
+            input,
+            output,
+            output_frame_ms: OUT_FRAME_MS,
+            plan: proto::PlanInfo { name: "unmetered".into(), limits: proto::PlanLimits::default() },
+            providers: names,
+        });
+        self.send(&ready);
+        info!(sample_rate = s.sample_rate, encoding = ?s.encoding, "session started");
+        Ok(())
+    }
+
+    // -- inbound -----------------------------------------------------------------------------
+
+    fn on_inbound(&mut self, m: Inbound) {
+        if self.ended {
+            // Only errors for late messages; the close is already scheduled.
+            if !matches!(m, Inbound::Closed) {
+                self.send_error(ErrorCode::SessionEnded, "the session has ended", false);
+            }
+            return;
+        }
+        match m {
+            Inbound::Closed => {}
+            Inbound::TooLarge => {
+                let limit = self.ctx.config.max_message_bytes;
+                self.send_error(
+                    ErrorCode::MessageTooLarge,
+                    format!("message larger than the {limit}-byte limit"),
+                    true,
+                );
+                self.close_soon(close_code::MESSAGE_TOO_BIG, "message too big", Duration::ZERO);
+                self.ended = true;
+            }
+            Inbound::Text(text) => match proto::parse_client_message(&text) {
+                Ok(msg) => self.on_message(msg),
+                Err(e) => {
+                    let code = refine_parse_error(&e, &text);
+                    self.send_error(code, e.to_string(), false);
+                }
+            },
+            Inbound::Binary(bytes) => self.on_audio(bytes),
+        }
+    }
+
+    fn on_message(&mut self, msg: ClientMessage) {
+        let running = matches!(self.phase, Phase::Running(_));
+        match msg {
+            ClientMessage::Ping(p) => self.send(&ServerMessage::Pong(proto::Pong { id: p.id })),
+            ClientMessage::SessionStart(s) => {
+                if running {
+                    self.send_error(ErrorCode::SessionAlreadyStarted, "the session has already started", false);
+                } else {
+                    self.start(s);
+                }
+            }
+            ClientMessage::SessionEnd(_) => {
+                info!("client ended the session");
+                self.ended = true;
+                if let Phase::Running(r) = &mut self.phase {
+                    r.llm = None;
+                    r.tts = None;
+                }
+                self.close_soon(close_code::NORMAL, "session ended", END_LINGER);
+            }
+            _ if !running => {
+                self.send_error(ErrorCode::SessionNotStarted, "send session.start first", false);
+            }
+            ClientMessage::InputText(t) => self.core_input(Input::UserText { text: t.text }),
+            ClientMessage::ResponseInterrupt(_) => self.core_input(Input::Interrupt),
+            ClientMessage::PlaybackMark(m) => {
+                self.core_input(Input::PlaybackMark { turn: m.turn_id, played_ms: m.played_ms })
+            }
+        }
+    }
+
+    fn on_audio(&mut self, bytes: Vec<u8>) {
+        self.ctx.metrics.frames_in_total.inc();
+        let Phase::Running(r) = &mut self.phase else {
+            self.send_error(ErrorCode::AudioBeforeSessionStart, "binary audio before session.start", false);
+            return;
+        };
+        r.events.clear();
+        if let Err(e) = r.frontend.push(&bytes, &mut r.events) {
+            let code = match e {
+                duplex_audio::AudioError::OddLength(_) => ErrorCode::OddFrameLength,
+                _ => ErrorCode::Internal,
+            };
+            self.send_error(code, e.to_string(), false);
+            return;
+        }
+        let now = Instant::now().into_std();
+        let mut events = std::mem::take(&mut r.events);
+        let mut json = Vec::new();
+        for ev in events.drain(..) {
+            match ev {
+                FrontEndEvent::Frame { samples, .. } => {
+                    if let Some(stt) = &r.stt {
+                        if stt.input.try_send(SttInput::Audio(samples.to_vec())).is_err() {
+                            self.ctx.metrics.stt_frames_dropped_total.inc();
+                        }
+                    }
+                }
+                FrontEndEvent::SpeechStarted { audio_ms } => match r.core.as_mut() {
+                    Some(core) => core.handle_input(now, Input::SpeechStarted { audio_ms }),
+                    None => json.push(ServerMessage::SpeechStarted(proto::SpeechStarted { audio_ms })),
+                },
+                FrontEndEvent::SpeechStopped { audio_ms } => {
+                    let silence = r.frontend.audio_ms().saturating_sub(audio_ms);
+                    self.ctx
+                        .metrics
+                        .stage_latency
+                        .with_label_values(&["endpointing"])
+                        .observe(silence as f64 / 1000.0);
+                    match r.core.as_mut() {
+                        Some(core) => core.handle_input(now, Input::SpeechStopped { audio_ms }),
+                        None => json.push(ServerMessage::SpeechStopped(proto::SpeechStopped { audio_ms })),
+                    }
+                }
+            }
+        }
+        r.events = events;
+        let echo = r.core.is_none();
+        for m in json {
+            self.send(&m);
+        }
+        if echo {
+            // Echo mode: one frame back per frame in, after the whole front end ran on it.
+            self.ctx.metrics.frames_out_total.inc();
+            self.push(Outbound::Binary(bytes));
+        }
+    }
+
+    // -- provider events ---------------------------------------------------------------------
+
+    fn on_stt(&mut self, e: Option<SttEvent>) {
+        let input = match e {
+            Some(SttEvent::Interim { text }) => Input::SttInterim { text },
+            Some(SttEvent::Final { text }) => Input::SttFinal { text },
+            Some(SttEvent::SpeechStarted | SttEvent::UtteranceEnd) => return,
+            Some(SttEvent::Error(err)) => {
+                warn!(error = %err, "STT stream failed");
+                self.reopen_stt();
+                Input::SttError { message: format!("speech recognition failed: {err}") }
+            }
+            None => {
+                warn!("STT stream ended unexpectedly");
+                self.reopen_stt();
+                Input::SttError { message: "speech recognition stream ended".into() }
+            }
+        };
+        self.core_input(input);
+    }
+
+    /// A failed STT stream is replaced so that the next utterance is heard again.
+    fn reopen_stt(&mut self) {
+        let (Phase::Running(r), Some(p)) = (&mut self.phase, &self.ctx.providers) else { return };
+        r.stt = Some(p.stt.open(SttParams {
+            sample_rate: duplex_audio::INTERNAL_RATE,
+            language: r.language.clone(),
+            session_id: self.id.clone(),
+        }));
+    }
+
+    fn on_llm(&mut self, turn: TurnId, e: Option<Result<LlmEvent, duplex_providers::ProviderError>>) {
+        let input = match e {
+            Some(Ok(LlmEvent::Delta(text))) => Input::LlmDelta { turn, text },
+            Some(Ok(LlmEvent::Done { usage, model })) => {
+                debug!(?usage, model, "LLM turn done");
+                self.clear_llm(turn);
+                Input::LlmDone { turn }
+            }
+            Some(Err(err)) => {
+                warn!(error = %err, "LLM failed");
+                self.clear_llm(turn);
+                Input::LlmError { turn, message: format!("language model failed: {err}") }
+            }
+            None => {
+                self.clear_llm(turn);
+                Input::LlmError { turn, message: "language model stream ended without finishing".into() }
+            }
+        };
+        self.core_input(input);
+    }
+
+    fn clear_llm(&mut self, turn: TurnId) {
+        if let Phase::Running(r) = &mut self.phase {
+            if r.llm.as_ref().is_some_and(|l| l.turn == turn) {
+                r.llm = None;
+            }
+        }
+    }
+
+    fn on_tts(&mut self, turn: TurnId, e: Option<TtsEvent>) {
+        let Phase::Running(r) = &mut self.phase else { return };
+        let (Some(core), Some(tts)) = (r.core.as_mut(), r.tts.as_mut()) else { return };
+        if tts.turn != turn {
+            return;
+        }
+        let now = Instant::now().into_std();
+        let input = match e {
+            Some(TtsEvent::Audio { index, samples, sample_rate }) => {
+                tts.on_audio(core, now, index, &samples, sample_rate);
+                None
+            }
+            Some(TtsEvent::ChunkDone { index }) => Some(Input::TtsChunkDone { turn, index }),
+            Some(TtsEvent::Finished) => {
+                tts.finish(core, now);
+                r.tts = None;
+                Some(Input::TtsFinished { turn })
+            }
+            Some(TtsEvent::Error(err)) => {
+                warn!(error = %err, "TTS failed");
+                tts.finish(core, now);
+                r.tts = None;
+                Some(Input::TtsError { turn, message: format!("speech synthesis failed: {err}") })
+            }
+            None => {
+                tts.finish(core, now);
+                r.tts = None;
+                Some(Input::TtsError { turn, message: "speech synthesis stream ended early".into() })
+            }
+        };
+        if let Some(input) = input {
+            self.core_input(input);
+        }
+    }
+
+    // -- the core ----------------------------------------------------------------------------
+
+    fn core_input(&mut self, input: Input) {
+        if let Phase::Running(r) = &mut self.phase {
+            if let Some(core) = r.core.as_mut() {
+                core.handle_input(Instant::now().into_std(), input);
+            }
+        }
+    }
+
+    /// Carries out everything the core asks for, and remembers its next deadline.
+    fn drive(&mut self) {
+        loop {
+            let Phase::Running(r) = &mut self.phase else { return };
+            let Some(core) = r.core.as_mut() else { return };
+            match core.poll_output() {
+                Output::Send(msg) => self.send(&msg),
+                Output::Audio(bytes) => {
+                    self.ctx.metrics.frames_out_total.inc();
+                    self.push(Outbound::Binary(bytes));
+                }
+                Output::FinalizeStt => {
+                    if let Some(stt) = &r.stt {
+                        if stt.input.try_send(SttInput::Finalize).is_err() {
+                            // The queue is full of audio; deliver the finalize behind it.
+                            let tx = stt.input.clone();
+                            tokio::spawn(async move {
+                                let _ = tx.send(SttInput::Finalize).await;
+                            });
+                        }
+                    }
+                }
+                Output::StartTurn { turn, system_prompt, history } => {
+                    tracing::Span::current().record("turn_id", turn);
+                    self.ctx.metrics.turns_total.inc();
+                    self.start_turn(turn, system_prompt, history);
+                }
+                Output::TtsText { turn, index, text } => {
+                    if let Some(tts) = r.tts.as_ref().filter(|t| t.turn == turn) {
+                        if tts.stream.input.try_send(TtsInput::Text { index, text }).is_err() {
+                            warn!("TTS text queue full; chunk dropped");
+                        }
+                    }
+                }
+                Output::TtsEnd { turn } => {
+                    if let Some(tts) = r.tts.as_ref().filter(|t| t.turn == turn) {
+                        let _ = tts.stream.input.try_send(TtsInput::End);
+                    }
+                }
+                Output::CancelTurn { turn } => {
+                    if r.llm.as_ref().is_some_and(|l| l.turn == turn) {
+                        r.llm = None;
+                    }
+                    if r.tts.as_ref().is_some_and(|t| t.turn == turn) {
+                        r.tts = None;
+                    }
+                }
+                Output::TurnEnded { turn, reason, audio_ms } => {
+                    info!(turn, ?reason, audio_ms, "turn ended");
+                    if reason == AudioEndReason::Interrupted {
+                        self.ctx.metrics.interruptions_total.inc();
+                    }
+                    if r.llm.as_ref().is_some_and(|l| l.turn == turn) {
+                        r.llm = None;
+                    }
+                    if r.tts.as_ref().is_some_and(|t| t.turn == turn) {
+                        r.tts = None;
+                    }
+                    if self.drain_deadline.is_some() {
+                        self.close_soon(close_code::GOING_AWAY, "server shutting down", Duration::ZERO);
+                    }
+                }
+                Output::Latency { stage, value } => {
+                    self.ctx.metrics.stage_latency.with_label_values(&[stage.as_str()]).observe(value.as_secs_f64());
+                }
+                Output::Timeout(at) => {
+                    r.deadline = Some(Instant::from_std(at));
+                    return;
+                }
+                Output::Idle => {
+                    r.deadline = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start_turn(&mut self, turn: TurnId, system_prompt: String, history: Vec<duplex_core::conversation::HistoryEntry>) {
+        let Phase::Running(r) = &mut self.phase else { return };
+        let providers = self.ctx.providers.as_ref().expect("turns only start with providers");
+        let mut messages = Vec::with_capacity(history.len() + 1);
+        if !system_prompt.is_empty() {
+            messages.push(ChatMessage::new(Role::System, system_prompt));
+        }
+        messages.extend(history.into_iter().map(|h| {
+            let role = match h.speaker {
+                Speaker::User => Role::User,
+                Speaker::Assistant => Role::Assistant,
+            };
+            ChatMessage::new(role, h.text)
+        }));
+        let request = LlmRequest { session_id: self.id.clone(), model: r.model.clone(), messages, max_tokens: None };
+        let mut stream = providers.llm.stream(request);
+        let (tx, rx) = mpsc::channel(LLM_EVENT_CAPACITY);
+        let task = tokio::spawn(
+            async move {
+                while let Some(item) = stream.next().await {
+                    let last = !matches!(item, Ok(LlmEvent::Delta(_)));
+                    if tx.send(item).await.is_err() || last {
+                        return;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        r.llm = Some(LlmTurn { turn, events: rx, task });
+        let stream = providers.tts.open(TtsParams {
+            session_id: self.id.clone(),
+            voice: r.voice.clone(),
+            language: r.language.clone(),
+            preferred_sample_rate: r.output.sample_rate,
+        });
+        r.tts = Some(TtsTurn {
+            turn,
+            stream,
+            resampler: None,
+            out_rate: r.output.sample_rate,
+            encoding: r.output.encoding,
+            pending: Vec::new(),
+            pending_index: 0,
+            scratch: Vec::new(),
+        });
+        let _ = r.input;
+    }
+}
+
+/// Gives `unsupported_encoding` for a `session.start` whose only fault is its encoding.
+fn refine_parse_error(e: &proto::ParseError, text: &str) -> ErrorCode {
+    if let proto::ParseError::Invalid { kind, .. } = e {
+        if kind == "session.start" {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+                for field in ["encoding", "output_encoding"] {
+                    if let Some(enc) = v.get(field).and_then(|e| e.as_str()) {
+                        if Encoding::parse(enc).is_none() {
+                            return ErrorCode::UnsupportedEncoding;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    e.code()
+}
+
+async fn recv_opt<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
