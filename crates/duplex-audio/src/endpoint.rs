@@ -186,10 +186,7 @@ mod tests {
         let mut now = 0;
         for step in script.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (kind, ms) = step.split_once(' ').expect("step is `kind Nms`");
-            let ms: u64 = ms
-                .trim_end_matches("ms")
-                .parse()
-                .expect("duration in ms");
+            let ms: u64 = ms.trim_end_matches("ms").parse().expect("duration in ms");
             assert_eq!(ms % FRAME_MS, 0, "durations are whole frames");
             let voiced = match kind {
                 "speech" => true,
@@ -211,7 +208,12 @@ mod tests {
                 now += FRAME_MS;
             }
         }
-        writeln!(out, "@{now:>6}ms: end, in_speech={}", endpointer.in_speech()).unwrap();
+        writeln!(
+            out,
+            "@{now:>6}ms: end, in_speech={}",
+            endpointer.in_speech()
+        )
+        .unwrap();
         out
     }
 

@@ -98,7 +98,11 @@ impl FrontEnd {
     ///
     /// `Err(OddLength)` for a pcm16 frame with an odd byte count: the frame is dropped and the
     /// front end stays usable.
-    pub fn push(&mut self, bytes: &[u8], events: &mut Vec<FrontEndEvent>) -> Result<(), AudioError> {
+    pub fn push(
+        &mut self,
+        bytes: &[u8],
+        events: &mut Vec<FrontEndEvent>,
+    ) -> Result<(), AudioError> {
         self.decoded.clear();
         match self.encoding {
             Encoding::Pcm16 => {
@@ -177,12 +181,19 @@ mod tests {
     fn odd_pcm16_frame_is_an_error_and_the_stream_goes_on() {
         let mut fe = FrontEnd::new(config(Encoding::Pcm16, 16000)).unwrap();
         let mut events = Vec::new();
-        assert_eq!(fe.push(&[0; 641], &mut events), Err(AudioError::OddLength(641)));
+        assert_eq!(
+            fe.push(&[0; 641], &mut events),
+            Err(AudioError::OddLength(641))
+        );
         assert!(events.is_empty());
         fe.push(&[0; 640], &mut events).unwrap();
         assert!(matches!(
             events.as_slice(),
-            [FrontEndEvent::Frame { audio_ms: 0, voiced: false, .. }]
+            [FrontEndEvent::Frame {
+                audio_ms: 0,
+                voiced: false,
+                ..
+            }]
         ));
         // mu-law has one byte per sample: odd lengths are fine.
         let mut fe = FrontEnd::new(config(Encoding::Mulaw, 8000)).unwrap();

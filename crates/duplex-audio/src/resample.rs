@@ -210,7 +210,12 @@ mod tests {
 
     #[test]
     fn sine_keeps_frequency_and_length() {
-        for (from, to) in [(48000, 16000), (8000, 16000), (44100, 16000), (22050, 48000)] {
+        for (from, to) in [
+            (48000, 16000),
+            (8000, 16000),
+            (44100, 16000),
+            (22050, 48000),
+        ] {
             let secs = 1.0;
             let input = sine(from, 440.0, secs);
             let mut rs = Resampler::new(from, to).unwrap();
@@ -239,7 +244,12 @@ mod tests {
 
     #[test]
     fn output_is_independent_of_chunking() {
-        for (from, to) in [(48000, 16000), (22050, 8000), (24000, 48000), (16000, 16000)] {
+        for (from, to) in [
+            (48000, 16000),
+            (22050, 8000),
+            (24000, 48000),
+            (16000, 16000),
+        ] {
             let input = sine(from, 440.0, 0.7);
             let mut one = Resampler::new(from, to).unwrap();
             let mut whole = Vec::new();

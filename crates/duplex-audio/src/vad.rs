@@ -62,8 +62,10 @@ impl std::fmt::Debug for Vad {
 impl Vad {
     /// Creates a 16 kHz detector in the given mode.
     pub fn new(mode: VadMode) -> Vad {
-        let inner =
-            webrtc_vad::Vad::new_with_rate_and_mode(webrtc_vad::SampleRate::Rate16kHz, mode.to_webrtc());
+        let inner = webrtc_vad::Vad::new_with_rate_and_mode(
+            webrtc_vad::SampleRate::Rate16kHz,
+            mode.to_webrtc(),
+        );
         Vad { inner, mode }
     }
 

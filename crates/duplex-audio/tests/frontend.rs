@@ -7,9 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use duplex_audio::codec::{encode_mulaw, encode_pcm16};
-use duplex_audio::{
-    EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, Resampler, VadMode,
-};
+use duplex_audio::{EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, Resampler, VadMode};
 use duplex_proto::Encoding;
 
 const SENTENCE: &str = "Hello, this is a test of the voice activity detector.";
@@ -21,7 +19,11 @@ const PAD_MS: u64 = 1000;
 fn espeak() -> Option<(u32, Vec<i16>)> {
     let path: PathBuf =
         std::env::temp_dir().join(format!("duplex-audio-speech-{}.wav", std::process::id()));
-    let status = Command::new("espeak-ng").arg("-w").arg(&path).arg(SENTENCE).status();
+    let status = Command::new("espeak-ng")
+        .arg("-w")
+        .arg(&path)
+        .arg(SENTENCE)
+        .status();
     match status {
         Ok(status) => assert!(status.success(), "espeak-ng failed: {status}"),
         Err(e) => {
@@ -89,7 +91,10 @@ fn run(encoding: Encoding, rate: u32, samples: &[i16]) -> Vec<FrontEndEvent> {
         .count();
     // Every 20 ms of input became a frame, but for the resampler's last block and delay.
     let expected = samples.len() as u64 * 50 / u64::from(rate);
-    assert!(expected - frames as u64 <= 2, "{frames} frames for {expected}");
+    assert!(
+        expected - frames as u64 <= 2,
+        "{frames} frames for {expected}"
+    );
     events.retain(|e| !matches!(e, FrontEndEvent::Frame { .. }));
     events
 }
@@ -102,7 +107,10 @@ fn real_speech_is_one_turn_at_every_client_rate() {
     let pad = vec![0i16; (PAD_MS * u64::from(native_rate) / 1000) as usize];
     let clip: Vec<i16> = [&pad[..], &speech, &pad].concat();
     let (loud_from, loud_to) = loud_span_ms(native_rate, &clip);
-    assert!(loud_to - loud_from > 2000, "espeak-ng said the sentence in {loud_from}..{loud_to}");
+    assert!(
+        loud_to - loud_from > 2000,
+        "espeak-ng said the sentence in {loud_from}..{loud_to}"
+    );
 
     for (encoding, rate) in [
         (Encoding::Pcm16, 16000),
@@ -125,7 +133,10 @@ fn real_speech_is_one_turn_at_every_client_rate() {
         // ("detector") before, and libfvad's hangover (it keeps reporting speech for a few
         // frames after speech, ~100-200 ms) after.
         eprintln!("loud {loud_from}..{loud_to} ms, {label}");
-        assert!(stop + 200 >= loud_to && stop <= loud_to + 250, "stop vs {loud_to} {label}");
+        assert!(
+            stop + 200 >= loud_to && stop <= loud_to + 250,
+            "stop vs {loud_to} {label}"
+        );
     }
 }
 

@@ -263,10 +263,11 @@ fn is_abbreviation(c: &[char], dot: usize) -> bool {
         Some(p) => &word[p..],
         None => return false,
     };
-    if let [initial] = word {
-        if initial.is_uppercase() {
-            return true;
-        }
+    if let [initial] = word
+        && initial.is_uppercase()
+    {
+        // `J. Smith`, `U. S.`
+        return true;
     }
     if word_start == 0 && word.iter().all(char::is_ascii_digit) {
         // `1. Open the app`: the chunk so far is only the list number.
@@ -360,7 +361,10 @@ mod tests {
         chunker.finish(&mut finished);
         let mut printed = String::new();
         for chunk in &pushed {
-            assert!(!chunk.is_empty() && chunk.trim() == chunk, "untrimmed {chunk:?}");
+            assert!(
+                !chunk.is_empty() && chunk.trim() == chunk,
+                "untrimmed {chunk:?}"
+            );
             printed += &format!("[{chunk}]\n");
         }
         for chunk in &finished {
@@ -372,7 +376,9 @@ mod tests {
     /// Splits `s` at char boundaries into pieces of 1..=8 chars chosen by an LCG.
     fn random_pieces(s: &str, seed: u64) -> Vec<&str> {
         // Knuth's MMIX LCG constants: a full-period generator, good enough to pick sizes.
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let bounds: Vec<usize> = s.char_indices().map(|(i, _)| i).chain([s.len()]).collect();
         let mut pieces = Vec::new();
         let mut at = 0; // index into `bounds`
@@ -412,11 +418,14 @@ mod tests {
             "#]],
         );
         // Runs of sentence ends count as one; `?!` is not cut in the middle.
-        check("Really?! No way!!! Okay.", expect![[r#"
+        check(
+            "Really?! No way!!! Okay.",
+            expect![[r#"
             [Really?!]
             [No way!!!]
             [Okay.] (finish)
-        "#]]);
+        "#]],
+        );
     }
 
     #[test]
@@ -479,10 +488,13 @@ mod tests {
             "#]],
         );
         // A number split across deltas: `3.` must wait for the next char.
-        check("It is 3.5 now. Really", expect![[r#"
+        check(
+            "It is 3.5 now. Really",
+            expect![[r#"
             [It is 3.5 now.]
             [Really] (finish)
-        "#]]);
+        "#]],
+        );
     }
 
     #[test]
@@ -544,12 +556,15 @@ mod tests {
                 [Done.] (finish)
             "#]],
         );
-        check("“Hello.” ‘Bye.’ «Ciao.» End.", expect![[r#"
+        check(
+            "“Hello.” ‘Bye.’ «Ciao.» End.",
+            expect![[r#"
             [“Hello.”]
             [‘Bye.’]
             [«Ciao.»]
             [End.] (finish)
-        "#]]);
+        "#]],
+        );
     }
 
     #[test]
@@ -589,10 +604,13 @@ mod tests {
             "#]],
         );
         // Too short: no clause split.
-        check("Yes, sure, of course. Done.", expect![[r#"
+        check(
+            "Yes, sure, of course. Done.",
+            expect![[r#"
             [Yes, sure, of course.]
             [Done.] (finish)
-        "#]]);
+        "#]],
+        );
         // A new stream after `finish` may split at a clause again: see `finish_resets_for_the_next_stream`.
     }
 
@@ -609,21 +627,36 @@ mod tests {
             "#]],
         );
         // No whitespace at all: hard split at the limit.
-        check_with(5, 10, "abcdefghijklmnopqrstuvwxyz", expect![[r#"
+        check_with(
+            5,
+            10,
+            "abcdefghijklmnopqrstuvwxyz",
+            expect![[r#"
             [abcdefghij]
             [klmnopqrst]
             [uvwxyz] (finish)
-        "#]]);
+        "#]],
+        );
         // A sentence end exactly at the limit is still a natural end.
-        check_with(5, 10, "Short one. Another.", expect![[r#"
+        check_with(
+            5,
+            10,
+            "Short one. Another.",
+            expect![[r#"
             [Short one.]
             [Another.] (finish)
-        "#]]);
-        check_with(5, 9, "Short one. Another.", expect![[r#"
+        "#]],
+        );
+        check_with(
+            5,
+            9,
+            "Short one. Another.",
+            expect![[r#"
             [Short]
             [one.]
             [Another.] (finish)
-        "#]]);
+        "#]],
+        );
     }
 
     #[test]
@@ -657,14 +690,20 @@ mod tests {
                 [Next.] (finish)
             "#]],
         );
-        check("First paragraph\n\nSecond paragraph", expect![[r#"
+        check(
+            "First paragraph\n\nSecond paragraph",
+            expect![[r#"
             [First paragraph]
             [Second paragraph] (finish)
-        "#]]);
-        check("Windows line ends\r\n\r\nwork too", expect![[r#"
+        "#]],
+        );
+        check(
+            "Windows line ends\r\n\r\nwork too",
+            expect![[r#"
             [Windows line ends]
             [work too] (finish)
-        "#]]);
+        "#]],
+        );
     }
 
     #[test]
@@ -683,20 +722,26 @@ mod tests {
         // Nothing speakable left: dropped.
         check("**\n\n---\n\n...", expect![[r#""#]]);
         // `#` inside a word and numbers stay.
-        check("I like C# a lot. Item #5 is sold.", expect![[r#"
+        check(
+            "I like C# a lot. Item #5 is sold.",
+            expect![[r#"
             [I like C# a lot.]
             [Item #5 is sold.] (finish)
-        "#]]);
+        "#]],
+        );
     }
 
     #[test]
     fn non_english() {
-        check("你好。今天天气很好！你呢？好的", expect![[r#"
+        check(
+            "你好。今天天气很好！你呢？好的",
+            expect![[r#"
             [你好。]
             [今天天气很好！]
             [你呢？]
             [好的] (finish)
-        "#]]);
+        "#]],
+        );
         check(
             "「こんにちは。」と言った。それで終わり",
             expect![[r#"
@@ -729,9 +774,12 @@ mod tests {
     fn empty_and_whitespace() {
         check("", expect![[r#""#]]);
         check("   \n\n \t ", expect![[r#""#]]);
-        check("  Hi.  ", expect![[r#"
+        check(
+            "  Hi.  ",
+            expect![[r#"
             [Hi.] (finish)
-        "#]]);
+        "#]],
+        );
     }
 
     #[test]
@@ -753,6 +801,7 @@ mod tests {
                 "the plan works.",
                 "Later, we go.",
             ]
-        "#]].assert_debug_eq(&out);
+        "#]]
+        .assert_debug_eq(&out);
     }
 }

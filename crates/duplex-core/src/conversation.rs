@@ -188,6 +188,8 @@ struct Turn {
     llm_done: bool,
     tts_done: bool,
     audio_started: bool,
+    /// A provider failed during this turn.
+    failed: bool,
     /// When the user's turn ended (speech stop or typed input), for voice-to-voice latency.
     user_done_at: Instant,
     llm_started_at: Instant,
@@ -307,7 +309,8 @@ impl Conversation {
                 }
             }
             Input::LlmError { turn, message } => {
-                if self.is_current(turn) {
+                if let Some(t) = self.turn.as_mut().filter(|t| t.id == turn) {
+                    t.failed = true;
                     self.emit(ServerMessage::error(ErrorCode::LlmError, message, false));
                     // Speak what was generated before the fault, then end the turn.
                     self.on_llm_done();
@@ -328,6 +331,7 @@ impl Conversation {
                 if self.is_current(turn) {
                     self.emit(ServerMessage::error(ErrorCode::TtsError, message, false));
                     let t = self.turn.as_mut().expect("is_current checked the turn exists");
+                    t.failed = true;
                     // Stop listening to the failed stream; what is queued still plays.
                     t.tts_done = true;
                     t.llm_done = true;
@@ -373,14 +377,18 @@ impl Conversation {
             let id = turn.id;
             let audio_ms = turn.audio_total_ms;
             let text = turn.text.clone();
+            let reason = if turn.failed { AudioEndReason::Error } else { AudioEndReason::Complete };
+            let audio_started = turn.audio_started;
             self.turn = None;
             self.push_history(Speaker::Assistant, text);
-            self.emit(ServerMessage::AssistantAudioEnd(proto::AssistantAudioEnd {
-                turn_id: id,
-                duration_ms: audio_ms,
-                reason: AudioEndReason::Complete,
-            }));
-            self.out.push_back(Output::TurnEnded { turn: id, reason: AudioEndReason::Complete, audio_ms });
+            if audio_started {
+                self.emit(ServerMessage::AssistantAudioEnd(proto::AssistantAudioEnd {
+                    turn_id: id,
+                    duration_ms: audio_ms,
+                    reason,
+                }));
+            }
+            self.out.push_back(Output::TurnEnded { turn: id, reason, audio_ms });
             return self.out.pop_front().expect("just pushed");
         }
         Output::Idle
@@ -444,6 +452,7 @@ impl Conversation {
             llm_done: false,
             tts_done: false,
             audio_started: false,
+            failed: false,
             user_done_at,
             llm_started_at: now,
             first_token_seen: false,
@@ -605,4 +614,469 @@ fn heard_text(spans: &[ChunkSpan], played_ms: u64) -> String {
         }
     }
     heard.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    //! Timeline tests: a script of timed inputs in, a printed timeline of outputs out.
+    //!
+    //! Script lines: `<ms> <input> [args]`. Inputs: `speech_started`, `speech_stopped`,
+    //! `interim <text>`, `final <text>`, `text <text>`, `interrupt`, `mark <turn> <ms>`,
+    //! `delta <turn> <text>` (`_` stands for a space), `done <turn>`, `llm_error <turn>`,
+    //! `frames <turn> <chunk> <n>` (n frames of 20 ms), `tts_finished <turn>`,
+    //! `tts_error <turn>`, `tick`. Time only moves forward; after each line the outputs are
+    //! drained, and `run` to `<ms>` follows pacing deadlines until then.
+
+    use super::*;
+    use expect_test::{Expect, expect};
+
+    fn frame_bytes() -> Vec<u8> {
+        vec![0u8; 640]
+    }
+
+    fn describe(o: &Output) -> String {
+        match o {
+            Output::Send(m) => format!("send {}", m.to_json()),
+            Output::Audio(b) => format!("audio {}B", b.len()),
+            Output::StartTurn { turn, history, .. } => {
+                let h: Vec<String> = history
+                    .iter()
+                    .map(|e| format!("{:?}:{}", e.speaker, e.text))
+                    .collect();
+                format!("start_turn {turn} history={h:?}")
+            }
+            Output::Latency { stage, value } => {
+                format!("latency {} {}ms", stage.as_str(), value.as_millis())
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn check(script: &str, expect: Expect) {
+        let base = Instant::now();
+        let at = |ms: u64| base + Duration::from_millis(ms);
+        let mut c = Conversation::new(ConversationConfig {
+            system_prompt: "be brief".into(),
+            ..ConversationConfig::default()
+        });
+        let mut log = String::new();
+        let mut now_ms = 0u64;
+        let mut deadline: Option<Instant> = None;
+        let drain = |c: &mut Conversation, log: &mut String, t: u64| -> Option<Instant> {
+            let mut audio = 0;
+            loop {
+                let o = c.poll_output();
+                if let Output::Audio(_) = o {
+                    audio += 1;
+                    continue;
+                }
+                if audio > 0 {
+                    log.push_str(&format!("{t:>5} audio x{audio}\n"));
+                    audio = 0;
+                }
+                match o {
+                    Output::Timeout(d) => return Some(d),
+                    Output::Idle => return None,
+                    o => log.push_str(&format!("{t:>5} {}\n", describe(&o))),
+                }
+            }
+        };
+        for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let mut parts = line.splitn(3, ' ');
+            let ms: u64 = parts.next().unwrap().parse().unwrap();
+            let cmd = parts.next().unwrap();
+            let rest = parts.next().unwrap_or("");
+            // Follow pacing deadlines up to this line's time.
+            while let Some(d) = deadline.filter(|d| *d <= at(ms)) {
+                let t = (d - base).as_millis() as u64;
+                c.handle_input(d, Input::Tick);
+                deadline = drain(&mut c, &mut log, t);
+            }
+            assert!(ms >= now_ms, "time goes forward");
+            now_ms = ms;
+            let arg = |i: usize| rest.split(' ').nth(i).unwrap().to_owned();
+            let num = |i: usize| arg(i).parse::<u64>().unwrap();
+            let text_after = |i: usize| rest.splitn(i + 1, ' ').nth(i).unwrap().replace('_', " ");
+            let input = match cmd {
+                "speech_started" => Input::SpeechStarted { audio_ms: ms },
+                "speech_stopped" => Input::SpeechStopped { audio_ms: ms },
+                "interim" => Input::SttInterim { text: rest.into() },
+                "final" => Input::SttFinal { text: rest.into() },
+                "text" => Input::UserText { text: rest.into() },
+                "interrupt" => Input::Interrupt,
+                "mark" => Input::PlaybackMark { turn: num(0), played_ms: num(1) },
+                "delta" => Input::LlmDelta { turn: num(0), text: text_after(1) },
+                "done" => Input::LlmDone { turn: num(0) },
+                "llm_error" => Input::LlmError { turn: num(0), message: "boom".into() },
+                "tts_finished" => Input::TtsFinished { turn: num(0) },
+                "tts_error" => Input::TtsError { turn: num(0), message: "boom".into() },
+                "tick" | "run" => Input::Tick,
+                "frames" => {
+                    let (turn, index, n) = (num(0), num(1) as u32, num(2));
+                    for _ in 0..n {
+                        c.handle_input(
+                            at(ms),
+                            Input::TtsFrame {
+                                turn,
+                                index,
+                                bytes: frame_bytes(),
+                                duration: Duration::from_millis(20),
+                            },
+                        );
+                    }
+                    log.push_str(&format!("{ms:>5} < {cmd} {rest}\n"));
+                    deadline = drain(&mut c, &mut log, ms);
+                    continue;
+                }
+                other => panic!("unknown script command {other}"),
+            };
+            if cmd != "run" {
+                log.push_str(&format!("{ms:>5} < {}\n", line.split_once(' ').unwrap().1));
+            }
+            c.handle_input(at(ms), input);
+            deadline = drain(&mut c, &mut log, ms);
+        }
+        let history: Vec<String> =
+            c.history().map(|e| format!("{:?}: {}", e.speaker, e.text)).collect();
+        log.push_str(&format!("history: {history:?}\n"));
+        expect.assert_eq(&log);
+    }
+
+    #[test]
+    fn a_full_spoken_turn() {
+        check(
+            r#"
+            0 speech_started
+            900 speech_stopped
+            950 interim hello
+            1000 final hello there
+            1150 delta 1 Hi!_How
+            1170 delta 1 _can_I_help?
+            1180 done 1
+            1250 frames 1 0 30
+            1260 tts_finished 1
+            2000 run
+            "#,
+            expect![[r#"
+                    0 < speech_started
+                    0 send {"type":"vad.speech_started","audio_ms":0}
+                  900 < speech_stopped
+                  900 send {"type":"vad.speech_stopped","audio_ms":900}
+                  900 FinalizeStt
+                  950 < interim hello
+                  950 send {"type":"user_transcript","text":"hello","is_final":false}
+                 1000 < final hello there
+                 1000 latency stt_final 100ms
+                 1000 send {"type":"user_transcript","text":"hello there","is_final":true}
+                 1000 start_turn 1 history=["User:hello there"]
+                 1150 < delta 1 Hi!_How
+                 1150 latency llm_first_token 150ms
+                 1150 send {"type":"assistant_message","turn_id":1,"delta":"Hi! How","is_final":false}
+                 1150 TtsText { turn: 1, index: 0, text: "Hi!" }
+                 1170 < delta 1 _can_I_help?
+                 1170 send {"type":"assistant_message","turn_id":1,"delta":" can I help?","is_final":false}
+                 1180 < done 1
+                 1180 send {"type":"assistant_message","turn_id":1,"text":"Hi! How can I help?","is_final":true}
+                 1180 TtsText { turn: 1, index: 1, text: "How can I help?" }
+                 1180 TtsEnd { turn: 1 }
+                 1250 < frames 1 0 30
+                 1250 latency tts_first_audio 100ms
+                 1250 send {"type":"assistant_audio.start","turn_id":1,"format":{"encoding":"pcm16","sample_rate":16000}}
+                 1250 audio x1
+                 1250 latency voice_to_voice 350ms
+                 1250 audio x14
+                 1260 < tts_finished 1
+                 1270 audio x1
+                 1290 audio x1
+                 1310 audio x1
+                 1330 audio x1
+                 1350 audio x1
+                 1370 audio x1
+                 1390 audio x1
+                 1410 audio x1
+                 1430 audio x1
+                 1450 audio x1
+                 1470 audio x1
+                 1490 audio x1
+                 1510 audio x1
+                 1530 audio x1
+                 1550 audio x1
+                 1550 send {"type":"assistant_audio.end","turn_id":1,"duration_ms":600,"reason":"complete"}
+                 1550 TurnEnded { turn: 1, reason: Complete, audio_ms: 600 }
+                history: ["User: hello there", "Assistant: Hi! How can I help?"]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn barge_in_cuts_audio_and_keeps_only_what_was_heard() {
+        check(
+            r#"
+            0 text tell me a story
+            100 delta 1 Once_upon_a_time_there_was_a_king.
+            110 delta 1 _He_had_three_sons_and_a_very_old_horse.
+            120 done 1
+            200 frames 1 0 50
+            210 frames 1 1 50
+            700 speech_started
+            710 delta 1 late_token
+            720 frames 1 1 5
+            730 tts_finished 1
+            1500 run
+            "#,
+            expect![[r#"
+                    0 < text tell me a story
+                    0 send {"type":"user_transcript","text":"tell me a story","is_final":true}
+                    0 start_turn 1 history=["User:tell me a story"]
+                  100 < delta 1 Once_upon_a_time_there_was_a_king.
+                  100 latency llm_first_token 100ms
+                  100 send {"type":"assistant_message","turn_id":1,"delta":"Once upon a time there was a king.","is_final":false}
+                  110 < delta 1 _He_had_three_sons_and_a_very_old_horse.
+                  110 send {"type":"assistant_message","turn_id":1,"delta":" He had three sons and a very old horse.","is_final":false}
+                  110 TtsText { turn: 1, index: 0, text: "Once upon a time there was a king." }
+                  120 < done 1
+                  120 send {"type":"assistant_message","turn_id":1,"text":"Once upon a time there was a king. He had three sons and a very old horse.","is_final":true}
+                  120 TtsText { turn: 1, index: 1, text: "He had three sons and a very old horse." }
+                  120 TtsEnd { turn: 1 }
+                  200 < frames 1 0 50
+                  200 latency tts_first_audio 90ms
+                  200 send {"type":"assistant_audio.start","turn_id":1,"format":{"encoding":"pcm16","sample_rate":16000}}
+                  200 audio x1
+                  200 latency voice_to_voice 200ms
+                  200 audio x14
+                  210 < frames 1 1 50
+                  220 audio x1
+                  240 audio x1
+                  260 audio x1
+                  280 audio x1
+                  300 audio x1
+                  320 audio x1
+                  340 audio x1
+                  360 audio x1
+                  380 audio x1
+                  400 audio x1
+                  420 audio x1
+                  440 audio x1
+                  460 audio x1
+                  480 audio x1
+                  500 audio x1
+                  520 audio x1
+                  540 audio x1
+                  560 audio x1
+                  580 audio x1
+                  600 audio x1
+                  620 audio x1
+                  640 audio x1
+                  660 audio x1
+                  680 audio x1
+                  700 audio x1
+                  700 < speech_started
+                  700 send {"type":"vad.speech_started","audio_ms":700}
+                  700 CancelTurn { turn: 1 }
+                  700 send {"type":"interrupted","turn_id":1,"played_ms":500,"heard_text":"Once upon a time"}
+                  700 send {"type":"assistant_audio.end","turn_id":1,"duration_ms":500,"reason":"interrupted"}
+                  700 TurnEnded { turn: 1, reason: Interrupted, audio_ms: 500 }
+                  710 < delta 1 late_token
+                  720 < frames 1 1 5
+                  730 < tts_finished 1
+                history: ["User: tell me a story", "Assistant: Once upon a time"]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn playback_mark_corrects_what_was_heard() {
+        check(
+            r#"
+            0 text hi
+            100 delta 1 One_two_three_four.
+            110 done 1
+            120 frames 1 0 50
+            500 mark 1 100
+            520 interrupt
+            "#,
+            expect![[r#"
+                    0 < text hi
+                    0 send {"type":"user_transcript","text":"hi","is_final":true}
+                    0 start_turn 1 history=["User:hi"]
+                  100 < delta 1 One_two_three_four.
+                  100 latency llm_first_token 100ms
+                  100 send {"type":"assistant_message","turn_id":1,"delta":"One two three four.","is_final":false}
+                  110 < done 1
+                  110 send {"type":"assistant_message","turn_id":1,"text":"One two three four.","is_final":true}
+                  110 TtsText { turn: 1, index: 0, text: "One two three four." }
+                  110 TtsEnd { turn: 1 }
+                  120 < frames 1 0 50
+                  120 latency tts_first_audio 10ms
+                  120 send {"type":"assistant_audio.start","turn_id":1,"format":{"encoding":"pcm16","sample_rate":16000}}
+                  120 audio x1
+                  120 latency voice_to_voice 120ms
+                  120 audio x14
+                  140 audio x1
+                  160 audio x1
+                  180 audio x1
+                  200 audio x1
+                  220 audio x1
+                  240 audio x1
+                  260 audio x1
+                  280 audio x1
+                  300 audio x1
+                  320 audio x1
+                  340 audio x1
+                  360 audio x1
+                  380 audio x1
+                  400 audio x1
+                  420 audio x1
+                  440 audio x1
+                  460 audio x1
+                  480 audio x1
+                  500 audio x1
+                  500 < mark 1 100
+                  520 < interrupt
+                  520 CancelTurn { turn: 1 }
+                  520 send {"type":"interrupted","turn_id":1,"played_ms":120,"heard_text":""}
+                  520 send {"type":"assistant_audio.end","turn_id":1,"duration_ms":120,"reason":"interrupted"}
+                  520 TurnEnded { turn: 1, reason: Interrupted, audio_ms: 120 }
+                history: ["User: hi"]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn typed_input_while_speaking_starts_a_new_turn() {
+        check(
+            r#"
+            0 text first question
+            100 delta 1 First_answer.
+            110 done 1
+            120 frames 1 0 20
+            300 text second question
+            310 delta 1 stale
+            320 delta 2 Second_answer.
+            330 done 2
+            "#,
+            expect![[r#"
+                    0 < text first question
+                    0 send {"type":"user_transcript","text":"first question","is_final":true}
+                    0 start_turn 1 history=["User:first question"]
+                  100 < delta 1 First_answer.
+                  100 latency llm_first_token 100ms
+                  100 send {"type":"assistant_message","turn_id":1,"delta":"First answer.","is_final":false}
+                  110 < done 1
+                  110 send {"type":"assistant_message","turn_id":1,"text":"First answer.","is_final":true}
+                  110 TtsText { turn: 1, index: 0, text: "First answer." }
+                  110 TtsEnd { turn: 1 }
+                  120 < frames 1 0 20
+                  120 latency tts_first_audio 10ms
+                  120 send {"type":"assistant_audio.start","turn_id":1,"format":{"encoding":"pcm16","sample_rate":16000}}
+                  120 audio x1
+                  120 latency voice_to_voice 120ms
+                  120 audio x14
+                  140 audio x1
+                  160 audio x1
+                  180 audio x1
+                  200 audio x1
+                  220 audio x1
+                  300 < text second question
+                  300 CancelTurn { turn: 1 }
+                  300 send {"type":"interrupted","turn_id":1,"played_ms":180,"heard_text":""}
+                  300 send {"type":"assistant_audio.end","turn_id":1,"duration_ms":180,"reason":"interrupted"}
+                  300 TurnEnded { turn: 1, reason: Interrupted, audio_ms: 180 }
+                  300 send {"type":"user_transcript","text":"second question","is_final":true}
+                  300 start_turn 2 history=["User:first question second question"]
+                  310 < delta 1 stale
+                  320 < delta 2 Second_answer.
+                  320 latency llm_first_token 20ms
+                  320 send {"type":"assistant_message","turn_id":2,"delta":"Second answer.","is_final":false}
+                  330 < done 2
+                  330 send {"type":"assistant_message","turn_id":2,"text":"Second answer.","is_final":true}
+                  330 TtsText { turn: 2, index: 0, text: "Second answer." }
+                  330 TtsEnd { turn: 2 }
+                history: ["User: first question second question"]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn provider_faults_end_the_turn_with_an_error() {
+        check(
+            r#"
+            0 text one
+            200 llm_error 1
+            300 text two
+            400 delta 2 Some_words_here.
+            410 done 2
+            420 frames 2 0 3
+            430 tts_error 2
+            600 run
+            "#,
+            expect![[r#"
+                    0 < text one
+                    0 send {"type":"user_transcript","text":"one","is_final":true}
+                    0 start_turn 1 history=["User:one"]
+                  200 < llm_error 1
+                  200 send {"type":"error","code":"llm_error","message":"boom","fatal":false}
+                  200 send {"type":"assistant_message","turn_id":1,"text":"","is_final":true}
+                  200 TtsEnd { turn: 1 }
+                  200 TurnEnded { turn: 1, reason: Error, audio_ms: 0 }
+                  300 < text two
+                  300 send {"type":"user_transcript","text":"two","is_final":true}
+                  300 start_turn 2 history=["User:one two"]
+                  400 < delta 2 Some_words_here.
+                  400 latency llm_first_token 100ms
+                  400 send {"type":"assistant_message","turn_id":2,"delta":"Some words here.","is_final":false}
+                  410 < done 2
+                  410 send {"type":"assistant_message","turn_id":2,"text":"Some words here.","is_final":true}
+                  410 TtsText { turn: 2, index: 0, text: "Some words here." }
+                  410 TtsEnd { turn: 2 }
+                  420 < frames 2 0 3
+                  420 latency tts_first_audio 10ms
+                  420 send {"type":"assistant_audio.start","turn_id":2,"format":{"encoding":"pcm16","sample_rate":16000}}
+                  420 audio x1
+                  420 latency voice_to_voice 120ms
+                  420 audio x2
+                  430 < tts_error 2
+                  430 send {"type":"error","code":"tts_error","message":"boom","fatal":false}
+                  430 CancelTurn { turn: 2 }
+                  430 send {"type":"assistant_audio.end","turn_id":2,"duration_ms":60,"reason":"error"}
+                  430 TurnEnded { turn: 2, reason: Error, audio_ms: 60 }
+                history: ["User: one two", "Assistant: Some words here."]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn empty_or_early_finals() {
+        check(
+            r#"
+            0 speech_started
+            400 speech_stopped
+            450 final
+            1000 speech_started
+            1100 final first part
+            1500 speech_stopped
+            1550 final second part
+            "#,
+            expect![[r#"
+                    0 < speech_started
+                    0 send {"type":"vad.speech_started","audio_ms":0}
+                  400 < speech_stopped
+                  400 send {"type":"vad.speech_stopped","audio_ms":400}
+                  400 FinalizeStt
+                  450 < final
+                  450 latency stt_final 50ms
+                 1000 < speech_started
+                 1000 send {"type":"vad.speech_started","audio_ms":1000}
+                 1100 < final first part
+                 1500 < speech_stopped
+                 1500 send {"type":"vad.speech_stopped","audio_ms":1500}
+                 1500 FinalizeStt
+                 1550 < final second part
+                 1550 latency stt_final 50ms
+                 1550 send {"type":"user_transcript","text":"first part second part","is_final":true}
+                 1550 start_turn 1 history=["User:first part second part"]
+                history: ["User: first part second part"]
+            "#]],
+        );
+    }
 }

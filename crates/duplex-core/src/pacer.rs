@@ -108,8 +108,14 @@ mod tests {
 
     /// 20 ms is the usual frame of Opus and of most TTS PCM streams.
     const FRAME: Duration = Duration::from_millis(20);
-    /// The lead the brief suggests: short enough to cut within a third of a second.
+    /// A typical lead: an interruption cuts within a third of a second.
     const LEAD: Duration = Duration::from_millis(300);
+
+    /// An arbitrary origin for test instants: `Instant` has no constant, so this is the only
+    /// clock read, and every instant used is `origin() + offset`.
+    fn origin() -> Instant {
+        Instant::now()
+    }
 
     /// One step of a timeline script, at a millisecond offset.
     #[derive(Clone, Copy)]
@@ -136,7 +142,7 @@ mod tests {
     /// otherwise sleeps until `ready_at` or the next script step, whichever comes first.
     /// Returns the printed timeline and every send instant (ms offsets, one per frame).
     fn simulate(script: &[(u64, Step)]) -> (String, Vec<u64>) {
-        let base = Instant::now();
+        let base = origin();
         let ms = |t: Instant| (t - base).as_millis() as u64;
         let mut pacer = Pacer::new(LEAD);
         pacer.start_turn();
@@ -158,20 +164,20 @@ mod tests {
                 match step {
                     Step::Audio(len) => {
                         queue.extend((0..len / 20).map(|_| FRAME));
-                        lines.push(format!("{at:>5}ms audio +{len}ms"));
+                        lines.push(format!("{at}ms audio +{len}ms"));
                     }
                     Step::Mark(mark) => {
                         pacer.on_mark(now, Duration::from_millis(mark));
                         lines.push(format!(
-                            "{at:>5}ms mark {mark}ms (estimate was {played}ms, sent {sent}ms)"
+                            "{at}ms mark {mark}ms (estimate was {played}ms, sent {sent}ms)"
                         ));
                     }
                     Step::Query => {
-                        lines.push(format!("{at:>5}ms query played={played}ms sent={sent}ms"))
+                        lines.push(format!("{at}ms query played={played}ms sent={sent}ms"))
                     }
                     Step::Interrupt => {
                         lines.push(format!(
-                            "{at:>5}ms interrupt played={played}ms sent={sent}ms, {} frames dropped",
+                            "{at}ms interrupt played={played}ms sent={sent}ms, {} frames dropped",
                             queue.len()
                         ));
                         queue.clear();
@@ -207,7 +213,9 @@ mod tests {
                 },
                 None => None,
             };
-            let next_step = steps.peek().map(|&(at, _)| base + Duration::from_millis(at));
+            let next_step = steps
+                .peek()
+                .map(|&(at, _)| base + Duration::from_millis(at));
             now = match (wake, next_step) {
                 (Some(a), Some(b)) => a.min(b),
                 (Some(t), None) | (None, Some(t)) => t,
@@ -234,7 +242,7 @@ mod tests {
                 }
                 let last = &batches[j - 1];
                 lines.push(format!(
-                    "{:>5}ms..{}ms send 1 frame every {}ms ({} frames), then sent={}ms played={}ms",
+                    "{}ms..{}ms send 1 frame every {}ms ({} frames), then sent={}ms played={}ms",
                     b.at.as_millis(),
                     last.at.as_millis(),
                     step.as_millis(),
@@ -244,7 +252,7 @@ mod tests {
                 ));
             } else {
                 lines.push(format!(
-                    "{:>5}ms send {} frame(s), then sent={}ms played={}ms",
+                    "{}ms send {} frame(s), then sent={}ms played={}ms",
                     b.at.as_millis(),
                     b.count,
                     b.sent.as_millis(),
@@ -272,13 +280,13 @@ mod tests {
                 (2100, Step::Query),
             ],
             expect![[r#"
-                    0ms audio +2000ms
-                    0ms send 15 frame(s), then sent=300ms played=0ms
-                   20ms..980ms send 1 frame every 20ms (49 frames), then sent=1280ms played=980ms
-                 1000ms query played=1000ms sent=1280ms
-                 1000ms..1700ms send 1 frame every 20ms (36 frames), then sent=2000ms played=1700ms
-                 1800ms query played=1800ms sent=2000ms
-                 2100ms query played=2000ms sent=2000ms
+                0ms audio +2000ms
+                0ms send 15 frame(s), then sent=300ms played=0ms
+                20ms..980ms send 1 frame every 20ms (49 frames), then sent=1280ms played=980ms
+                1000ms query played=1000ms sent=1280ms
+                1000ms..1700ms send 1 frame every 20ms (36 frames), then sent=2000ms played=1700ms
+                1800ms query played=1800ms sent=2000ms
+                2100ms query played=2000ms sent=2000ms
             "#]],
         );
         assert_eq!(sends.len(), 100);
@@ -302,18 +310,18 @@ mod tests {
                 (1600, Step::Query),
             ],
             expect![[r#"
-                    0ms audio +400ms
-                    0ms send 15 frame(s), then sent=300ms played=0ms
-                   20ms..100ms send 1 frame every 20ms (5 frames), then sent=400ms played=100ms
-                  350ms query played=350ms sent=400ms
-                  450ms query played=400ms sent=400ms
-                  900ms audio +600ms
-                  900ms query played=400ms sent=400ms
-                  900ms send 15 frame(s), then sent=700ms played=400ms
-                  920ms..980ms send 1 frame every 20ms (4 frames), then sent=780ms played=480ms
-                 1000ms query played=500ms sent=780ms
-                 1000ms..1200ms send 1 frame every 20ms (11 frames), then sent=1000ms played=700ms
-                 1600ms query played=1000ms sent=1000ms
+                0ms audio +400ms
+                0ms send 15 frame(s), then sent=300ms played=0ms
+                20ms..100ms send 1 frame every 20ms (5 frames), then sent=400ms played=100ms
+                350ms query played=350ms sent=400ms
+                450ms query played=400ms sent=400ms
+                900ms audio +600ms
+                900ms query played=400ms sent=400ms
+                900ms send 15 frame(s), then sent=700ms played=400ms
+                920ms..980ms send 1 frame every 20ms (4 frames), then sent=780ms played=480ms
+                1000ms query played=500ms sent=780ms
+                1000ms..1200ms send 1 frame every 20ms (11 frames), then sent=1000ms played=700ms
+                1600ms query played=1000ms sent=1000ms
             "#]],
         );
     }
@@ -329,13 +337,13 @@ mod tests {
                 (1300, Step::Query),
             ],
             expect![[r#"
-                    0ms audio +1000ms
-                    0ms send 15 frame(s), then sent=300ms played=0ms
-                   20ms..480ms send 1 frame every 20ms (24 frames), then sent=780ms played=480ms
-                  500ms mark 400ms (estimate was 500ms, sent 780ms)
-                  600ms query played=500ms sent=780ms
-                  600ms..800ms send 1 frame every 20ms (11 frames), then sent=1000ms played=700ms
-                 1300ms query played=1000ms sent=1000ms
+                0ms audio +1000ms
+                0ms send 15 frame(s), then sent=300ms played=0ms
+                20ms..480ms send 1 frame every 20ms (24 frames), then sent=780ms played=480ms
+                500ms mark 400ms (estimate was 500ms, sent 780ms)
+                600ms query played=500ms sent=780ms
+                600ms..800ms send 1 frame every 20ms (11 frames), then sent=1000ms played=700ms
+                1300ms query played=1000ms sent=1000ms
             "#]],
         );
     }
@@ -352,22 +360,22 @@ mod tests {
                 (1400, Step::Query),
             ],
             expect![[r#"
-                    0ms audio +2000ms
-                    0ms send 15 frame(s), then sent=300ms played=0ms
-                   20ms..980ms send 1 frame every 20ms (49 frames), then sent=1280ms played=980ms
-                 1000ms interrupt played=1000ms sent=1280ms, 36 frames dropped
-                 1000ms query played=0ms sent=0ms
-                 1200ms audio +100ms
-                 1200ms send 5 frame(s), then sent=100ms played=0ms
-                 1250ms query played=50ms sent=100ms
-                 1400ms query played=100ms sent=100ms
+                0ms audio +2000ms
+                0ms send 15 frame(s), then sent=300ms played=0ms
+                20ms..980ms send 1 frame every 20ms (49 frames), then sent=1280ms played=980ms
+                1000ms interrupt played=1000ms sent=1280ms, 36 frames dropped
+                1000ms query played=0ms sent=0ms
+                1200ms audio +100ms
+                1200ms send 5 frame(s), then sent=100ms played=0ms
+                1250ms query played=50ms sent=100ms
+                1400ms query played=100ms sent=100ms
             "#]],
         );
     }
 
     #[test]
     fn nothing_sent_means_nothing_played() {
-        let base = Instant::now();
+        let base = origin();
         let mut pacer = Pacer::new(LEAD);
         let later = base + Duration::from_secs(5);
         assert_eq!(pacer.ready_at(later, FRAME), None);
@@ -380,7 +388,7 @@ mod tests {
 
     #[test]
     fn a_frame_longer_than_the_lead_is_not_stuck() {
-        let base = Instant::now();
+        let base = origin();
         let ms = |n| base + Duration::from_millis(n);
         let big = Duration::from_millis(500);
         let mut pacer = Pacer::new(LEAD);
@@ -395,7 +403,7 @@ mod tests {
 
     #[test]
     fn start_turn_resets() {
-        let base = Instant::now();
+        let base = origin();
         let mut pacer = Pacer::new(LEAD);
         pacer.on_sent(base, LEAD);
         assert_eq!(pacer.ready_at(base, FRAME), Some(base + FRAME));

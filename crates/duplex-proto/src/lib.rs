@@ -463,7 +463,11 @@ impl ServerMessage {
 
     /// Builds an `error` message.
     pub fn error(code: ErrorCode, message: impl Into<String>, fatal: bool) -> ServerMessage {
-        ServerMessage::Error(ErrorMessage { code, message: message.into(), fatal })
+        ServerMessage::Error(ErrorMessage {
+            code,
+            message: message.into(),
+            fatal,
+        })
     }
 
     /// Serializes to the JSON text of a WebSocket text frame.
@@ -506,7 +510,9 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| ParseError::MalformedJson(e.to_string()))?;
     let serde_json::Value::Object(map) = &value else {
-        return Err(ParseError::MalformedJson("a message must be a JSON object".into()));
+        return Err(ParseError::MalformedJson(
+            "a message must be a JSON object".into(),
+        ));
     };
     let kind = match map.get("type") {
         Some(serde_json::Value::String(s)) => s.clone(),
@@ -516,8 +522,10 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
     if !ClientMessage::TYPES.contains(&kind.as_str()) {
         return Err(ParseError::UnknownType(format!("`{kind}`")));
     }
-    serde_json::from_value(value)
-        .map_err(|e| ParseError::Invalid { kind, detail: e.to_string() })
+    serde_json::from_value(value).map_err(|e| ParseError::Invalid {
+        kind,
+        detail: e.to_string(),
+    })
 }
 
 /// Parses a server text frame (used by clients such as the replayer).
@@ -531,27 +539,44 @@ mod tests {
 
     #[test]
     fn parse_errors_are_told_apart() {
-        assert_eq!(parse_client_message("{").unwrap_err().code(), ErrorCode::MalformedJson);
-        assert_eq!(parse_client_message("[1]").unwrap_err().code(), ErrorCode::MalformedJson);
-        assert_eq!(parse_client_message("{}").unwrap_err().code(), ErrorCode::UnknownMessageType);
         assert_eq!(
-            parse_client_message(r#"{"type":"nope"}"#).unwrap_err().code(),
+            parse_client_message("{").unwrap_err().code(),
+            ErrorCode::MalformedJson
+        );
+        assert_eq!(
+            parse_client_message("[1]").unwrap_err().code(),
+            ErrorCode::MalformedJson
+        );
+        assert_eq!(
+            parse_client_message("{}").unwrap_err().code(),
             ErrorCode::UnknownMessageType
         );
         assert_eq!(
-            parse_client_message(r#"{"type":"input.text"}"#).unwrap_err().code(),
+            parse_client_message(r#"{"type":"nope"}"#)
+                .unwrap_err()
+                .code(),
+            ErrorCode::UnknownMessageType
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"input.text"}"#)
+                .unwrap_err()
+                .code(),
             ErrorCode::InvalidMessage
         );
         assert_eq!(
             parse_client_message(r#"{"type":"ping","id":"a"}"#).unwrap(),
-            ClientMessage::Ping(Ping { id: Some("a".into()) })
+            ClientMessage::Ping(Ping {
+                id: Some("a".into())
+            })
         );
     }
 
     #[test]
     fn session_start_defaults() {
         let m = parse_client_message(r#"{"type":"session.start","sample_rate":16000}"#).unwrap();
-        let ClientMessage::SessionStart(s) = m else { panic!("wrong variant: {m:?}") };
+        let ClientMessage::SessionStart(s) = m else {
+            panic!("wrong variant: {m:?}")
+        };
         assert_eq!(s.encoding, Encoding::Pcm16);
         assert_eq!(s.output_sample_rate, None);
     }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use duplex_proto::{
     AssistantAudioEnd, AssistantAudioStart, AssistantMessage, AudioEndReason, AudioFormat,
-    ClientMessage, Encoding, ErrorCode, InputText, Interrupted, LimitExceeded, PlanInfo,
-    PlanLimits, PlaybackMark, Ping, Pong, ProviderNames, ResponseInterrupt, SUBPROTOCOL,
+    ClientMessage, Encoding, ErrorCode, InputText, Interrupted, LimitExceeded, Ping, PlanInfo,
+    PlanLimits, PlaybackMark, Pong, ProviderNames, ResponseInterrupt, SUBPROTOCOL,
     SUPPORTED_SAMPLE_RATES, ServerMessage, SessionEnd, SessionReady, SessionStart, SpeechStarted,
     SpeechStopped, UsageUpdate, UserTranscript, close_code, parse_client_message,
     parse_server_message,
@@ -35,13 +35,21 @@ fn json_files(dir: &Path) -> Vec<(String, PathBuf)> {
         .map(|entry| entry.expect("readable directory entry").path())
         .filter(|path| path.is_file())
         .map(|path| {
-            let name = path.file_name().expect("a file has a name").to_string_lossy().into_owned();
+            let name = path
+                .file_name()
+                .expect("a file has a name")
+                .to_string_lossy()
+                .into_owned();
             (name, path)
         })
         .collect();
     files.sort();
     for (name, _) in &files {
-        assert!(name.ends_with(".json"), "{}: unexpected non-JSON file {name}", dir.display());
+        assert!(
+            name.ends_with(".json"),
+            "{}: unexpected non-JSON file {name}",
+            dir.display()
+        );
     }
     files
 }
@@ -50,7 +58,9 @@ fn json_files(dir: &Path) -> Vec<(String, PathBuf)> {
 /// `invalid_message.1.json` -> `invalid_message`. Type names contain dots, so only an all-digit
 /// last segment is an example number.
 fn stem_of(file_name: &str) -> &str {
-    let stem = file_name.strip_suffix(".json").expect("json_files returns only .json files");
+    let stem = file_name
+        .strip_suffix(".json")
+        .expect("json_files returns only .json files");
     match stem.rsplit_once('.') {
         Some((head, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => head,
         _ => stem,
@@ -70,7 +80,9 @@ fn schemas() -> BTreeMap<String, Value> {
     json_files(&proto_dir().join("schema"))
         .into_iter()
         .map(|(name, path)| {
-            let kind = name.strip_suffix(".json").expect("json_files returns .json files");
+            let kind = name
+                .strip_suffix(".json")
+                .expect("json_files returns .json files");
             (kind.to_owned(), read_json(&path))
         })
         .collect()
@@ -92,11 +104,15 @@ fn schema_errors(kind: &str, schema: &Value, instance: &Value) -> Vec<String> {
 /// Server schemas allow unknown fields (clients must ignore them), so validation alone would not
 /// notice a Rust field the schema forgot; this does.
 fn undeclared_keys(schema: &Value, value: &Value, path: &str, out: &mut Vec<String>) {
-    let Some(object) = value.as_object() else { return };
+    let Some(object) = value.as_object() else {
+        return;
+    };
     let properties = schema.get("properties").and_then(Value::as_object);
     for (key, child) in object {
         match properties.and_then(|p| p.get(key)) {
-            Some(child_schema) => undeclared_keys(child_schema, child, &format!("{path}.{key}"), out),
+            Some(child_schema) => {
+                undeclared_keys(child_schema, child, &format!("{path}.{key}"), out)
+            }
             None => out.push(format!("{path}.{key}")),
         }
     }
@@ -104,13 +120,24 @@ fn undeclared_keys(schema: &Value, value: &Value, path: &str, out: &mut Vec<Stri
 
 /// Validates a serialized message against its schema and checks that it declares every key.
 fn assert_matches_schema(origin: &str, value: &Value, schemas: &BTreeMap<String, Value>) {
-    let kind = value["type"].as_str().unwrap_or_else(|| panic!("{origin}: no string `type`"));
-    let schema = schemas.get(kind).unwrap_or_else(|| panic!("{origin}: no schema for `{kind}`"));
+    let kind = value["type"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{origin}: no string `type`"));
+    let schema = schemas
+        .get(kind)
+        .unwrap_or_else(|| panic!("{origin}: no schema for `{kind}`"));
     let errors = schema_errors(kind, schema, value);
-    assert!(errors.is_empty(), "{origin} does not match schema {kind}:\n{}\n{value:#}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "{origin} does not match schema {kind}:\n{}\n{value:#}",
+        errors.join("\n")
+    );
     let mut undeclared = Vec::new();
     undeclared_keys(schema, value, "", &mut undeclared);
-    assert!(undeclared.is_empty(), "{origin}: schema {kind} does not declare {undeclared:?}");
+    assert!(
+        undeclared.is_empty(),
+        "{origin}: schema {kind} does not declare {undeclared:?}"
+    );
 }
 
 #[test]
@@ -127,12 +154,28 @@ fn every_type_has_a_schema_and_an_example_and_nothing_else_does() {
     }
 
     for (kind, schema) in &schemas {
-        assert!(all_types().any(|t| t == kind), "schema/{kind}.json names no message type");
-        assert_eq!(schema["$schema"], "https://json-schema.org/draft/2020-12/schema", "{kind}");
-        assert_eq!(schema["$id"], format!("https://duplex.dev/proto/v1/{kind}.json"), "{kind}");
-        assert_eq!(schema["properties"]["type"]["const"], kind.as_str(), "{kind}: type const");
         assert!(
-            schema["required"].as_array().is_some_and(|r| r.contains(&Value::from("type"))),
+            all_types().any(|t| t == kind),
+            "schema/{kind}.json names no message type"
+        );
+        assert_eq!(
+            schema["$schema"], "https://json-schema.org/draft/2020-12/schema",
+            "{kind}"
+        );
+        assert_eq!(
+            schema["$id"],
+            format!("https://duplex.dev/proto/v1/{kind}.json"),
+            "{kind}"
+        );
+        assert_eq!(
+            schema["properties"]["type"]["const"],
+            kind.as_str(),
+            "{kind}: type const"
+        );
+        assert!(
+            schema["required"]
+                .as_array()
+                .is_some_and(|r| r.contains(&Value::from("type"))),
             "{kind}: `type` must be required"
         );
         if let Err(e) = jsonschema::draft202012::meta::validate(schema) {
@@ -146,8 +189,15 @@ fn every_type_has_a_schema_and_an_example_and_nothing_else_does() {
 
     for (name, path) in &examples {
         let kind = stem_of(name);
-        assert!(all_types().any(|t| t == kind), "examples/{name} names no message type");
-        assert_eq!(read_json(path)["type"], kind, "examples/{name}: `type` must match the file name");
+        assert!(
+            all_types().any(|t| t == kind),
+            "examples/{name} names no message type"
+        );
+        assert_eq!(
+            read_json(path)["type"],
+            kind,
+            "examples/{name}: `type` must match the file name"
+        );
     }
 }
 
@@ -171,7 +221,10 @@ fn examples_validate_parse_and_round_trip() {
                 .unwrap_or_else(|e| panic!("{origin} does not parse: {e}"));
             serde_json::to_value(&message).expect("server messages serialize")
         };
-        assert_eq!(reserialized, example, "{origin} does not survive a round trip through Rust");
+        assert_eq!(
+            reserialized, example,
+            "{origin} does not survive a round trip through Rust"
+        );
     }
 }
 
@@ -208,8 +261,14 @@ fn client_type(message: &ClientMessage) -> &'static str {
 
 /// At least one of every server message, with every optional field set somewhere.
 fn every_server_message() -> Vec<ServerMessage> {
-    let pcm16k = AudioFormat { encoding: Encoding::Pcm16, sample_rate: 16000 };
-    let mulaw8k = AudioFormat { encoding: Encoding::Mulaw, sample_rate: 8000 };
+    let pcm16k = AudioFormat {
+        encoding: Encoding::Pcm16,
+        sample_rate: 16000,
+    };
+    let mulaw8k = AudioFormat {
+        encoding: Encoding::Mulaw,
+        sample_rate: 8000,
+    };
     let ready = |limits: PlanLimits| {
         ServerMessage::SessionReady(SessionReady {
             session_id: "sess_1".into(),
@@ -217,8 +276,15 @@ fn every_server_message() -> Vec<ServerMessage> {
             input: mulaw8k,
             output: pcm16k,
             output_frame_ms: 20,
-            plan: PlanInfo { name: "pro".into(), limits },
-            providers: ProviderNames { stt: "deepgram".into(), llm: "openai".into(), tts: "openai".into() },
+            plan: PlanInfo {
+                name: "pro".into(),
+                limits,
+            },
+            providers: ProviderNames {
+                stt: "deepgram".into(),
+                llm: "openai".into(),
+                tts: "openai".into(),
+            },
         })
     };
     let mut messages = vec![
@@ -231,8 +297,14 @@ fn every_server_message() -> Vec<ServerMessage> {
         ready(PlanLimits::default()),
         ServerMessage::SpeechStarted(SpeechStarted { audio_ms: 0 }),
         ServerMessage::SpeechStopped(SpeechStopped { audio_ms: u64::MAX }),
-        ServerMessage::UserTranscript(UserTranscript { text: "hel".into(), is_final: false }),
-        ServerMessage::UserTranscript(UserTranscript { text: "hello".into(), is_final: true }),
+        ServerMessage::UserTranscript(UserTranscript {
+            text: "hel".into(),
+            is_final: false,
+        }),
+        ServerMessage::UserTranscript(UserTranscript {
+            text: "hello".into(),
+            is_final: true,
+        }),
         ServerMessage::AssistantMessage(AssistantMessage {
             turn_id: 1,
             delta: Some("Hi".into()),
@@ -245,8 +317,15 @@ fn every_server_message() -> Vec<ServerMessage> {
             text: Some("Hi there.".into()),
             is_final: true,
         }),
-        ServerMessage::AssistantAudioStart(AssistantAudioStart { turn_id: 1, format: mulaw8k }),
-        ServerMessage::Interrupted(Interrupted { turn_id: 1, played_ms: 400, heard_text: "Hi".into() }),
+        ServerMessage::AssistantAudioStart(AssistantAudioStart {
+            turn_id: 1,
+            format: mulaw8k,
+        }),
+        ServerMessage::Interrupted(Interrupted {
+            turn_id: 1,
+            played_ms: 400,
+            heard_text: "Hi".into(),
+        }),
         ServerMessage::UsageUpdate(UsageUpdate {
             plan: "free".into(),
             seconds_used_today: 10,
@@ -266,10 +345,16 @@ fn every_server_message() -> Vec<ServerMessage> {
             resets_at: Some("2025-06-02T00:00:00Z".into()),
             upgrade_hint: Some("Upgrade to Pro.".into()),
         }),
-        ServerMessage::Pong(Pong { id: Some("7".into()) }),
+        ServerMessage::Pong(Pong {
+            id: Some("7".into()),
+        }),
         ServerMessage::Pong(Pong { id: None }),
     ];
-    for reason in [AudioEndReason::Complete, AudioEndReason::Interrupted, AudioEndReason::Error] {
+    for reason in [
+        AudioEndReason::Complete,
+        AudioEndReason::Interrupted,
+        AudioEndReason::Error,
+    ] {
         messages.push(ServerMessage::AssistantAudioEnd(AssistantAudioEnd {
             turn_id: 1,
             duration_ms: 1000,
@@ -277,7 +362,11 @@ fn every_server_message() -> Vec<ServerMessage> {
         }));
     }
     for &code in ALL_ERROR_CODES {
-        messages.push(ServerMessage::error(code, "something happened", is_fatal(code)));
+        messages.push(ServerMessage::error(
+            code,
+            "something happened",
+            is_fatal(code),
+        ));
     }
     messages
 }
@@ -295,11 +384,18 @@ fn every_client_message() -> Vec<ClientMessage> {
             output_sample_rate: Some(24000),
             output_encoding: Some(Encoding::Mulaw),
         }),
-        ClientMessage::InputText(InputText { text: "hello".into() }),
+        ClientMessage::InputText(InputText {
+            text: "hello".into(),
+        }),
         ClientMessage::ResponseInterrupt(ResponseInterrupt {}),
-        ClientMessage::PlaybackMark(PlaybackMark { turn_id: 2, played_ms: 780 }),
+        ClientMessage::PlaybackMark(PlaybackMark {
+            turn_id: 2,
+            played_ms: 780,
+        }),
         ClientMessage::SessionEnd(SessionEnd {}),
-        ClientMessage::Ping(Ping { id: Some("x".into()) }),
+        ClientMessage::Ping(Ping {
+            id: Some("x".into()),
+        }),
         ClientMessage::Ping(Ping { id: None }),
     ]
 }
@@ -311,11 +407,17 @@ fn every_server_message_built_in_rust_matches_its_schema() {
     for message in every_server_message() {
         let value = serde_json::to_value(&message).expect("server messages serialize");
         assert_eq!(value["type"], server_type(&message), "{message:?}");
-        assert_eq!(value, serde_json::from_str::<Value>(&message.to_json()).expect("to_json is JSON"));
+        assert_eq!(
+            value,
+            serde_json::from_str::<Value>(&message.to_json()).expect("to_json is JSON")
+        );
         assert_matches_schema(&format!("{message:?}"), &value, &schemas);
         seen.insert(server_type(&message));
     }
-    assert_eq!(seen, ServerMessage::TYPES.into_iter().collect::<BTreeSet<_>>());
+    assert_eq!(
+        seen,
+        ServerMessage::TYPES.into_iter().collect::<BTreeSet<_>>()
+    );
 }
 
 #[test]
@@ -326,10 +428,16 @@ fn every_client_message_built_in_rust_matches_its_schema_and_parses_back() {
         let value = serde_json::to_value(&message).expect("client messages serialize");
         assert_eq!(value["type"], client_type(&message), "{message:?}");
         assert_matches_schema(&format!("{message:?}"), &value, &schemas);
-        assert_eq!(parse_client_message(&value.to_string()), Ok(message.clone()));
+        assert_eq!(
+            parse_client_message(&value.to_string()),
+            Ok(message.clone())
+        );
         seen.insert(client_type(&message));
     }
-    assert_eq!(seen, ClientMessage::TYPES.into_iter().collect::<BTreeSet<_>>());
+    assert_eq!(
+        seen,
+        ClientMessage::TYPES.into_iter().collect::<BTreeSet<_>>()
+    );
 }
 
 #[test]
@@ -343,7 +451,9 @@ fn invalid_examples_are_rejected_with_the_code_in_their_name() {
     let mut codes = HashSet::new();
     for (name, path) in &invalid {
         let expected: ErrorCode = serde_json::from_value(Value::from(stem_of(name)))
-            .unwrap_or_else(|e| panic!("invalid/{name}: the file name must start with an error code: {e}"));
+            .unwrap_or_else(|e| {
+                panic!("invalid/{name}: the file name must start with an error code: {e}")
+            });
         codes.insert(expected);
 
         let text = fs::read_to_string(path).expect("listed above");
@@ -354,12 +464,23 @@ fn invalid_examples_are_rejected_with_the_code_in_their_name() {
         // No client schema may accept it either, whatever its `type` says.
         let value = read_json(path);
         for (kind, validator) in &client_validators {
-            assert!(!validator.is_valid(&value), "invalid/{name} is valid against schema/{kind}.json");
+            assert!(
+                !validator.is_valid(&value),
+                "invalid/{name} is valid against schema/{kind}.json"
+            );
         }
     }
-    let required = [ErrorCode::MalformedJson, ErrorCode::UnknownMessageType, ErrorCode::InvalidMessage];
+    let required = [
+        ErrorCode::MalformedJson,
+        ErrorCode::UnknownMessageType,
+        ErrorCode::InvalidMessage,
+    ];
     for code in required {
-        assert!(codes.contains(&code), "no proto/examples/invalid/{}.<n>.json", code.as_str());
+        assert!(
+            codes.contains(&code),
+            "no proto/examples/invalid/{}.<n>.json",
+            code.as_str()
+        );
     }
 }
 
@@ -412,12 +533,21 @@ fn error_codes_agree_with_serde_and_the_error_schema() {
         .map(|v| v.as_str().expect("codes are strings"))
         .collect();
     let rust_codes: Vec<&str> = ALL_ERROR_CODES.iter().map(|c| c.as_str()).collect();
-    assert_eq!(schema_codes, rust_codes, "error.json's code enum must list every ErrorCode in order");
+    assert_eq!(
+        schema_codes, rust_codes,
+        "error.json's code enum must list every ErrorCode in order"
+    );
 
     for &code in ALL_ERROR_CODES {
         let name = code.as_str();
-        assert_eq!(serde_json::to_value(code).expect("serializes"), Value::from(name));
-        assert_eq!(serde_json::from_value::<ErrorCode>(Value::from(name)).expect("deserializes"), code);
+        assert_eq!(
+            serde_json::to_value(code).expect("serializes"),
+            Value::from(name)
+        );
+        assert_eq!(
+            serde_json::from_value::<ErrorCode>(Value::from(name)).expect("deserializes"),
+            code
+        );
     }
 
     // error.json requires `fatal: true` for exactly the fatal codes.
@@ -427,24 +557,38 @@ fn error_codes_agree_with_serde_and_the_error_schema() {
         .iter()
         .map(|v| v.as_str().expect("codes are strings"))
         .collect();
-    let rust_fatal: BTreeSet<&str> =
-        ALL_ERROR_CODES.iter().filter(|c| is_fatal(**c)).map(|c| c.as_str()).collect();
+    let rust_fatal: BTreeSet<&str> = ALL_ERROR_CODES
+        .iter()
+        .filter(|c| is_fatal(**c))
+        .map(|c| c.as_str())
+        .collect();
     assert_eq!(schema_fatal, rust_fatal);
     assert_eq!(schema["then"]["properties"]["fatal"]["const"], true);
-    let error = |code: ErrorCode, fatal| serde_json::to_value(ServerMessage::error(code, "x", fatal)).expect("serializes");
+    let error = |code: ErrorCode, fatal| {
+        serde_json::to_value(ServerMessage::error(code, "x", fatal)).expect("serializes")
+    };
     assert!(!validator("error", schema).is_valid(&error(ErrorCode::SlowConsumer, false)));
 }
 
 #[test]
 fn sample_rates_and_protocol_name_agree_with_the_schemas() {
     let schemas = schemas();
-    let rates: Vec<Value> = SUPPORTED_SAMPLE_RATES.iter().map(|r| Value::from(*r)).collect();
+    let rates: Vec<Value> = SUPPORTED_SAMPLE_RATES
+        .iter()
+        .map(|r| Value::from(*r))
+        .collect();
     let start = &schemas["session.start"]["properties"];
     assert_eq!(start["sample_rate"]["enum"].as_array(), Some(&rates));
     assert_eq!(start["output_sample_rate"]["enum"].as_array(), Some(&rates));
     let ready = &schemas["session.ready"]["properties"];
-    assert_eq!(ready["input"]["properties"]["sample_rate"]["enum"].as_array(), Some(&rates));
-    assert_eq!(ready["output"]["properties"]["sample_rate"]["enum"].as_array(), Some(&rates));
+    assert_eq!(
+        ready["input"]["properties"]["sample_rate"]["enum"].as_array(),
+        Some(&rates)
+    );
+    assert_eq!(
+        ready["output"]["properties"]["sample_rate"]["enum"].as_array(),
+        Some(&rates)
+    );
     assert_eq!(ready["protocol"]["const"], SUBPROTOCOL);
 }
 
@@ -463,7 +607,13 @@ const CLOSE_CODES: [(&str, u16); 8] = [
 /// The cells of the Markdown table row whose first cell is `first`, trimmed.
 fn table_row<'a>(doc: &'a str, first: &str) -> Option<Vec<&'a str>> {
     doc.lines().find_map(|line| {
-        let cells: Vec<&str> = line.trim().strip_prefix('|')?.strip_suffix('|')?.split('|').map(str::trim).collect();
+        let cells: Vec<&str> = line
+            .trim()
+            .strip_prefix('|')?
+            .strip_suffix('|')?
+            .split('|')
+            .map(str::trim)
+            .collect();
         (cells.first() == Some(&first)).then_some(cells)
     })
 }
@@ -474,18 +624,30 @@ fn protocol_md_documents_every_message_error_code_and_close_code() {
     let doc = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     for kind in all_types() {
         let heading = format!("### `{kind}`");
-        assert!(doc.lines().any(|l| l.trim() == heading), "PROTOCOL.md has no `{heading}` section");
+        assert!(
+            doc.lines().any(|l| l.trim() == heading),
+            "PROTOCOL.md has no `{heading}` section"
+        );
     }
     for &code in ALL_ERROR_CODES {
         let cell = format!("`{}`", code.as_str());
-        let row = table_row(&doc, &cell).unwrap_or_else(|| panic!("PROTOCOL.md: no error table row {cell}"));
+        let row = table_row(&doc, &cell)
+            .unwrap_or_else(|| panic!("PROTOCOL.md: no error table row {cell}"));
         let fatal = if is_fatal(code) { "yes" } else { "no" };
-        assert_eq!(row.last(), Some(&fatal), "PROTOCOL.md: fatal column of {cell}");
+        assert_eq!(
+            row.last(),
+            Some(&fatal),
+            "PROTOCOL.md: fatal column of {cell}"
+        );
     }
     for (name, code) in CLOSE_CODES {
         let row = table_row(&doc, &code.to_string())
             .unwrap_or_else(|| panic!("PROTOCOL.md: no close code table row {code}"));
-        assert_eq!(row.get(1), Some(&format!("`{name}`").as_str()), "PROTOCOL.md: name of close code {code}");
+        assert_eq!(
+            row.get(1),
+            Some(&format!("`{name}`").as_str()),
+            "PROTOCOL.md: name of close code {code}"
+        );
     }
     assert!(doc.contains(SUBPROTOCOL) && doc.contains("/v1/conversation"));
 }
@@ -517,17 +679,26 @@ fn protocol_md_json_examples_are_valid_messages() {
     let schemas = schemas();
     let doc = fs::read_to_string(proto_dir().join("PROTOCOL.md")).expect("PROTOCOL.md exists");
     let blocks = json_blocks(&doc);
-    assert!(blocks.len() >= all_types().count(), "PROTOCOL.md should show every message type");
+    assert!(
+        blocks.len() >= all_types().count(),
+        "PROTOCOL.md should show every message type"
+    );
     for block in blocks {
         let value: Value = serde_json::from_str(&block)
             .unwrap_or_else(|e| panic!("PROTOCOL.md: a ```json block is not JSON ({e}):\n{block}"));
         assert_matches_schema(&format!("PROTOCOL.md block {block}"), &value, &schemas);
-        let kind = value["type"].as_str().expect("checked by assert_matches_schema");
+        let kind = value["type"]
+            .as_str()
+            .expect("checked by assert_matches_schema");
         let reserialized = if is_client_type(kind) {
             serde_json::to_value(parse_client_message(&block).expect("PROTOCOL.md example parses"))
         } else {
             serde_json::to_value(parse_server_message(&block).expect("PROTOCOL.md example parses"))
         };
-        assert_eq!(reserialized.expect("serializes"), value, "PROTOCOL.md block round trip");
+        assert_eq!(
+            reserialized.expect("serializes"),
+            value,
+            "PROTOCOL.md block round trip"
+        );
     }
 }
