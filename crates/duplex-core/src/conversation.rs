@@ -68,7 +68,10 @@ impl Default for ConversationConfig {
             // 40 entries = 20 exchanges: enough context for a voice chat, bounded prompt size.
             max_history: 40,
             chunker: ChunkerConfig::default(),
-            output_format: proto::AudioFormat { encoding: proto::Encoding::Pcm16, sample_rate: 16000 },
+            output_format: proto::AudioFormat {
+                encoding: proto::Encoding::Pcm16,
+                sample_rate: 16000,
+            },
         }
     }
 }
@@ -100,7 +103,12 @@ pub enum Input {
     LlmError { turn: TurnId, message: String },
     /// One encoded outbound audio frame of text chunk `index` (exactly `frame` long, the last
     /// one of a turn may be shorter).
-    TtsFrame { turn: TurnId, index: u32, bytes: Vec<u8>, duration: Duration },
+    TtsFrame {
+        turn: TurnId,
+        index: u32,
+        bytes: Vec<u8>,
+        duration: Duration,
+    },
     /// TTS delivered all audio of chunk `index`.
     TtsChunkDone { turn: TurnId, index: u32 },
     /// TTS delivered all audio of the turn.
@@ -146,15 +154,27 @@ pub enum Output {
     FinalizeStt,
     /// Start an assistant turn: open a TTS stream and request a completion of this history
     /// (system prompt first, then entries oldest first, the new user entry last).
-    StartTurn { turn: TurnId, system_prompt: String, history: Vec<HistoryEntry> },
+    StartTurn {
+        turn: TurnId,
+        system_prompt: String,
+        history: Vec<HistoryEntry>,
+    },
     /// Speak this chunk in `turn`.
-    TtsText { turn: TurnId, index: u32, text: String },
+    TtsText {
+        turn: TurnId,
+        index: u32,
+        text: String,
+    },
     /// No more text in `turn`.
     TtsEnd { turn: TurnId },
     /// Drop the LLM and TTS streams of `turn` now.
     CancelTurn { turn: TurnId },
     /// The turn ended (complete, interrupted or failed).
-    TurnEnded { turn: TurnId, reason: AudioEndReason, audio_ms: u64 },
+    TurnEnded {
+        turn: TurnId,
+        reason: AudioEndReason,
+        audio_ms: u64,
+    },
     /// A measured latency.
     Latency { stage: Stage, value: Duration },
     /// Nothing to do until this instant (or the next input).
@@ -248,7 +268,9 @@ impl Conversation {
 
     /// Whether the shell should read more audio from TTS now (queued audio is below the cap).
     pub fn wants_tts_audio(&self) -> bool {
-        self.turn.as_ref().is_none_or(|t| t.queued < self.config.max_queued_audio)
+        self.turn
+            .as_ref()
+            .is_none_or(|t| t.queued < self.config.max_queued_audio)
     }
 
     /// Feeds one input at time `now`.
@@ -257,14 +279,18 @@ impl Conversation {
         match input {
             Input::SpeechStarted { audio_ms } => {
                 self.user_speaking = true;
-                self.emit(ServerMessage::SpeechStarted(proto::SpeechStarted { audio_ms }));
+                self.emit(ServerMessage::SpeechStarted(proto::SpeechStarted {
+                    audio_ms,
+                }));
                 self.interrupt(now);
             }
             Input::SpeechStopped { audio_ms } => {
                 self.user_speaking = false;
                 self.awaiting_final = true;
                 self.speech_stopped_at = Some(now);
-                self.emit(ServerMessage::SpeechStopped(proto::SpeechStopped { audio_ms }));
+                self.emit(ServerMessage::SpeechStopped(proto::SpeechStopped {
+                    audio_ms,
+                }));
                 self.out.push_back(Output::FinalizeStt);
             }
             Input::SttInterim { text } => {
@@ -311,12 +337,28 @@ impl Conversation {
             Input::LlmError { turn, message } => {
                 if let Some(t) = self.turn.as_mut().filter(|t| t.id == turn) {
                     t.failed = true;
+                    if t.text.is_empty() {
+                        // Nothing was answered: forget the question too, so that the user's
+                        // retry is not merged with it into a doubled prompt.
+                        if self
+                            .history
+                            .back()
+                            .is_some_and(|e| e.speaker == Speaker::User)
+                        {
+                            self.history.pop_back();
+                        }
+                    }
                     self.emit(ServerMessage::error(ErrorCode::LlmError, message, false));
                     // Speak what was generated before the fault, then end the turn.
                     self.on_llm_done();
                 }
             }
-            Input::TtsFrame { turn, index, bytes, duration } => {
+            Input::TtsFrame {
+                turn,
+                index,
+                bytes,
+                duration,
+            } => {
                 if self.is_current(turn) {
                     self.on_frame(now, index, bytes, duration);
                 }
@@ -330,7 +372,10 @@ impl Conversation {
             Input::TtsError { turn, message } => {
                 if self.is_current(turn) {
                     self.emit(ServerMessage::error(ErrorCode::TtsError, message, false));
-                    let t = self.turn.as_mut().expect("is_current checked the turn exists");
+                    let t = self
+                        .turn
+                        .as_mut()
+                        .expect("is_current checked the turn exists");
                     t.failed = true;
                     // Stop listening to the failed stream; what is queued still plays.
                     t.tts_done = true;
@@ -347,8 +392,12 @@ impl Conversation {
         if let Some(o) = self.out.pop_front() {
             return o;
         }
-        let Some(now) = self.now else { return Output::Idle };
-        let Some(turn) = self.turn.as_mut() else { return Output::Idle };
+        let Some(now) = self.now else {
+            return Output::Idle;
+        };
+        let Some(turn) = self.turn.as_mut() else {
+            return Output::Idle;
+        };
         if let Some((_, duration)) = turn.queue.front() {
             let duration = *duration;
             if let Some(at) = self.pacer.ready_at(now, duration) {
@@ -364,9 +413,13 @@ impl Conversation {
                     turn_id: turn.id,
                     format: self.config.output_format,
                 };
-                self.out.push_back(Output::Send(ServerMessage::AssistantAudioStart(start)));
+                self.out
+                    .push_back(Output::Send(ServerMessage::AssistantAudioStart(start)));
                 self.out.push_back(Output::Audio(bytes));
-                self.out.push_back(Output::Latency { stage: Stage::VoiceToVoice, value });
+                self.out.push_back(Output::Latency {
+                    stage: Stage::VoiceToVoice,
+                    value,
+                });
                 return self.out.pop_front().expect("just pushed");
             }
             return Output::Audio(bytes);
@@ -377,7 +430,11 @@ impl Conversation {
             let id = turn.id;
             let audio_ms = turn.audio_total_ms;
             let text = turn.text.clone();
-            let reason = if turn.failed { AudioEndReason::Error } else { AudioEndReason::Complete };
+            let reason = if turn.failed {
+                AudioEndReason::Error
+            } else {
+                AudioEndReason::Complete
+            };
             let audio_started = turn.audio_started;
             self.turn = None;
             self.push_history(Speaker::Assistant, text);
@@ -388,7 +445,11 @@ impl Conversation {
                     reason,
                 }));
             }
-            self.out.push_back(Output::TurnEnded { turn: id, reason, audio_ms });
+            self.out.push_back(Output::TurnEnded {
+                turn: id,
+                reason,
+                audio_ms,
+            });
             return self.out.pop_front().expect("just pushed");
         }
         Output::Idle
@@ -472,7 +533,10 @@ impl Conversation {
         if !turn.first_token_seen {
             turn.first_token_seen = true;
             let value = now.saturating_duration_since(turn.llm_started_at);
-            self.out.push_back(Output::Latency { stage: Stage::LlmFirstToken, value });
+            self.out.push_back(Output::Latency {
+                stage: Stage::LlmFirstToken,
+                value,
+            });
         }
         let turn = self.turn.as_mut().expect("caller checked is_current");
         turn.text.push_str(&text);
@@ -522,8 +586,17 @@ impl Conversation {
             if turn.first_chunk_at.is_none() {
                 turn.first_chunk_at = Some(now);
             }
-            turn.spans.push(ChunkSpan { index, text: text.clone(), start_ms: 0, len_ms: 0 });
-            self.out.push_back(Output::TtsText { turn: turn.id, index, text });
+            turn.spans.push(ChunkSpan {
+                index,
+                text: text.clone(),
+                start_ms: 0,
+                len_ms: 0,
+            });
+            self.out.push_back(Output::TtsText {
+                turn: turn.id,
+                index,
+                text,
+            });
         }
     }
 
@@ -533,7 +606,10 @@ impl Conversation {
             turn.first_tts_audio_seen = true;
             let from = turn.first_chunk_at.unwrap_or(now);
             let value = now.saturating_duration_since(from);
-            self.out.push_back(Output::Latency { stage: Stage::TtsFirstAudio, value });
+            self.out.push_back(Output::Latency {
+                stage: Stage::TtsFirstAudio,
+                value,
+            });
         }
         let turn = self.turn.as_mut().expect("caller checked is_current");
         let ms = duration.as_millis() as u64;
@@ -551,7 +627,10 @@ impl Conversation {
     /// Barge-in: ends the current assistant turn, if any, keeping only what the user heard.
     fn interrupt(&mut self, now: Instant) {
         let Some(turn) = self.turn.take() else { return };
-        let played = self.pacer.played(now).min(Duration::from_millis(turn.audio_total_ms));
+        let played = self
+            .pacer
+            .played(now)
+            .min(Duration::from_millis(turn.audio_total_ms));
         let played_ms = played.as_millis() as u64;
         let heard = heard_text(&turn.spans, played_ms);
         self.out.push_back(Output::CancelTurn { turn: turn.id });
@@ -704,12 +783,24 @@ mod tests {
                 "final" => Input::SttFinal { text: rest.into() },
                 "text" => Input::UserText { text: rest.into() },
                 "interrupt" => Input::Interrupt,
-                "mark" => Input::PlaybackMark { turn: num(0), played_ms: num(1) },
-                "delta" => Input::LlmDelta { turn: num(0), text: text_after(1) },
+                "mark" => Input::PlaybackMark {
+                    turn: num(0),
+                    played_ms: num(1),
+                },
+                "delta" => Input::LlmDelta {
+                    turn: num(0),
+                    text: text_after(1),
+                },
                 "done" => Input::LlmDone { turn: num(0) },
-                "llm_error" => Input::LlmError { turn: num(0), message: "boom".into() },
+                "llm_error" => Input::LlmError {
+                    turn: num(0),
+                    message: "boom".into(),
+                },
                 "tts_finished" => Input::TtsFinished { turn: num(0) },
-                "tts_error" => Input::TtsError { turn: num(0), message: "boom".into() },
+                "tts_error" => Input::TtsError {
+                    turn: num(0),
+                    message: "boom".into(),
+                },
                 "tick" | "run" => Input::Tick,
                 "frames" => {
                     let (turn, index, n) = (num(0), num(1) as u32, num(2));
@@ -736,8 +827,10 @@ mod tests {
             c.handle_input(at(ms), input);
             deadline = drain(&mut c, &mut log, ms);
         }
-        let history: Vec<String> =
-            c.history().map(|e| format!("{:?}: {}", e.speaker, e.text)).collect();
+        let history: Vec<String> = c
+            .history()
+            .map(|e| format!("{:?}: {}", e.speaker, e.text))
+            .collect();
         log.push_str(&format!("history: {history:?}\n"));
         expect.assert_eq(&log);
     }
@@ -1021,7 +1114,7 @@ mod tests {
                   200 TurnEnded { turn: 1, reason: Error, audio_ms: 0 }
                   300 < text two
                   300 send {"type":"user_transcript","text":"two","is_final":true}
-                  300 start_turn 2 history=["User:one two"]
+                  300 start_turn 2 history=["User:two"]
                   400 < delta 2 Some_words_here.
                   400 latency llm_first_token 100ms
                   400 send {"type":"assistant_message","turn_id":2,"delta":"Some words here.","is_final":false}
@@ -1040,7 +1133,7 @@ mod tests {
                   430 CancelTurn { turn: 2 }
                   430 send {"type":"assistant_audio.end","turn_id":2,"duration_ms":60,"reason":"error"}
                   430 TurnEnded { turn: 2, reason: Error, audio_ms: 60 }
-                history: ["User: one two", "Assistant: Some words here."]
+                history: ["User: two", "Assistant: Some words here."]
             "#]],
         );
     }

@@ -109,8 +109,19 @@ impl SttStream {
         let (input_tx, input_rx) = mpsc::channel(STT_AUDIO_CAPACITY);
         let (event_tx, event_rx) = mpsc::channel(STT_EVENT_CAPACITY);
         let cancel = CancellationToken::new();
-        let stream = SttStream { input: input_tx, events: event_rx, _cancel: cancel.clone().drop_guard() };
-        (stream, SttTask { input: input_rx, events: event_tx, cancel })
+        let stream = SttStream {
+            input: input_tx,
+            events: event_rx,
+            _cancel: cancel.clone().drop_guard(),
+        };
+        (
+            stream,
+            SttTask {
+                input: input_rx,
+                events: event_tx,
+                cancel,
+            },
+        )
     }
 }
 
@@ -153,7 +164,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: Role, content: impl Into<String>) -> ChatMessage {
-        ChatMessage { role, content: content.into() }
+        ChatMessage {
+            role,
+            content: content.into(),
+        }
     }
 }
 
@@ -180,7 +194,10 @@ pub enum LlmEvent {
     /// More text.
     Delta(String),
     /// The completion ended normally.
-    Done { usage: Option<TokenUsage>, model: String },
+    Done {
+        usage: Option<TokenUsage>,
+        model: String,
+    },
 }
 
 /// A token stream. Dropping it cancels the request (and closes its HTTP stream).
@@ -222,7 +239,11 @@ pub enum TtsInput {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TtsEvent {
     /// Audio of chunk `index`: 16-bit mono samples at `sample_rate`.
-    Audio { index: u32, samples: Vec<i16>, sample_rate: u32 },
+    Audio {
+        index: u32,
+        samples: Vec<i16>,
+        sample_rate: u32,
+    },
     /// All audio of chunk `index` has been delivered.
     ChunkDone { index: u32 },
     /// All chunks are done after [`TtsInput::End`].
@@ -244,8 +265,19 @@ impl TtsStream {
         let (input_tx, input_rx) = mpsc::channel(TTS_TEXT_CAPACITY);
         let (event_tx, event_rx) = mpsc::channel(TTS_EVENT_CAPACITY);
         let cancel = CancellationToken::new();
-        let stream = TtsStream { input: input_tx, events: event_rx, _cancel: cancel.clone().drop_guard() };
-        (stream, TtsTask { input: input_rx, events: event_tx, cancel })
+        let stream = TtsStream {
+            input: input_tx,
+            events: event_rx,
+            _cancel: cancel.clone().drop_guard(),
+        };
+        (
+            stream,
+            TtsTask {
+                input: input_rx,
+                events: event_tx,
+                cancel,
+            },
+        )
     }
 }
 

@@ -99,7 +99,9 @@ impl SpeechToText for ScriptedStt {
                         let n = ((loud_ms / MS_PER_INTERIM_WORD) as usize).min(words.len());
                         if n > words_sent {
                             words_sent = n;
-                            Some(SttEvent::Interim { text: words[..n].join(" ") })
+                            Some(SttEvent::Interim {
+                                text: words[..n].join(" "),
+                            })
                         } else {
                             None
                         }
@@ -128,7 +130,10 @@ impl SpeechToText for ScriptedStt {
 }
 
 fn line_for(lines: &[String], turn: usize) -> String {
-    let line = lines.get(turn % lines.len().max(1)).map(String::as_str).unwrap_or("");
+    let line = lines
+        .get(turn % lines.len().max(1))
+        .map(String::as_str)
+        .unwrap_or("");
     format!("(scripted transcript {}) {line}", turn + 1)
 }
 
@@ -184,7 +189,10 @@ impl LanguageModel for ScriptedLlm {
             sleep(first).await;
             if fail_early {
                 let _ = tx
-                    .send(Err(ProviderError::Http { status: 500, body: "scripted fault".into() }))
+                    .send(Err(ProviderError::Http {
+                        status: 500,
+                        body: "scripted fault".into(),
+                    }))
                     .await;
                 return;
             }
@@ -194,7 +202,9 @@ impl LanguageModel for ScriptedLlm {
                 }
                 if fail_mid && i == TOKENS_BEFORE_MID_STREAM_FAULT {
                     let _ = tx
-                        .send(Err(ProviderError::Closed("scripted mid-stream fault".into())))
+                        .send(Err(ProviderError::Closed(
+                            "scripted mid-stream fault".into(),
+                        )))
                         .await;
                     return;
                 }
@@ -207,7 +217,12 @@ impl LanguageModel for ScriptedLlm {
                 prompt_tokens: (prompt_chars / 4) as u32,
                 completion_tokens,
             };
-            let _ = tx.send(Ok(LlmEvent::Done { usage: Some(usage), model })).await;
+            let _ = tx
+                .send(Ok(LlmEvent::Done {
+                    usage: Some(usage),
+                    model,
+                }))
+                .await;
         });
         Box::pin(stream)
     }
@@ -277,7 +292,10 @@ impl TextToSpeech for ScriptedTts {
                         TtsInput::Text { index, text } => {
                             sleep(latency).await;
                             if text.contains("[[tts_error]]") {
-                                let err = ProviderError::Http { status: 500, body: "scripted fault".into() };
+                                let err = ProviderError::Http {
+                                    status: 500,
+                                    body: "scripted fault".into(),
+                                };
                                 let _ = task.events.send(TtsEvent::Error(err)).await;
                                 return;
                             }
@@ -292,7 +310,12 @@ impl TextToSpeech for ScriptedTts {
                                     return;
                                 }
                             }
-                            if task.events.send(TtsEvent::ChunkDone { index }).await.is_err() {
+                            if task
+                                .events
+                                .send(TtsEvent::ChunkDone { index })
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -319,7 +342,9 @@ pub fn tone_words(text: &str, rate: u32) -> Vec<i16> {
     let mut out = Vec::new();
     for word in text.split_whitespace() {
         let len = ms((word.chars().count() as u32 * 50).max(120));
-        let seed = word.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let seed = word
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
         let freq = 160.0 + f64::from(seed % 160);
         let fade = ms(10);
         for i in 0..len {
@@ -351,8 +376,14 @@ mod tests {
     #[tokio::test]
     async fn stt_emits_interims_then_the_script_line() {
         let stt = ScriptedStt::new(fast());
-        let mut s = stt.open(SttParams { sample_rate: 16000, language: None, session_id: "t".into() });
-        let loud: Vec<i16> = (0..320).map(|i| if i % 2 == 0 { 8000 } else { -8000 }).collect();
+        let mut s = stt.open(SttParams {
+            sample_rate: 16000,
+            language: None,
+            session_id: "t".into(),
+        });
+        let loud: Vec<i16> = (0..320)
+            .map(|i| if i % 2 == 0 { 8000 } else { -8000 })
+            .collect();
         for _ in 0..40 {
             s.input.send(SttInput::Audio(loud.clone())).await.unwrap();
         }
@@ -368,17 +399,28 @@ mod tests {
         assert!(matches!(events[0], SttEvent::Interim { .. }), "{events:?}");
         assert_eq!(
             events.last().unwrap(),
-            &SttEvent::Final { text: "(scripted transcript 1) hello, what can you do".into() }
+            &SttEvent::Final {
+                text: "(scripted transcript 1) hello, what can you do".into()
+            }
         );
     }
 
     #[tokio::test]
     async fn stt_gives_empty_final_for_silence() {
         let stt = ScriptedStt::new(fast());
-        let mut s = stt.open(SttParams { sample_rate: 16000, language: None, session_id: "t".into() });
+        let mut s = stt.open(SttParams {
+            sample_rate: 16000,
+            language: None,
+            session_id: "t".into(),
+        });
         s.input.send(SttInput::Audio(vec![0; 320])).await.unwrap();
         s.input.send(SttInput::Finalize).await.unwrap();
-        assert_eq!(s.events.recv().await.unwrap(), SttEvent::Final { text: String::new() });
+        assert_eq!(
+            s.events.recv().await.unwrap(),
+            SttEvent::Final {
+                text: String::new()
+            }
+        );
     }
 
     #[tokio::test]
@@ -399,11 +441,17 @@ mod tests {
             })
             .collect();
         assert!(text.contains("You said: hi there."), "{text}");
-        assert!(matches!(items.last(), Some(Ok(LlmEvent::Done { usage: Some(_), .. }))));
+        assert!(matches!(
+            items.last(),
+            Some(Ok(LlmEvent::Done { usage: Some(_), .. }))
+        ));
 
         let items: Vec<_> = llm.stream(req("[[llm_error]]")).collect().await;
         assert_eq!(items.len(), 1);
-        assert!(matches!(items[0], Err(ProviderError::Http { status: 500, .. })));
+        assert!(matches!(
+            items[0],
+            Err(ProviderError::Http { status: 500, .. })
+        ));
 
         let items: Vec<_> = llm.stream(req("[[llm_error_mid]]")).collect().await;
         assert_eq!(items.len(), TOKENS_BEFORE_MID_STREAM_FAULT + 1);
@@ -419,13 +467,23 @@ mod tests {
             language: None,
             preferred_sample_rate: 16000,
         });
-        s.input.send(TtsInput::Text { index: 0, text: "Hello there.".into() }).await.unwrap();
+        s.input
+            .send(TtsInput::Text {
+                index: 0,
+                text: "Hello there.".into(),
+            })
+            .await
+            .unwrap();
         s.input.send(TtsInput::End).await.unwrap();
         let mut samples = 0;
         let mut saw_done = false;
         while let Some(ev) = s.events.recv().await {
             match ev {
-                TtsEvent::Audio { index, samples: s, sample_rate } => {
+                TtsEvent::Audio {
+                    index,
+                    samples: s,
+                    sample_rate,
+                } => {
                     assert_eq!((index, sample_rate), (0, SCRIPTED_TTS_RATE));
                     samples += s.len();
                 }

@@ -15,11 +15,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::error::{Error, Result};
@@ -123,25 +123,55 @@ impl Client {
     /// caller sends `session.start` itself). Does not wait for `session.ready`: see
     /// [`Client::wait_ready`].
     pub async fn connect(url: &str, start: Option<SessionStart>) -> Result<Client> {
+        Client::connect_with_protocol(url, Some(duplex_proto::SUBPROTOCOL), start).await
+    }
+
+    /// Like [`Client::connect`] but offering `subprotocol` instead of `duplex.v1`, or none
+    /// (for tests of the server's handshake checks).
+    pub async fn connect_with_protocol(
+        url: &str,
+        subprotocol: Option<&str>,
+        start: Option<SessionStart>,
+    ) -> Result<Client> {
+        let invalid = |detail: String| Error::InvalidUrl {
+            url: url.to_string(),
+            detail,
+        };
         let mut request = url
             .into_client_request()
-            .map_err(|e| Error::InvalidUrl { url: url.to_string(), detail: e.to_string() })?;
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static(duplex_proto::SUBPROTOCOL),
-        );
+            .map_err(|e| invalid(e.to_string()))?;
+        if let Some(p) = subprotocol {
+            let value = HeaderValue::from_str(p).map_err(|e| invalid(e.to_string()))?;
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", value);
+        }
         // Nagle off: 20 ms audio frames must not wait for the previous frame's ACK.
         let handshake = tokio_tungstenite::connect_async_with_config(request, None, true);
         let (ws, _response) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
             .await
-            .map_err(|_| Error::ConnectTimeout { url: url.to_string(), timeout: CONNECT_TIMEOUT })?
-            .map_err(|e| Error::Connect { url: url.to_string(), source: Box::new(e) })?;
+            .map_err(|_| Error::ConnectTimeout {
+                url: url.to_string(),
+                timeout: CONNECT_TIMEOUT,
+            })?
+            .map_err(|e| Error::Connect {
+                url: url.to_string(),
+                source: Box::new(e),
+            })?;
         let (sink, stream) = ws.split();
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let reader = tokio::spawn(read_loop(stream, tx));
-        let mut client = Client { sink, rx, reader, log: Vec::new(), keep_log: true };
+        let mut client = Client {
+            sink,
+            rx,
+            reader,
+            log: Vec::new(),
+            keep_log: true,
+        };
         if let Some(start) = start {
-            client.send_json(&ClientMessage::SessionStart(start)).await?;
+            client
+                .send_json(&ClientMessage::SessionStart(start))
+                .await?;
         }
         Ok(client)
     }
@@ -209,7 +239,10 @@ impl Client {
     /// Waits for `session.ready`, which must be the first thing the server sends.
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<SessionReady> {
         match self.next_event(timeout).await? {
-            Some(Event { kind: EventKind::Json(ServerMessage::SessionReady(r)), .. }) => Ok(r),
+            Some(Event {
+                kind: EventKind::Json(ServerMessage::SessionReady(r)),
+                ..
+            }) => Ok(r),
             Some(other) => Err(Error::NotReady(describe(&other))),
             None => Err(Error::Timeout(timeout)),
         }
@@ -233,14 +266,20 @@ impl Client {
     /// Closes with code 1000 and waits (bounded by [`CLOSE_TIMEOUT`]) for the server's close
     /// frame, returning its code and reason if one arrived.
     pub async fn close(mut self) -> Result<Option<(u16, String)>> {
-        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
         // The server may have closed first; then there is nothing left to send.
         let _ = self.sink.send(Message::Close(Some(frame))).await;
         let deadline = Instant::now() + CLOSE_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next_event(left).await {
-                Ok(Some(Event { kind: EventKind::Close(c), .. })) => return Ok(c),
+                Ok(Some(Event {
+                    kind: EventKind::Close(c),
+                    ..
+                })) => return Ok(c),
                 Ok(Some(_)) | Err(Error::BadServerJson { .. }) => {}
                 Ok(None) | Err(_) => return Ok(None),
             }
@@ -268,16 +307,26 @@ async fn read_loop(mut stream: SplitStream<Ws>, tx: mpsc::Sender<Result<Event>>)
         let at = Instant::now();
         let item = match msg {
             Ok(Message::Text(text)) => match duplex_proto::parse_server_message(text.as_str()) {
-                Ok(m) => Ok(Event { at, kind: EventKind::Json(m) }),
-                Err(e) => {
-                    Err(Error::BadServerJson { text: text.to_string(), detail: e.to_string() })
-                }
+                Ok(m) => Ok(Event {
+                    at,
+                    kind: EventKind::Json(m),
+                }),
+                Err(e) => Err(Error::BadServerJson {
+                    text: text.to_string(),
+                    detail: e.to_string(),
+                }),
             },
-            Ok(Message::Binary(b)) => Ok(Event { at, kind: EventKind::Audio(b.to_vec()) }),
+            Ok(Message::Binary(b)) => Ok(Event {
+                at,
+                kind: EventKind::Audio(b.to_vec()),
+            }),
             Ok(Message::Close(frame)) => {
                 seen_close = true;
                 let c = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
-                Ok(Event { at, kind: EventKind::Close(c) })
+                Ok(Event {
+                    at,
+                    kind: EventKind::Close(c),
+                })
             }
             // tungstenite answers pings itself; pongs and raw frames carry nothing for us.
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
@@ -285,7 +334,9 @@ async fn read_loop(mut stream: SplitStream<Ws>, tx: mpsc::Sender<Result<Event>>)
             Err(_) if seen_close => break,
             Err(e) => Err(Error::WebSocket(Box::new(e))),
         };
-        let fatal = item.as_ref().is_err_and(|e| matches!(e, Error::WebSocket(_)));
+        let fatal = item
+            .as_ref()
+            .is_err_and(|e| matches!(e, Error::WebSocket(_)));
         if tx.send(item).await.is_err() || fatal {
             break;
         }

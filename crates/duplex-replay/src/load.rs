@@ -10,6 +10,7 @@ use duplex_proto::SessionStart;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::session::{Mode, SessionConfig, SessionReport, TurnOutcome, run_session};
 use crate::stats::Summary;
@@ -100,7 +101,8 @@ pub async fn run_load(cfg: &LoadConfig) -> LoadReport {
         let mut session = base.clone();
         session.max_duration = cfg.max_duration.map(|d| d.saturating_sub(offset));
         let wavs = Arc::clone(&wavs);
-        tasks.spawn(async move {
+        let span = tracing::debug_span!("session", k);
+        let task = async move {
             tokio::time::sleep_until(started + offset).await;
             let run = run_session(&session, &wavs);
             let report = match session.max_duration {
@@ -111,13 +113,17 @@ pub async fn run_load(cfg: &LoadConfig) -> LoadReport {
                 None => run.await,
             };
             (k, report)
-        });
+        };
+        tasks.spawn(task.instrument(span));
     }
     let mut reports: Vec<(usize, SessionReport)> = Vec::with_capacity(cfg.sessions);
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok(r) => reports.push(r),
-            Err(e) => reports.push((usize::MAX, failed_report(&format!("session task died: {e}")))),
+            Err(e) => reports.push((
+                usize::MAX,
+                failed_report(&format!("session task died: {e}")),
+            )),
         }
     }
     reports.sort_by_key(|(k, _)| *k);
@@ -130,7 +136,10 @@ pub async fn run_load(cfg: &LoadConfig) -> LoadReport {
 }
 
 fn failed_report(why: &str) -> SessionReport {
-    SessionReport { failure: Some(why.to_string()), ..SessionReport::default() }
+    SessionReport {
+        failure: Some(why.to_string()),
+        ..SessionReport::default()
+    }
 }
 
 /// Percentile summaries of every latency, in milliseconds.

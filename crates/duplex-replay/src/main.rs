@@ -53,7 +53,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let wavs = match args.wavs.iter().map(Wav::load).collect::<Result<Vec<_>, _>>() {
+    let wavs = match args
+        .wavs
+        .iter()
+        .map(Wav::load)
+        .collect::<Result<Vec<_>, _>>()
+    {
         Ok(w) => w,
         Err(e) => {
             eprintln!("duplex-replay: {e}");
@@ -89,5 +94,9 @@ async fn main() -> ExitCode {
     } else {
         print!("{}", report.to_table());
     }
-    if report.success() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if report.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

@@ -174,6 +174,8 @@ pub struct TurnReport {
     pub assistant_text: Option<String>,
     /// Milliseconds of assistant audio received for this turn.
     pub assistant_audio_ms: u64,
+    /// The server's `interrupted` message for this turn, if it was interrupted.
+    pub interrupted: Option<duplex_proto::Interrupted>,
     pub metrics: TurnMetrics,
     pub timeline: Vec<TimelineEntry>,
 }
@@ -297,19 +299,29 @@ pub async fn run_session(cfg: &SessionConfig, wavs: &[Wav]) -> SessionReport {
         end_session(&mut client, &mut report).await;
     }
     report.finish(started);
+    if let Some(why) = &report.failure {
+        tracing::debug!(session_id = ?report.session_id, %why, "session failed");
+    }
     report
 }
 
 /// Sends `session.end` and waits (bounded) for the server's normal close.
 async fn end_session(client: &mut Client, report: &mut SessionReport) {
-    if client.send_json(&ClientMessage::SessionEnd(SessionEnd {})).await.is_err() {
+    if client
+        .send_json(&ClientMessage::SessionEnd(SessionEnd {}))
+        .await
+        .is_err()
+    {
         return;
     }
     let deadline = Instant::now() + crate::client::CLOSE_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match client.next_event(left).await {
-            Ok(Some(Event { kind: EventKind::Close(c), .. })) => {
+            Ok(Some(Event {
+                kind: EventKind::Close(c),
+                ..
+            })) => {
                 report.close = c;
                 return;
             }
@@ -328,7 +340,10 @@ async fn drain_errors(client: &mut Client, report: &mut SessionReport) {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match client.next_event(left).await {
-            Ok(Some(Event { kind: EventKind::Close(c), .. })) => {
+            Ok(Some(Event {
+                kind: EventKind::Close(c),
+                ..
+            })) => {
                 report.close = c;
                 return;
             }
@@ -352,7 +367,10 @@ fn count_error_event(ev: &Event, report: &mut SessionReport) {
         Some(ServerMessage::LimitExceeded(l)) => {
             report.server_errors += 1;
             report.count("limit_exceeded");
-            report.fail(format!("limit exceeded: {} ({} of {})", l.limit, l.used, l.allowed));
+            report.fail(format!(
+                "limit exceeded: {} ({} of {})",
+                l.limit, l.used, l.allowed
+            ));
         }
         _ => {}
     }
@@ -364,7 +382,11 @@ fn ms(d: Duration) -> f64 {
 
 /// Signed milliseconds from `reference` to `at`.
 fn rel(at: Instant, reference: Instant) -> f64 {
-    if at >= reference { ms(at - reference) } else { -ms(reference - at) }
+    if at >= reference {
+        ms(at - reference)
+    } else {
+        -ms(reference - at)
+    }
 }
 
 fn bytes_per_ms(format: AudioFormat) -> f64 {
@@ -391,6 +413,7 @@ struct Turn {
     last_audio_at: Option<Instant>,
     audio_end_at: Option<Instant>,
     interrupted_at: Option<Instant>,
+    interrupted: Option<duplex_proto::Interrupted>,
     audio_end_reason: Option<AudioEndReason>,
     audio_bytes: u64,
     bytes_per_ms: f64,
@@ -406,7 +429,11 @@ struct Turn {
 
 impl Turn {
     fn audio_ms(&self) -> u64 {
-        if self.bytes_per_ms > 0.0 { (self.audio_bytes as f64 / self.bytes_per_ms) as u64 } else { 0 }
+        if self.bytes_per_ms > 0.0 {
+            (self.audio_bytes as f64 / self.bytes_per_ms) as u64
+        } else {
+            0
+        }
     }
 
     /// Milliseconds the virtual player has played at `now`.
@@ -466,7 +493,11 @@ impl<'a> Conversation<'a> {
             speech: None,
             silence: silence_frame(wavs[0].sample_rate),
             next_send: Instant::now(),
-            speech_period: if cfg.speed == 0.0 { Duration::ZERO } else { frame.div_f64(pace) },
+            speech_period: if cfg.speed == 0.0 {
+                Duration::ZERO
+            } else {
+                frame.div_f64(pace)
+            },
             silence_period: frame.div_f64(pace),
             pace,
             active_audio: None,
@@ -477,9 +508,17 @@ impl<'a> Conversation<'a> {
     fn begin_turn(&mut self, barges_in_on: Option<usize>) {
         let index = self.turns.len();
         let wav = index % self.wavs.len();
-        self.turns.push(Turn { wav, ..Turn::default() });
+        self.turns.push(Turn {
+            wav,
+            ..Turn::default()
+        });
         self.current = index;
-        self.speech = Some(Speech { turn: index, frames: self.wavs[wav].frames(), next: 0, barges_in_on });
+        self.speech = Some(Speech {
+            turn: index,
+            frames: self.wavs[wav].frames(),
+            next: 0,
+            barges_in_on,
+        });
         // Speech replaces the silence stream from the next frame slot on; a barge-in starts now.
         if barges_in_on.is_some() {
             self.next_send = Instant::now();
@@ -538,7 +577,11 @@ impl<'a> Conversation<'a> {
     /// The user turn an assistant turn id belongs to: the one already carrying it, else the
     /// current user turn if it has none yet. `None`: an extra response (counted, not placed).
     fn attribute(&mut self, turn_id: u64) -> Option<usize> {
-        if let Some(i) = self.turns.iter().position(|t| t.assistant_id == Some(turn_id)) {
+        if let Some(i) = self
+            .turns
+            .iter()
+            .position(|t| t.assistant_id == Some(turn_id))
+        {
             return Some(i);
         }
         let cur = &mut self.turns[self.current];
@@ -610,7 +653,9 @@ impl<'a> Conversation<'a> {
         let mut place = cur;
         match &msg {
             ServerMessage::SessionReady(_) => self.report.protocol_error("duplicate_session_ready"),
-            ServerMessage::SpeechStarted(_) | ServerMessage::UsageUpdate(_) | ServerMessage::Pong(_) => {}
+            ServerMessage::SpeechStarted(_)
+            | ServerMessage::UsageUpdate(_)
+            | ServerMessage::Pong(_) => {}
             ServerMessage::SpeechStopped(_) => {
                 self.turns[cur].speech_stopped_at.get_or_insert(at);
             }
@@ -655,6 +700,11 @@ impl<'a> Conversation<'a> {
                         let t = &mut self.turns[i];
                         t.audio_end_at.get_or_insert(at);
                         t.audio_end_reason = Some(e.reason);
+                        if e.reason == AudioEndReason::Interrupted {
+                            // The server dropped the rest: the player stops where it is.
+                            t.playback_done = true;
+                            t.next_mark_at = None;
+                        }
                     }
                 }
                 _ => self.report.protocol_error("audio_end_without_start"),
@@ -664,13 +714,17 @@ impl<'a> Conversation<'a> {
                     place = i;
                     let t = &mut self.turns[i];
                     t.interrupted_at.get_or_insert(at);
+                    t.interrupted.get_or_insert_with(|| x.clone());
                     // The player stops at once: no further marks for this turn.
                     t.playback_done = true;
                     t.next_mark_at = None;
                 }
             }
             ServerMessage::Error(_) | ServerMessage::LimitExceeded(_) => {
-                let ev = Event { at, kind: EventKind::Json(msg.clone()) };
+                let ev = Event {
+                    at,
+                    kind: EventKind::Json(msg.clone()),
+                };
                 count_error_event(&ev, self.report);
             }
         }
@@ -732,7 +786,9 @@ impl<'a> Conversation<'a> {
         let now = Instant::now();
         for i in 0..self.turns.len() {
             let t = &mut self.turns[i];
-            let Some(turn_id) = t.assistant_id else { continue };
+            let Some(turn_id) = t.assistant_id else {
+                continue;
+            };
             if t.playback_done || t.first_audio_at.is_none() {
                 continue;
             }
@@ -743,7 +799,10 @@ impl<'a> Conversation<'a> {
             if (due || finished) && t.last_mark_ms != Some(played) {
                 t.last_mark_ms = Some(played);
                 client
-                    .send_json(&ClientMessage::PlaybackMark(PlaybackMark { turn_id, played_ms: played }))
+                    .send_json(&ClientMessage::PlaybackMark(PlaybackMark {
+                        turn_id,
+                        played_ms: played,
+                    }))
                     .await?;
                 self.note(i, now, format!("> playback.mark {played}"));
             }
@@ -776,13 +835,18 @@ impl<'a> Conversation<'a> {
             if t.done.is_some() {
                 continue;
             }
-            let Some(speech_end) = t.speech_end_at else { continue };
+            let Some(speech_end) = t.speech_end_at else {
+                continue;
+            };
             let done = if let Some(end) = t.audio_end_at {
-                Some((end, match t.audio_end_reason {
-                    Some(AudioEndReason::Interrupted) => TurnOutcome::Interrupted,
-                    Some(AudioEndReason::Error) => TurnOutcome::Failed,
-                    _ => TurnOutcome::Completed,
-                }))
+                Some((
+                    end,
+                    match t.audio_end_reason {
+                        Some(AudioEndReason::Interrupted) => TurnOutcome::Interrupted,
+                        Some(AudioEndReason::Error) => TurnOutcome::Failed,
+                        _ => TurnOutcome::Completed,
+                    },
+                ))
             } else if let (Some(x), None) = (t.interrupted_at, t.audio_start_at) {
                 Some((x, TurnOutcome::Interrupted))
             } else if let (Some(f), None) = (t.final_text_at, t.audio_start_at) {
@@ -845,14 +909,18 @@ impl<'a> Conversation<'a> {
                     final_transcript_ms: since_end(t.final_transcript_at),
                     first_text_ms: since_end(t.first_text_at),
                     first_audio_ms: since_end(t.first_audio_at),
-                    turn_total_ms: if ended { since_end(t.done.map(|d| d.0)) } else { None },
+                    turn_total_ms: if ended {
+                        since_end(t.done.map(|d| d.0))
+                    } else {
+                        None
+                    },
                     interrupt_ms: since_barge(t.interrupted_at),
                     audio_stop_ms: t.barge_at.map(|b| match t.last_audio_at {
                         Some(last) => rel(last, b).max(0.0),
                         None => 0.0,
                     }),
                 };
-                let timeline = t
+                let mut timeline: Vec<TimelineEntry> = t
                     .timeline
                     .iter()
                     .map(|(at, what)| TimelineEntry {
@@ -860,6 +928,8 @@ impl<'a> Conversation<'a> {
                         what: what.clone(),
                     })
                     .collect();
+                // Entries are noted when handled, not when they happened: order by time.
+                timeline.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
                 TurnReport {
                     index,
                     wav: wavs[t.wav].name.clone(),
@@ -870,6 +940,7 @@ impl<'a> Conversation<'a> {
                     user_transcript: t.transcript.clone(),
                     assistant_text: t.text.clone(),
                     assistant_audio_ms: t.audio_ms(),
+                    interrupted: t.interrupted.clone(),
                     metrics,
                     timeline,
                 }
@@ -892,7 +963,11 @@ async fn run_echo(
     report: &mut SessionReport,
 ) {
     let frame = Duration::from_millis(u64::from(FRAME_MS));
-    let period = if cfg.speed == 0.0 { Duration::ZERO } else { frame.div_f64(cfg.speed) };
+    let period = if cfg.speed == 0.0 {
+        Duration::ZERO
+    } else {
+        frame.div_f64(cfg.speed)
+    };
     let passes: Vec<Vec<Vec<u8>>> = wavs.iter().map(Wav::frames).collect();
     let mut order = (0..cfg.turns).flat_map(|i| passes[i % passes.len()].iter());
     let mut pending: VecDeque<Instant> = VecDeque::with_capacity(64);
@@ -916,7 +991,11 @@ async fn run_echo(
             sending = false;
             drain_until = Some(now + cfg.turn_timeout);
         }
-        let wake = if sending { next_send } else { drain_until.unwrap_or(now) };
+        let wake = if sending {
+            next_send
+        } else {
+            drain_until.unwrap_or(now)
+        };
         tokio::select! {
             ev = client.recv_event() => match ev {
                 Ok(Event { at, kind: EventKind::Audio(_) }) => {

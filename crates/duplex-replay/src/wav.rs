@@ -22,7 +22,10 @@ impl Wav {
     /// averaging; rates other than [`duplex_proto::SUPPORTED_SAMPLE_RATES`] are rejected.
     pub fn load(path: impl AsRef<Path>) -> Result<Wav> {
         let path = path.as_ref();
-        let read_err = |source| Error::WavRead { path: path.to_path_buf(), source };
+        let read_err = |source| Error::WavRead {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut reader = hound::WavReader::open(path).map_err(read_err)?;
         let spec = reader.spec();
         let name = path.display().to_string();
@@ -40,7 +43,10 @@ impl Wav {
                 ),
             });
         }
-        let interleaved = reader.samples::<i16>().collect::<Result<Vec<i16>, _>>().map_err(read_err)?;
+        let interleaved = reader
+            .samples::<i16>()
+            .collect::<Result<Vec<i16>, _>>()
+            .map_err(read_err)?;
         let channels = usize::from(spec.channels.max(1));
         let samples = if channels == 1 {
             interleaved
@@ -57,7 +63,11 @@ impl Wav {
     }
 
     /// Builds a WAV from samples already in memory, checking the sample rate.
-    pub fn from_samples(name: impl Into<String>, sample_rate: u32, samples: Vec<i16>) -> Result<Wav> {
+    pub fn from_samples(
+        name: impl Into<String>,
+        sample_rate: u32,
+        samples: Vec<i16>,
+    ) -> Result<Wav> {
         let name = name.into();
         if !duplex_proto::SUPPORTED_SAMPLE_RATES.contains(&sample_rate) {
             return Err(Error::WavFormat {
@@ -68,7 +78,11 @@ impl Wav {
                 ),
             });
         }
-        Ok(Wav { name, sample_rate, samples })
+        Ok(Wav {
+            name,
+            sample_rate,
+            samples,
+        })
     }
 
     /// Samples in one 20 ms frame at this rate (882 at 44.1 kHz).

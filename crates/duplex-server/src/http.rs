@@ -51,7 +51,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.session.metrics.render(),
     )
         .into_response()
@@ -65,19 +68,27 @@ struct IpSlot {
 
 impl IpSlot {
     fn acquire(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, cap: usize) -> Option<IpSlot> {
-        let mut m = map.lock().expect("per-IP map is never poisoned: no panics while held");
+        let mut m = map
+            .lock()
+            .expect("per-IP map is never poisoned: no panics while held");
         let n = m.entry(ip).or_insert(0);
         if *n >= cap {
             return None;
         }
         *n += 1;
-        Some(IpSlot { ip, map: map.clone() })
+        Some(IpSlot {
+            ip,
+            map: map.clone(),
+        })
     }
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut m = self.map.lock().expect("per-IP map is never poisoned: no panics while held");
+        let mut m = self
+            .map
+            .lock()
+            .expect("per-IP map is never poisoned: no panics while held");
         if let Some(n) = m.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -88,7 +99,12 @@ impl Drop for IpSlot {
 }
 
 fn reject(state: &AppState, status: StatusCode, reason: &'static str, message: &str) -> Response {
-    state.session.metrics.connections_rejected.with_label_values(&[reason]).inc();
+    state
+        .session
+        .metrics
+        .connections_rejected
+        .with_label_values(&[reason])
+        .inc();
     (status, format!("{message}\n")).into_response()
 }
 
@@ -101,7 +117,12 @@ async fn conversation(
 ) -> Response {
     let config = state.session.config.clone();
     if state.session.shutdown.is_cancelled() {
-        return reject(&state, StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "server is shutting down");
+        return reject(
+            &state,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "server is shutting down",
+        );
     }
     if let Some(v) = params.get("v") {
         if v != &proto::VERSION.to_string() {
@@ -113,53 +134,125 @@ async fn conversation(
             );
         }
     }
-    let Ok(permit): Result<OwnedSemaphorePermit, _> = state.connections.clone().try_acquire_owned() else {
-        return reject(&state, StatusCode::SERVICE_UNAVAILABLE, "capacity", "server is at its connection limit");
-    };
-    let Some(slot) = IpSlot::acquire(&state.per_ip, peer.ip(), config.max_connections_per_ip) else {
-        return reject(&state, StatusCode::TOO_MANY_REQUESTS, "per_ip", "too many connections from this address");
-    };
     let offered = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|h| h.to_str().ok())
         .flat_map(|h| h.split(','))
         .any(|p| p.trim() == proto::SUBPROTOCOL);
-    let ws = if offered { ws.protocols([proto::SUBPROTOCOL]) } else { ws };
+    if !offered && !params.contains_key("v") {
+        return reject(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "no_version",
+            "select the protocol version: offer the `duplex.v1` WebSocket subprotocol or add `?v=1`",
+        );
+    }
+    let Ok(permit): Result<OwnedSemaphorePermit, _> = state.connections.clone().try_acquire_owned()
+    else {
+        return reject(
+            &state,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "server is at its connection limit",
+        );
+    };
+    let Some(slot) = IpSlot::acquire(&state.per_ip, peer.ip(), config.max_connections_per_ip)
+    else {
+        return reject(
+            &state,
+            StatusCode::TOO_MANY_REQUESTS,
+            "per_ip",
+            "too many connections from this address",
+        );
+    };
+    let ws = if offered {
+        ws.protocols([proto::SUBPROTOCOL])
+    } else {
+        ws
+    };
     let start = start_from_query(&params);
     let ctx = state.session.clone();
     let tracker = state.tracker.clone();
-    ws.max_message_size(config.max_message_bytes)
-        .max_frame_size(config.max_message_bytes)
+    // The session enforces `max_message_bytes` itself so it can answer with an error and a
+    // 1009 close; tungstenite's own cap (which fails the socket without a word) sits above it
+    // and only bounds memory for absurd messages.
+    let hard_cap = config.max_message_bytes.saturating_mul(4).max(1 << 20);
+    let limit = config.max_message_bytes;
+    ws.max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
                 let _permit = permit;
                 let _slot = slot;
-                session::run(socket, ctx, start, peer).await;
+                session::run(socket, ctx, start, peer, limit).await;
             })
         })
 }
 
 /// `session.start` given as query parameters (`?sample_rate=8000&encoding=mulaw`), for clients
 /// that cannot send a JSON message first. `None` when the URL has no `sample_rate`.
-fn start_from_query(q: &HashMap<String, String>) -> Option<Result<SessionStart, (ErrorCode, String)>> {
+fn start_from_query(
+    q: &HashMap<String, String>,
+) -> Option<Result<SessionStart, (ErrorCode, String)>> {
+    const FIELDS: [&str; 8] = [
+        "sample_rate",
+        "encoding",
+        "language",
+        "voice",
+        "model",
+        "system_prompt",
+        "output_sample_rate",
+        "output_encoding",
+    ];
+    // Not session fields: the protocol version and the auth token.
+    const OTHER: [&str; 2] = ["v", "token"];
     let rate = q.get("sample_rate")?;
     Some((|| {
+        if let Some(k) = q
+            .keys()
+            .find(|k| !FIELDS.contains(&k.as_str()) && !OTHER.contains(&k.as_str()))
+        {
+            return Err((
+                ErrorCode::InvalidMessage,
+                format!("unknown query parameter {k:?}"),
+            ));
+        }
         let num = |name: &str, v: &str| {
-            v.parse::<u32>().map_err(|_| (ErrorCode::UnsupportedSampleRate, format!("{name}={v:?} is not a number")))
+            v.parse::<u32>().map_err(|_| {
+                (
+                    ErrorCode::UnsupportedSampleRate,
+                    format!("{name}={v:?} is not a number"),
+                )
+            })
         };
         let enc = |name: &str, v: &str| {
-            Encoding::parse(v).ok_or_else(|| (ErrorCode::UnsupportedEncoding, format!("{name}={v:?}: use pcm16 or mulaw")))
+            Encoding::parse(v).ok_or_else(|| {
+                (
+                    ErrorCode::UnsupportedEncoding,
+                    format!("{name}={v:?}: use pcm16 or mulaw"),
+                )
+            })
         };
         Ok(SessionStart {
             sample_rate: num("sample_rate", rate)?,
-            encoding: q.get("encoding").map(|v| enc("encoding", v)).transpose()?.unwrap_or_default(),
+            encoding: q
+                .get("encoding")
+                .map(|v| enc("encoding", v))
+                .transpose()?
+                .unwrap_or_default(),
             language: q.get("language").cloned(),
             voice: q.get("voice").cloned(),
             model: q.get("model").cloned(),
             system_prompt: q.get("system_prompt").cloned(),
-            output_sample_rate: q.get("output_sample_rate").map(|v| num("output_sample_rate", v)).transpose()?,
-            output_encoding: q.get("output_encoding").map(|v| enc("output_encoding", v)).transpose()?,
+            output_sample_rate: q
+                .get("output_sample_rate")
+                .map(|v| num("output_sample_rate", v))
+                .transpose()?,
+            output_encoding: q
+                .get("output_encoding")
+                .map(|v| enc("output_encoding", v))
+                .transpose()?,
         })
     })())
 }

@@ -74,10 +74,18 @@ impl Server {
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let stop = shutdown.clone();
         let serve = tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
         });
         tracing::info!(%local_addr, "listening");
-        Ok(Server { local_addr, shutdown, tracker, serve, grace })
+        Ok(Server {
+            local_addr,
+            shutdown,
+            tracker,
+            serve,
+            grace,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -98,7 +106,10 @@ impl Server {
         // Sessions close themselves by the grace deadline; the margin covers the close
         // handshake with clients.
         let margin = std::time::Duration::from_secs(2);
-        if tokio::time::timeout(self.grace + margin, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace + margin, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("sessions still open after the grace period; exiting anyway");
         }
         let _ = tokio::time::timeout(margin, self.serve).await;

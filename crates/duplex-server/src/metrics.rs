@@ -31,33 +31,48 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let active_sessions =
-            IntGauge::new("duplex_active_sessions", "WebSocket sessions open now").expect("valid metric");
+            IntGauge::new("duplex_active_sessions", "WebSocket sessions open now")
+                .expect("valid metric");
         let sessions_total =
-            IntCounter::new("duplex_sessions_total", "WebSocket sessions accepted").expect("valid metric");
+            IntCounter::new("duplex_sessions_total", "WebSocket sessions accepted")
+                .expect("valid metric");
         let connections_rejected = IntCounterVec::new(
-            Opts::new("duplex_connections_rejected_total", "Upgrades refused, by reason"),
+            Opts::new(
+                "duplex_connections_rejected_total",
+                "Upgrades refused, by reason",
+            ),
             &["reason"],
         )
         .expect("valid metric");
         let turns_total =
             IntCounter::new("duplex_turns_total", "Assistant turns started").expect("valid metric");
-        let interruptions_total =
-            IntCounter::new("duplex_interruptions_total", "Assistant turns cut by barge-in")
-                .expect("valid metric");
+        let interruptions_total = IntCounter::new(
+            "duplex_interruptions_total",
+            "Assistant turns cut by barge-in",
+        )
+        .expect("valid metric");
         let errors_total = IntCounterVec::new(
-            Opts::new("duplex_errors_total", "Error events sent to clients, by code"),
+            Opts::new(
+                "duplex_errors_total",
+                "Error events sent to clients, by code",
+            ),
             &["code"],
         )
         .expect("valid metric");
         let stage_latency = HistogramVec::new(
-            HistogramOpts::new("duplex_stage_latency_seconds", "Per-stage latency of a turn")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "duplex_stage_latency_seconds",
+                "Per-stage latency of a turn",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["stage"],
         )
         .expect("valid metric");
-        let frames_in_total =
-            IntCounter::new("duplex_audio_frames_in_total", "Binary audio frames received")
-                .expect("valid metric");
+        let frames_in_total = IntCounter::new(
+            "duplex_audio_frames_in_total",
+            "Binary audio frames received",
+        )
+        .expect("valid metric");
         let frames_out_total =
             IntCounter::new("duplex_audio_frames_out_total", "Binary audio frames sent")
                 .expect("valid metric");
@@ -98,7 +113,9 @@ impl Metrics {
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("Prometheus text is UTF-8")
     }
 }

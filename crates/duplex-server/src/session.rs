@@ -91,9 +91,11 @@ pub(crate) async fn run(
     ctx: SessionContext,
     start: Option<Result<SessionStart, (ErrorCode, String)>>,
     peer: SocketAddr,
+    max_message_bytes: usize,
 ) {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
-    let span = tracing::info_span!("session", session_id = %session_id, turn_id = tracing::field::Empty);
+    let span =
+        tracing::info_span!("session", session_id = %session_id, turn_id = tracing::field::Empty);
     async move {
         info!(%peer, "session connected");
         ctx.metrics.sessions_total.inc();
@@ -103,7 +105,7 @@ pub(crate) async fn run(
         let (in_tx, in_rx) = mpsc::channel(INBOUND_CAPACITY);
         let kill = CancellationToken::new();
         let writer = tokio::spawn(writer(sink, out_rx, kill.clone()).in_current_span());
-        let reader = tokio::spawn(reader(stream, in_tx).in_current_span());
+        let reader = tokio::spawn(reader(stream, in_tx, max_message_bytes).in_current_span());
         let mut session = Session::new(ctx.clone(), session_id, out_tx, kill);
         if let Some(start) = start {
             match start {
@@ -122,9 +124,15 @@ pub(crate) async fn run(
     .await
 }
 
-async fn reader(mut stream: futures::stream::SplitStream<WebSocket>, tx: mpsc::Sender<Inbound>) {
+async fn reader(
+    mut stream: futures::stream::SplitStream<WebSocket>,
+    tx: mpsc::Sender<Inbound>,
+    max_message_bytes: usize,
+) {
     while let Some(msg) = stream.next().await {
         let inbound = match msg {
+            Ok(Message::Text(t)) if t.len() > max_message_bytes => Inbound::TooLarge,
+            Ok(Message::Binary(b)) if b.len() > max_message_bytes => Inbound::TooLarge,
             Ok(Message::Text(t)) => Inbound::Text(t.to_string()),
             Ok(Message::Binary(b)) => Inbound::Binary(b.to_vec()),
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
@@ -196,7 +204,11 @@ async fn writer(
         // Feed without flushing while more is queued: one syscall for a burst of frames.
         let write = async {
             sink.feed(msg).await?;
-            if rx.is_empty() { sink.flush().await } else { Ok(()) }
+            if rx.is_empty() {
+                sink.flush().await
+            } else {
+                Ok(())
+            }
         };
         match timeout(WRITE_TIMEOUT, write).await {
             Ok(Ok(())) => {}
@@ -213,7 +225,10 @@ async fn writer(
 }
 
 fn close_message(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame { code, reason: reason.to_owned().into() }))
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    }))
 }
 
 /// An LLM turn in flight: its task forwards the provider's stream into `events`.
@@ -250,9 +265,19 @@ impl TtsTurn {
     }
 
     /// Converts provider audio to encoded output frames, handed to the core.
-    fn on_audio(&mut self, core: &mut Conversation, now: std::time::Instant, index: u32, samples: &[i16], rate: u32) {
+    fn on_audio(
+        &mut self,
+        core: &mut Conversation,
+        now: std::time::Instant,
+        index: u32,
+        samples: &[i16],
+        rate: u32,
+    ) {
         if rate != self.out_rate {
-            let stale = self.resampler.as_ref().is_some_and(|r| r.from_rate() != rate);
+            let stale = self
+                .resampler
+                .as_ref()
+                .is_some_and(|r| r.from_rate() != rate);
             if stale || self.resampler.is_none() {
                 match Resampler::new(rate, self.out_rate) {
                     Ok(r) => self.resampler = Some(r),
@@ -263,7 +288,10 @@ impl TtsTurn {
                 }
             }
             self.scratch.clear();
-            self.resampler.as_mut().expect("set above").process(samples, &mut self.scratch);
+            self.resampler
+                .as_mut()
+                .expect("set above")
+                .process(samples, &mut self.scratch);
             if self.pending.is_empty() {
                 self.pending_index = index;
             }
@@ -300,8 +328,17 @@ impl TtsTurn {
                 Encoding::Pcm16 => duplex_audio::codec::encode_pcm16(frame, &mut bytes),
                 Encoding::Mulaw => duplex_audio::codec::encode_mulaw(frame, &mut bytes),
             }
-            let duration = Duration::from_micros(frame.len() as u64 * 1_000_000 / u64::from(self.out_rate));
-            core.handle_input(now, Input::TtsFrame { turn: self.turn, index: self.pending_index, bytes, duration });
+            let duration =
+                Duration::from_micros(frame.len() as u64 * 1_000_000 / u64::from(self.out_rate));
+            core.handle_input(
+                now,
+                Input::TtsFrame {
+                    turn: self.turn,
+                    index: self.pending_index,
+                    bytes,
+                    duration,
+                },
+            );
             offset = end;
         }
         self.pending.drain(..offset);
@@ -335,7 +372,10 @@ enum Wake {
     Shutdown,
     Inbound(Option<Inbound>),
     Stt(Option<SttEvent>),
-    Llm(TurnId, Option<Result<LlmEvent, duplex_providers::ProviderError>>),
+    Llm(
+        TurnId,
+        Option<Result<LlmEvent, duplex_providers::ProviderError>>,
+    ),
     Tts(TurnId, Option<TtsEvent>),
     Deadline,
     Idle,
@@ -361,7 +401,12 @@ struct Session {
 }
 
 impl Session {
-    fn new(ctx: SessionContext, id: String, out: mpsc::Sender<Outbound>, kill: CancellationToken) -> Session {
+    fn new(
+        ctx: SessionContext,
+        id: String,
+        out: mpsc::Sender<Outbound>,
+        kill: CancellationToken,
+    ) -> Session {
         Session {
             ctx,
             id,
@@ -387,7 +432,13 @@ impl Session {
                 let (stt, llm, tts, deadline, wants_audio) = match &mut self.phase {
                     Phase::Running(r) => {
                         let wants = r.core.as_ref().is_none_or(|c| c.wants_tts_audio());
-                        (r.stt.as_mut(), r.llm.as_mut(), r.tts.as_mut(), r.deadline, wants)
+                        (
+                            r.stt.as_mut(),
+                            r.llm.as_mut(),
+                            r.tts.as_mut(),
+                            r.deadline,
+                            wants,
+                        )
                     }
                     Phase::AwaitingStart => (None, None, None, None, false),
                 };
@@ -409,12 +460,13 @@ impl Session {
             };
             match wake {
                 Wake::Shutdown => self.on_shutdown(),
-                Wake::Close => {
-                    let (_, code, reason) = self.closing.expect("close deadline was set");
-                    let _ = self.out.try_send(Outbound::Close(code, reason.to_owned()));
+                Wake::Close | Wake::Inbound(None) | Wake::Inbound(Some(Inbound::Closed)) => {
+                    // The client left, or our close is due; say why if we were closing.
+                    if let Some((_, code, reason)) = self.closing {
+                        let _ = self.out.try_send(Outbound::Close(code, reason.to_owned()));
+                    }
                     return;
                 }
-                Wake::Inbound(None) | Wake::Inbound(Some(Inbound::Closed)) => return,
                 Wake::Inbound(Some(m)) => {
                     self.last_seen = Instant::now();
                     self.on_inbound(m);
@@ -424,11 +476,19 @@ impl Session {
                 Wake::Tts(turn, e) => self.on_tts(turn, e),
                 Wake::Deadline => self.core_input(Input::Tick),
                 Wake::Idle => {
-                    self.send_error(ErrorCode::IdleTimeout, "no message from the client within the idle timeout", true);
+                    self.send_error(
+                        ErrorCode::IdleTimeout,
+                        "no message from the client within the idle timeout",
+                        true,
+                    );
                     self.close_soon(close_code::IDLE_TIMEOUT, "idle timeout", Duration::ZERO);
                 }
                 Wake::Drain => {
-                    self.close_soon(close_code::GOING_AWAY, "server shutting down", Duration::ZERO);
+                    self.close_soon(
+                        close_code::GOING_AWAY,
+                        "server shutting down",
+                        Duration::ZERO,
+                    );
                 }
             }
         }
@@ -444,7 +504,11 @@ impl Session {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!("client is not reading: disconnecting as slow consumer");
-                self.ctx.metrics.errors_total.with_label_values(&[ErrorCode::SlowConsumer.as_str()]).inc();
+                self.ctx
+                    .metrics
+                    .errors_total
+                    .with_label_values(&[ErrorCode::SlowConsumer.as_str()])
+                    .inc();
                 self.kill.cancel();
                 self.dead = true;
             }
@@ -454,7 +518,11 @@ impl Session {
 
     fn send(&mut self, msg: &ServerMessage) {
         if let ServerMessage::Error(e) = msg {
-            self.ctx.metrics.errors_total.with_label_values(&[e.code.as_str()]).inc();
+            self.ctx
+                .metrics
+                .errors_total
+                .with_label_values(&[e.code.as_str()])
+                .inc();
             debug!(code = e.code.as_str(), message = %e.message, "error event");
         }
         self.push(Outbound::Text(msg.to_json()));
@@ -474,12 +542,20 @@ impl Session {
 
     fn on_shutdown(&mut self) {
         let busy = matches!(&self.phase, Phase::Running(r) if r.core.as_ref().is_some_and(|c| c.current_turn().is_some()));
-        self.send_error(ErrorCode::ServerShuttingDown, "the server is shutting down", true);
+        self.send_error(
+            ErrorCode::ServerShuttingDown,
+            "the server is shutting down",
+            true,
+        );
         if busy {
             info!("shutdown: letting the current turn finish");
             self.drain_deadline = Some(Instant::now() + self.ctx.config.shutdown_grace);
         } else {
-            self.close_soon(close_code::GOING_AWAY, "server shutting down", Duration::ZERO);
+            self.close_soon(
+                close_code::GOING_AWAY,
+                "server shutting down",
+                Duration::ZERO,
+            );
         }
     }
 
@@ -494,7 +570,10 @@ impl Session {
         if !rates.contains(&s.sample_rate) {
             return Err((
                 ErrorCode::UnsupportedSampleRate,
-                format!("sample_rate {} is not supported; use one of {rates:?}", s.sample_rate),
+                format!(
+                    "sample_rate {} is not supported; use one of {rates:?}",
+                    s.sample_rate
+                ),
             ));
         }
         let out_rate = s.output_sample_rate.unwrap_or(s.sample_rate);
@@ -505,8 +584,14 @@ impl Session {
             ));
         }
         let cfg = &self.ctx.config;
-        let input = AudioFormat { encoding: s.encoding, sample_rate: s.sample_rate };
-        let output = AudioFormat { encoding: s.output_encoding.unwrap_or(s.encoding), sample_rate: out_rate };
+        let input = AudioFormat {
+            encoding: s.encoding,
+            sample_rate: s.sample_rate,
+        };
+        let output = AudioFormat {
+            encoding: s.output_encoding.unwrap_or(s.encoding),
+            sample_rate: out_rate,
+        };
         let vad_mode = match cfg.vad_mode {
             0 => VadMode::Quality,
             1 => VadMode::LowBitrate,
@@ -528,7 +613,10 @@ impl Session {
         let (core, stt, names) = match &self.ctx.providers {
             Some(p) => {
                 let core = Conversation::new(ConversationConfig {
-                    system_prompt: s.system_prompt.clone().unwrap_or_else(|| cfg.system_prompt.clone()),
+                    system_prompt: s
+                        .system_prompt
+                        .clone()
+                        .unwrap_or_else(|| cfg.system_prompt.clone()),
                     audio_lead: cfg.audio_lead,
                     frame: Duration::from_millis(u64::from(OUT_FRAME_MS)),
                     output_format: output,
@@ -548,7 +636,15 @@ impl Session {
             }
             None => {
                 let echo = ProviderMode::Echo.as_str().to_owned();
-                (None, None, proto::ProviderNames { stt: echo.clone(), llm: echo.clone(), tts: echo })
+                (
+                    None,
+                    None,
+                    proto::ProviderNames {
+                        stt: echo.clone(),
+                        llm: echo.clone(),
+                        tts: echo,
+                    },
+                )
             }
         };
         self.phase = Phase::Running(Box::new(Running {
@@ -571,7 +667,10 @@ impl Session {
             input,
             output,
             output_frame_ms: OUT_FRAME_MS,
-            plan: proto::PlanInfo { name: "unmetered".into(), limits: proto::PlanLimits::default() },
+            plan: proto::PlanInfo {
+                name: "unmetered".into(),
+                limits: proto::PlanLimits::default(),
+            },
             providers: names,
         });
         self.send(&ready);
@@ -598,7 +697,11 @@ impl Session {
                     format!("message larger than the {limit}-byte limit"),
                     true,
                 );
-                self.close_soon(close_code::MESSAGE_TOO_BIG, "message too big", Duration::ZERO);
+                self.close_soon(
+                    close_code::MESSAGE_TOO_BIG,
+                    "message too big",
+                    Duration::ZERO,
+                );
                 self.ended = true;
             }
             Inbound::Text(text) => match proto::parse_client_message(&text) {
@@ -618,7 +721,11 @@ impl Session {
             ClientMessage::Ping(p) => self.send(&ServerMessage::Pong(proto::Pong { id: p.id })),
             ClientMessage::SessionStart(s) => {
                 if running {
-                    self.send_error(ErrorCode::SessionAlreadyStarted, "the session has already started", false);
+                    self.send_error(
+                        ErrorCode::SessionAlreadyStarted,
+                        "the session has already started",
+                        false,
+                    );
                 } else {
                     self.start(s);
                 }
@@ -633,20 +740,29 @@ impl Session {
                 self.close_soon(close_code::NORMAL, "session ended", END_LINGER);
             }
             _ if !running => {
-                self.send_error(ErrorCode::SessionNotStarted, "send session.start first", false);
+                self.send_error(
+                    ErrorCode::SessionNotStarted,
+                    "send session.start first",
+                    false,
+                );
             }
             ClientMessage::InputText(t) => self.core_input(Input::UserText { text: t.text }),
             ClientMessage::ResponseInterrupt(_) => self.core_input(Input::Interrupt),
-            ClientMessage::PlaybackMark(m) => {
-                self.core_input(Input::PlaybackMark { turn: m.turn_id, played_ms: m.played_ms })
-            }
+            ClientMessage::PlaybackMark(m) => self.core_input(Input::PlaybackMark {
+                turn: m.turn_id,
+                played_ms: m.played_ms,
+            }),
         }
     }
 
     fn on_audio(&mut self, bytes: Vec<u8>) {
         self.ctx.metrics.frames_in_total.inc();
         let Phase::Running(r) = &mut self.phase else {
-            self.send_error(ErrorCode::AudioBeforeSessionStart, "binary audio before session.start", false);
+            self.send_error(
+                ErrorCode::AudioBeforeSessionStart,
+                "binary audio before session.start",
+                false,
+            );
             return;
         };
         r.events.clear();
@@ -665,14 +781,20 @@ impl Session {
             match ev {
                 FrontEndEvent::Frame { samples, .. } => {
                     if let Some(stt) = &r.stt {
-                        if stt.input.try_send(SttInput::Audio(samples.to_vec())).is_err() {
+                        if stt
+                            .input
+                            .try_send(SttInput::Audio(samples.to_vec()))
+                            .is_err()
+                        {
                             self.ctx.metrics.stt_frames_dropped_total.inc();
                         }
                     }
                 }
                 FrontEndEvent::SpeechStarted { audio_ms } => match r.core.as_mut() {
                     Some(core) => core.handle_input(now, Input::SpeechStarted { audio_ms }),
-                    None => json.push(ServerMessage::SpeechStarted(proto::SpeechStarted { audio_ms })),
+                    None => json.push(ServerMessage::SpeechStarted(proto::SpeechStarted {
+                        audio_ms,
+                    })),
                 },
                 FrontEndEvent::SpeechStopped { audio_ms } => {
                     let silence = r.frontend.audio_ms().saturating_sub(audio_ms);
@@ -683,7 +805,9 @@ impl Session {
                         .observe(silence as f64 / 1000.0);
                     match r.core.as_mut() {
                         Some(core) => core.handle_input(now, Input::SpeechStopped { audio_ms }),
-                        None => json.push(ServerMessage::SpeechStopped(proto::SpeechStopped { audio_ms })),
+                        None => json.push(ServerMessage::SpeechStopped(proto::SpeechStopped {
+                            audio_ms,
+                        })),
                     }
                 }
             }
@@ -710,12 +834,16 @@ impl Session {
             Some(SttEvent::Error(err)) => {
                 warn!(error = %err, "STT stream failed");
                 self.reopen_stt();
-                Input::SttError { message: format!("speech recognition failed: {err}") }
+                Input::SttError {
+                    message: format!("speech recognition failed: {err}"),
+                }
             }
             None => {
                 warn!("STT stream ended unexpectedly");
                 self.reopen_stt();
-                Input::SttError { message: "speech recognition stream ended".into() }
+                Input::SttError {
+                    message: "speech recognition stream ended".into(),
+                }
             }
         };
         self.core_input(input);
@@ -723,7 +851,9 @@ impl Session {
 
     /// A failed STT stream is replaced so that the next utterance is heard again.
     fn reopen_stt(&mut self) {
-        let (Phase::Running(r), Some(p)) = (&mut self.phase, &self.ctx.providers) else { return };
+        let (Phase::Running(r), Some(p)) = (&mut self.phase, &self.ctx.providers) else {
+            return;
+        };
         r.stt = Some(p.stt.open(SttParams {
             sample_rate: duplex_audio::INTERNAL_RATE,
             language: r.language.clone(),
@@ -731,7 +861,11 @@ impl Session {
         }));
     }
 
-    fn on_llm(&mut self, turn: TurnId, e: Option<Result<LlmEvent, duplex_providers::ProviderError>>) {
+    fn on_llm(
+        &mut self,
+        turn: TurnId,
+        e: Option<Result<LlmEvent, duplex_providers::ProviderError>>,
+    ) {
         let input = match e {
             Some(Ok(LlmEvent::Delta(text))) => Input::LlmDelta { turn, text },
             Some(Ok(LlmEvent::Done { usage, model })) => {
@@ -742,11 +876,17 @@ impl Session {
             Some(Err(err)) => {
                 warn!(error = %err, "LLM failed");
                 self.clear_llm(turn);
-                Input::LlmError { turn, message: format!("language model failed: {err}") }
+                Input::LlmError {
+                    turn,
+                    message: format!("language model failed: {err}"),
+                }
             }
             None => {
                 self.clear_llm(turn);
-                Input::LlmError { turn, message: "language model stream ended without finishing".into() }
+                Input::LlmError {
+                    turn,
+                    message: "language model stream ended without finishing".into(),
+                }
             }
         };
         self.core_input(input);
@@ -761,14 +901,22 @@ impl Session {
     }
 
     fn on_tts(&mut self, turn: TurnId, e: Option<TtsEvent>) {
-        let Phase::Running(r) = &mut self.phase else { return };
-        let (Some(core), Some(tts)) = (r.core.as_mut(), r.tts.as_mut()) else { return };
+        let Phase::Running(r) = &mut self.phase else {
+            return;
+        };
+        let (Some(core), Some(tts)) = (r.core.as_mut(), r.tts.as_mut()) else {
+            return;
+        };
         if tts.turn != turn {
             return;
         }
         let now = Instant::now().into_std();
         let input = match e {
-            Some(TtsEvent::Audio { index, samples, sample_rate }) => {
+            Some(TtsEvent::Audio {
+                index,
+                samples,
+                sample_rate,
+            }) => {
                 tts.on_audio(core, now, index, &samples, sample_rate);
                 None
             }
@@ -782,12 +930,18 @@ impl Session {
                 warn!(error = %err, "TTS failed");
                 tts.finish(core, now);
                 r.tts = None;
-                Some(Input::TtsError { turn, message: format!("speech synthesis failed: {err}") })
+                Some(Input::TtsError {
+                    turn,
+                    message: format!("speech synthesis failed: {err}"),
+                })
             }
             None => {
                 tts.finish(core, now);
                 r.tts = None;
-                Some(Input::TtsError { turn, message: "speech synthesis stream ended early".into() })
+                Some(Input::TtsError {
+                    turn,
+                    message: "speech synthesis stream ended early".into(),
+                })
             }
         };
         if let Some(input) = input {
@@ -808,7 +962,9 @@ impl Session {
     /// Carries out everything the core asks for, and remembers its next deadline.
     fn drive(&mut self) {
         loop {
-            let Phase::Running(r) = &mut self.phase else { return };
+            let Phase::Running(r) = &mut self.phase else {
+                return;
+            };
             let Some(core) = r.core.as_mut() else { return };
             match core.poll_output() {
                 Output::Send(msg) => self.send(&msg),
@@ -827,14 +983,23 @@ impl Session {
                         }
                     }
                 }
-                Output::StartTurn { turn, system_prompt, history } => {
+                Output::StartTurn {
+                    turn,
+                    system_prompt,
+                    history,
+                } => {
                     tracing::Span::current().record("turn_id", turn);
                     self.ctx.metrics.turns_total.inc();
                     self.start_turn(turn, system_prompt, history);
                 }
                 Output::TtsText { turn, index, text } => {
                     if let Some(tts) = r.tts.as_ref().filter(|t| t.turn == turn) {
-                        if tts.stream.input.try_send(TtsInput::Text { index, text }).is_err() {
+                        if tts
+                            .stream
+                            .input
+                            .try_send(TtsInput::Text { index, text })
+                            .is_err()
+                        {
                             warn!("TTS text queue full; chunk dropped");
                         }
                     }
@@ -852,7 +1017,11 @@ impl Session {
                         r.tts = None;
                     }
                 }
-                Output::TurnEnded { turn, reason, audio_ms } => {
+                Output::TurnEnded {
+                    turn,
+                    reason,
+                    audio_ms,
+                } => {
                     info!(turn, ?reason, audio_ms, "turn ended");
                     if reason == AudioEndReason::Interrupted {
                         self.ctx.metrics.interruptions_total.inc();
@@ -864,11 +1033,19 @@ impl Session {
                         r.tts = None;
                     }
                     if self.drain_deadline.is_some() {
-                        self.close_soon(close_code::GOING_AWAY, "server shutting down", Duration::ZERO);
+                        self.close_soon(
+                            close_code::GOING_AWAY,
+                            "server shutting down",
+                            Duration::ZERO,
+                        );
                     }
                 }
                 Output::Latency { stage, value } => {
-                    self.ctx.metrics.stage_latency.with_label_values(&[stage.as_str()]).observe(value.as_secs_f64());
+                    self.ctx
+                        .metrics
+                        .stage_latency
+                        .with_label_values(&[stage.as_str()])
+                        .observe(value.as_secs_f64());
                 }
                 Output::Timeout(at) => {
                     r.deadline = Some(Instant::from_std(at));
@@ -882,9 +1059,20 @@ impl Session {
         }
     }
 
-    fn start_turn(&mut self, turn: TurnId, system_prompt: String, history: Vec<duplex_core::conversation::HistoryEntry>) {
-        let Phase::Running(r) = &mut self.phase else { return };
-        let providers = self.ctx.providers.as_ref().expect("turns only start with providers");
+    fn start_turn(
+        &mut self,
+        turn: TurnId,
+        system_prompt: String,
+        history: Vec<duplex_core::conversation::HistoryEntry>,
+    ) {
+        let Phase::Running(r) = &mut self.phase else {
+            return;
+        };
+        let providers = self
+            .ctx
+            .providers
+            .as_ref()
+            .expect("turns only start with providers");
         let mut messages = Vec::with_capacity(history.len() + 1);
         if !system_prompt.is_empty() {
             messages.push(ChatMessage::new(Role::System, system_prompt));
@@ -896,7 +1084,12 @@ impl Session {
             };
             ChatMessage::new(role, h.text)
         }));
-        let request = LlmRequest { session_id: self.id.clone(), model: r.model.clone(), messages, max_tokens: None };
+        let request = LlmRequest {
+            session_id: self.id.clone(),
+            model: r.model.clone(),
+            messages,
+            max_tokens: None,
+        };
         let mut stream = providers.llm.stream(request);
         let (tx, rx) = mpsc::channel(LLM_EVENT_CAPACITY);
         let task = tokio::spawn(
@@ -910,7 +1103,11 @@ impl Session {
             }
             .in_current_span(),
         );
-        r.llm = Some(LlmTurn { turn, events: rx, task });
+        r.llm = Some(LlmTurn {
+            turn,
+            events: rx,
+            task,
+        });
         let stream = providers.tts.open(TtsParams {
             session_id: self.id.clone(),
             voice: r.voice.clone(),
