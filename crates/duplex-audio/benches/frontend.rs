@@ -27,7 +27,7 @@ fn signal(rate: u32, seconds: usize) -> Vec<i16> {
             noise ^= noise >> 17;
             noise ^= noise << 5;
             let hiss = (noise % 200) as f64 - 100.0;
-            let voice = if (i / rate as usize) % 2 == 0 {
+            let voice = if (i / rate as usize).is_multiple_of(2) {
                 [(140.0, 1.0), (280.0, 0.7), (650.0, 0.5), (1100.0, 0.3)]
                     .iter()
                     .map(|(f, a)| a * (2.0 * std::f64::consts::PI * f * t).sin())

@@ -122,7 +122,7 @@ mod tests {
             );
         }
         for len in VAD_FRAME_LENS {
-            assert_eq!(vad.is_voiced(&vec![0; len]).unwrap(), false, "{len}");
+            assert!(!vad.is_voiced(&vec![0; len]).unwrap(), "{len}");
         }
     }
 

@@ -118,10 +118,10 @@ impl SpeechToText for ScriptedStt {
                         Some(SttEvent::Final { text })
                     }
                 };
-                if let Some(event) = event {
-                    if task.events.send(event).await.is_err() {
-                        return;
-                    }
+                if let Some(event) = event
+                    && task.events.send(event).await.is_err()
+                {
+                    return;
                 }
             }
         });

@@ -871,14 +871,17 @@ impl<'a> Conversation<'a> {
 
         let cur = &self.turns[self.current];
         let more = self.turns.len() < self.cfg.turns;
-        if self.speech.is_none() && more && cur.done.is_none() && cur.barge_at.is_none() {
-            if let Some(after) = self.cfg.barge_in_after_ms {
-                if cur.first_audio_at.is_some() && cur.audio_ms() >= after {
-                    let on = self.current;
-                    self.begin_turn(Some(on));
-                    return;
-                }
-            }
+        if self.speech.is_none()
+            && more
+            && cur.done.is_none()
+            && cur.barge_at.is_none()
+            && let Some(after) = self.cfg.barge_in_after_ms
+            && cur.first_audio_at.is_some()
+            && cur.audio_ms() >= after
+        {
+            let on = self.current;
+            self.begin_turn(Some(on));
+            return;
         }
         let cur = &self.turns[self.current];
         if self.speech.is_none() && cur.done.is_some() && cur.playback_done {

@@ -167,23 +167,23 @@ async fn serve(tcp: TcpStream, fake: Fake, seen: Arc<Mutex<Seen>>) {
                         ServerMessage::SpeechStarted(SpeechStarted { audio_ms: 0 }),
                     )
                     .await;
-                    if let Some((id, task)) = turn.take() {
-                        if !task.is_finished() {
-                            task.abort();
-                            let _ = task.await;
-                            let end = AssistantAudioEnd {
-                                turn_id: id,
-                                duration_ms: audio_ms,
-                                reason: AudioEndReason::Interrupted,
-                            };
-                            send(&sink, ServerMessage::AssistantAudioEnd(end)).await;
-                            let x = Interrupted {
-                                turn_id: id,
-                                played_ms: last_mark,
-                                heard_text: "Hello".into(),
-                            };
-                            send(&sink, ServerMessage::Interrupted(x)).await;
-                        }
+                    if let Some((id, task)) = turn.take()
+                        && !task.is_finished()
+                    {
+                        task.abort();
+                        let _ = task.await;
+                        let end = AssistantAudioEnd {
+                            turn_id: id,
+                            duration_ms: audio_ms,
+                            reason: AudioEndReason::Interrupted,
+                        };
+                        send(&sink, ServerMessage::AssistantAudioEnd(end)).await;
+                        let x = Interrupted {
+                            turn_id: id,
+                            played_ms: last_mark,
+                            heard_text: "Hello".into(),
+                        };
+                        send(&sink, ServerMessage::Interrupted(x)).await;
                     }
                 } else if !loud && in_speech {
                     in_speech = false;

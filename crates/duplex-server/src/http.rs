@@ -124,15 +124,15 @@ async fn conversation(
             "server is shutting down",
         );
     }
-    if let Some(v) = params.get("v") {
-        if v != &proto::VERSION.to_string() {
-            return reject(
-                &state,
-                StatusCode::BAD_REQUEST,
-                "bad_version",
-                &format!("unsupported protocol version {v:?}; this server speaks v=1"),
-            );
-        }
+    if let Some(v) = params.get("v")
+        && v != &proto::VERSION.to_string()
+    {
+        return reject(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "bad_version",
+            &format!("unsupported protocol version {v:?}; this server speaks v=1"),
+        );
     }
     let offered = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)

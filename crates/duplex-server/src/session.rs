@@ -780,14 +780,13 @@ impl Session {
         for ev in events.drain(..) {
             match ev {
                 FrontEndEvent::Frame { samples, .. } => {
-                    if let Some(stt) = &r.stt {
-                        if stt
+                    if let Some(stt) = &r.stt
+                        && stt
                             .input
                             .try_send(SttInput::Audio(samples.to_vec()))
                             .is_err()
-                        {
-                            self.ctx.metrics.stt_frames_dropped_total.inc();
-                        }
+                    {
+                        self.ctx.metrics.stt_frames_dropped_total.inc();
                     }
                 }
                 FrontEndEvent::SpeechStarted { audio_ms } => match r.core.as_mut() {
@@ -893,10 +892,10 @@ impl Session {
     }
 
     fn clear_llm(&mut self, turn: TurnId) {
-        if let Phase::Running(r) = &mut self.phase {
-            if r.llm.as_ref().is_some_and(|l| l.turn == turn) {
-                r.llm = None;
-            }
+        if let Phase::Running(r) = &mut self.phase
+            && r.llm.as_ref().is_some_and(|l| l.turn == turn)
+        {
+            r.llm = None;
         }
     }
 
@@ -952,10 +951,10 @@ impl Session {
     // -- the core ----------------------------------------------------------------------------
 
     fn core_input(&mut self, input: Input) {
-        if let Phase::Running(r) = &mut self.phase {
-            if let Some(core) = r.core.as_mut() {
-                core.handle_input(Instant::now().into_std(), input);
-            }
+        if let Phase::Running(r) = &mut self.phase
+            && let Some(core) = r.core.as_mut()
+        {
+            core.handle_input(Instant::now().into_std(), input);
         }
     }
 
@@ -973,14 +972,14 @@ impl Session {
                     self.push(Outbound::Binary(bytes));
                 }
                 Output::FinalizeStt => {
-                    if let Some(stt) = &r.stt {
-                        if stt.input.try_send(SttInput::Finalize).is_err() {
-                            // The queue is full of audio; deliver the finalize behind it.
-                            let tx = stt.input.clone();
-                            tokio::spawn(async move {
-                                let _ = tx.send(SttInput::Finalize).await;
-                            });
-                        }
+                    if let Some(stt) = &r.stt
+                        && stt.input.try_send(SttInput::Finalize).is_err()
+                    {
+                        // The queue is full of audio; deliver the finalize behind it.
+                        let tx = stt.input.clone();
+                        tokio::spawn(async move {
+                            let _ = tx.send(SttInput::Finalize).await;
+                        });
                     }
                 }
                 Output::StartTurn {
@@ -993,15 +992,14 @@ impl Session {
                     self.start_turn(turn, system_prompt, history);
                 }
                 Output::TtsText { turn, index, text } => {
-                    if let Some(tts) = r.tts.as_ref().filter(|t| t.turn == turn) {
-                        if tts
+                    if let Some(tts) = r.tts.as_ref().filter(|t| t.turn == turn)
+                        && tts
                             .stream
                             .input
                             .try_send(TtsInput::Text { index, text })
                             .is_err()
-                        {
-                            warn!("TTS text queue full; chunk dropped");
-                        }
+                    {
+                        warn!("TTS text queue full; chunk dropped");
                     }
                 }
                 Output::TtsEnd { turn } => {
@@ -1130,16 +1128,15 @@ impl Session {
 
 /// Gives `unsupported_encoding` for a `session.start` whose only fault is its encoding.
 fn refine_parse_error(e: &proto::ParseError, text: &str) -> ErrorCode {
-    if let proto::ParseError::Invalid { kind, .. } = e {
-        if kind == "session.start" {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
-                for field in ["encoding", "output_encoding"] {
-                    if let Some(enc) = v.get(field).and_then(|e| e.as_str()) {
-                        if Encoding::parse(enc).is_none() {
-                            return ErrorCode::UnsupportedEncoding;
-                        }
-                    }
-                }
+    if let proto::ParseError::Invalid { kind, .. } = e
+        && kind == "session.start"
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(text)
+    {
+        for field in ["encoding", "output_encoding"] {
+            if let Some(enc) = v.get(field).and_then(|e| e.as_str())
+                && Encoding::parse(enc).is_none()
+            {
+                return ErrorCode::UnsupportedEncoding;
             }
         }
     }

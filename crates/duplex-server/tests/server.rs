@@ -426,8 +426,7 @@ async fn unsupported_query_parameters_get_an_error_event() {
     // No version selected (no subprotocol, no `?v=`) is refused before the upgrade.
     let err = tokio_tungstenite::connect_async(ts.url())
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         matches!(&err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 400),
         "{err}"
@@ -639,7 +638,7 @@ async fn echo_mode_returns_one_frame_per_frame() {
     let mut cfg = SessionConfig::new(ts.url());
     cfg.mode = Mode::Echo;
     cfg.speed = 0.0;
-    let report = run_session(&cfg, &[wav.clone()]).await;
+    let report = run_session(&cfg, std::slice::from_ref(&wav)).await;
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let frames = wav.frames().len() as u64;
     assert_eq!(report.frames_sent, frames);
