@@ -115,6 +115,9 @@ pub enum Input {
     TtsFinished { turn: TurnId },
     /// TTS failed.
     TtsError { turn: TurnId, message: String },
+    /// The shell refused to run `turn` (a plan limit, a rate limit, a kill switch): end it
+    /// silently; the shell tells the client why.
+    RejectTurn { turn: TurnId },
     /// Nothing happened but time passed (a deadline fired).
     Tick,
 }
@@ -381,6 +384,17 @@ impl Conversation {
                     t.tts_done = true;
                     t.llm_done = true;
                     self.out.push_back(Output::CancelTurn { turn });
+                }
+            }
+            Input::RejectTurn { turn } => {
+                if self.is_current(turn) {
+                    self.turn = None;
+                    self.out.push_back(Output::CancelTurn { turn });
+                    self.out.push_back(Output::TurnEnded {
+                        turn,
+                        reason: AudioEndReason::Error,
+                        audio_ms: 0,
+                    });
                 }
             }
             Input::Tick => {}
@@ -801,6 +815,7 @@ mod tests {
                     turn: num(0),
                     message: "boom".into(),
                 },
+                "reject" => Input::RejectTurn { turn: num(0) },
                 "tick" | "run" => Input::Tick,
                 "frames" => {
                     let (turn, index, n) = (num(0), num(1) as u32, num(2));
@@ -1134,6 +1149,31 @@ mod tests {
                   430 send {"type":"assistant_audio.end","turn_id":2,"duration_ms":60,"reason":"error"}
                   430 TurnEnded { turn: 2, reason: Error, audio_ms: 60 }
                 history: ["User: two", "Assistant: Some words here."]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn a_rejected_turn_ends_silently_and_drops_late_output() {
+        check(
+            r#"
+            0 text over the limit
+            1 reject 1
+            100 delta 1 Too_late.
+            200 text again
+            "#,
+            expect![[r#"
+                    0 < text over the limit
+                    0 send {"type":"user_transcript","text":"over the limit","is_final":true}
+                    0 start_turn 1 history=["User:over the limit"]
+                    1 < reject 1
+                    1 CancelTurn { turn: 1 }
+                    1 TurnEnded { turn: 1, reason: Error, audio_ms: 0 }
+                  100 < delta 1 Too_late.
+                  200 < text again
+                  200 send {"type":"user_transcript","text":"again","is_final":true}
+                  200 start_turn 2 history=["User:over the limit again"]
+                history: ["User: over the limit again"]
             "#]],
         );
     }

@@ -7,8 +7,13 @@
 //! handle cancels it: the handle owns a [`CancellationToken`] drop guard that every provider
 //! task watches, so a barge-in stops network reads and synthesis within one frame.
 //!
-//! Implemented here so far: [`scripted`] (a deterministic test set that is not speech
-//! recognition, not a language model and not a voice — it says so in its output).
+//! Implemented here: [`scripted`] (a deterministic test set that is not speech recognition,
+//! not a language model and not a voice — it says so in its output); the cloud adapters
+//! [`deepgram`] (live STT over WebSocket), [`openai`] (any OpenAI-compatible chat endpoint,
+//! `/v1/audio/speech` TTS, `/v1/audio/transcriptions` STT), [`elevenlabs`] (stream-input TTS
+//! over WebSocket) and [`azure`] (REST TTS); the [`router`] (an LLM over named endpoints with
+//! routing, failover, circuit breakers, retries and a cache); and [`usage`] (cost accounting
+//! that every adapter reports to).
 
 use std::fmt;
 use std::pin::Pin;
@@ -18,7 +23,23 @@ use tokio::sync::mpsc;
 pub use tokio_util::sync::CancellationToken;
 use tokio_util::sync::DropGuard;
 
+pub mod azure;
+pub mod deepgram;
+pub mod elevenlabs;
+pub mod openai;
+pub mod router;
 pub mod scripted;
+pub mod usage;
+
+pub use usage::{Meter, PriceTable, UsageKind, UsageRecord, UsageSink};
+
+/// Installs aws-lc-rs as the process-wide rustls crypto provider, once. reqwest and
+/// tokio-tungstenite both use rustls; should another crate in the binary enable a second
+/// provider (ring), rustls would refuse to pick one at the first TLS connect. Installing a
+/// default makes the choice explicit. Safe to call many times.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
 
 /// Audio chunks queued from the session actor to an STT stream. 50 x 20 ms = 1 s of audio:
 /// enough to ride out a network hiccup; beyond that frames are dropped (and counted) rather
@@ -179,6 +200,10 @@ pub struct LlmRequest {
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<u32>,
+    /// The user's plan tier (e.g. `free`, `pro`), for routing; `None` when unknown.
+    pub plan: Option<String>,
+    /// What the user may still spend today, in USD, for routing; `None` when not metered.
+    pub budget_remaining_usd: Option<f64>,
 }
 
 /// Token counts reported by the provider.

@@ -431,6 +431,8 @@ mod tests {
             model: None,
             messages: vec![ChatMessage::new(Role::User, text)],
             max_tokens: None,
+            plan: None,
+            budget_remaining_usd: None,
         };
         let items: Vec<_> = llm.stream(req("hi there")).collect().await;
         let text: String = items

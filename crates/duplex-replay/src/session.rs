@@ -190,6 +190,7 @@ pub struct SessionReport {
     pub failure: Option<String>,
     pub turns: Vec<TurnReport>,
     pub frames_sent: u64,
+    /// Binary frames received, including those that arrive while the session closes.
     pub frames_received: u64,
     /// Echo mode: round trip of each frame, in order.
     pub echo_rtt_ms: Vec<f64>,
@@ -325,6 +326,13 @@ async fn end_session(client: &mut Client, report: &mut SessionReport) {
                 report.close = c;
                 return;
             }
+            // Audio already on its way when the session ended (the server keeps up to its
+            // audio lead in flight) still arrived: count it, so that frames received can be
+            // compared with what the server says it sent.
+            Ok(Some(Event {
+                kind: EventKind::Audio(_),
+                ..
+            })) => report.frames_received += 1,
             Ok(Some(ev)) => count_error_event(&ev, report),
             Err(Error::BadServerJson { .. }) => report.protocol_error("bad_json"),
             Ok(None) | Err(_) => return,

@@ -3,7 +3,10 @@
 //! any port is bound; tests build it from a map. A bad value is an error naming the variable.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
+
+use duplex_billing::{PricePlans, WebhookSecret};
 
 /// Which engines a session runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,34 @@ pub struct Config {
     pub scripted_llm_first_token: Duration,
     pub scripted_llm_token_interval: Duration,
     pub scripted_tts_latency: Duration,
+    /// Cloud engines and their settings.
+    pub cloud: CloudConfig,
+    /// HS256 key of bearer tokens. With `jwt_jwks_url` also unset: anonymous dev mode.
+    pub jwt_secret: Option<crate::auth::Secret>,
+    /// JWKS of an identity provider, for RS256 tokens.
+    pub jwt_jwks_url: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    /// WebSocket connection attempts per minute per client IP; 0 = no limit.
+    pub connect_rate_per_min: u32,
+    /// `Origin`s allowed to open sessions; empty = all.
+    pub allowed_origins: Vec<String>,
+    /// Plan of anonymous dev-mode sessions.
+    pub anonymous_plan: String,
+    /// Every plan and its limits (`PLAN_LIMITS`, `FREE_DAILY_LIMIT_SECONDS`,
+    /// `FREE_TRIAL_SECONDS`).
+    pub plans: duplex_metering::PlanTable,
+    pub usage_heartbeat: Duration,
+    /// Kill switches at startup; `switches_file` overrides them at run time.
+    pub switches: duplex_metering::Switches,
+    pub switches_file: Option<PathBuf>,
+    /// The store: `DATABASE_URL`, or the SQLite file in `data_dir` when that is unset.
+    pub database_url: String,
+    pub data_dir: PathBuf,
+    /// `None`: the Stripe webhook endpoint answers 503 (unsigned events are never accepted).
+    pub stripe_webhook_secret: Option<WebhookSecret>,
+    pub stripe_price_plans: PricePlans,
+    pub stripe_webhook_path: String,
 }
 
 /// One environment variable: name, default, and what it means (the README's table is made
@@ -162,6 +193,247 @@ pub const VARS: &[Var] = &[
         default: "80",
         help: "Scripted TTS: delay to first audio of a chunk.",
     },
+    // Cloud providers (crates/duplex-providers; README "Cloud providers").
+    Var {
+        name: "STT_PROVIDER",
+        default: "",
+        help: "Speech recognition: `deepgram`, `openai` (non-streaming transcription) or `scripted`; unset: Deepgram if DEEPGRAM_API_KEY is set, else OpenAI if OPENAI_API_KEY is set, else the DUPLEX_PROVIDERS set.",
+    },
+    Var {
+        name: "LLM_PROVIDER",
+        default: "",
+        help: "Language model: `openai` (the router over OPENAI_* and LLM_ENDPOINTS) or `scripted`; unset: `openai` if OPENAI_API_KEY or LLM_ENDPOINTS is set, else the DUPLEX_PROVIDERS set.",
+    },
+    Var {
+        name: "TTS_PROVIDER",
+        default: "",
+        help: "Speech synthesis: `azure`, `elevenlabs`, `openai` or `scripted`; unset: the first of those whose key is set, else the DUPLEX_PROVIDERS set.",
+    },
+    Var {
+        name: "OPENAI_API_KEY",
+        default: "",
+        help: "OpenAI (or compatible) API key: LLM endpoint `openai`, OpenAI TTS and transcription.",
+    },
+    Var {
+        name: "OPENAI_BASE_URL",
+        default: "https://api.openai.com/v1",
+        help: "Base URL with the version prefix of the `openai` endpoint (any OpenAI-compatible server; `http://` accepted).",
+    },
+    Var {
+        name: "OPENAI_MODEL",
+        default: "gpt-4o-mini",
+        help: "Chat model of the `openai` LLM endpoint.",
+    },
+    Var {
+        name: "OPENAI_TTS_MODEL",
+        default: "gpt-4o-mini-tts",
+        help: "OpenAI speech model (`/audio/speech`, 24 kHz PCM).",
+    },
+    Var {
+        name: "OPENAI_TTS_VOICE",
+        default: "alloy",
+        help: "OpenAI voice when the session names none.",
+    },
+    Var {
+        name: "OPENAI_STT_MODEL",
+        default: "whisper-1",
+        help: "OpenAI transcription model (`/audio/transcriptions`).",
+    },
+    Var {
+        name: "LLM_ENDPOINTS",
+        default: "",
+        help: "Extra OpenAI-compatible endpoints, `;`-separated `name|base_url|model|api_key` (key optional), e.g. `groq|https://api.groq.com/openai/v1|llama-3.1-8b-instant|gsk_…`.",
+    },
+    Var {
+        name: "LLM_ROUTES",
+        default: "",
+        help: "Routing rules, `;`-separated `CONDITIONS => endpoint,endpoint` with conditions `plan=NAME`, `tokens>N` (`>=`,`<`,`<=`), `budget<USD`, `*`, joined by `&`; first match wins; unset: all endpoints in order (`openai` first).",
+    },
+    Var {
+        name: "LLM_FIRST_TOKEN_TIMEOUT_MS",
+        default: "5000",
+        help: "No first token within this (connect included): fail over to the next endpoint.",
+    },
+    Var {
+        name: "LLM_RETRIES",
+        default: "1",
+        help: "Extra passes over the endpoint chain (with exponential backoff and jitter) when all failed before the first token.",
+    },
+    Var {
+        name: "LLM_BREAKER_FAILURES",
+        default: "3",
+        help: "Consecutive failures that open an endpoint's circuit breaker.",
+    },
+    Var {
+        name: "LLM_BREAKER_COOLDOWN_SECS",
+        default: "30",
+        help: "How long an open breaker skips its endpoint before one probe request.",
+    },
+    Var {
+        name: "LLM_CACHE_TTL_SECS",
+        default: "0",
+        help: "Cache identical (endpoint, model, prompt) answers this long; 0 turns the cache off.",
+    },
+    Var {
+        name: "DEEPGRAM_API_KEY",
+        default: "",
+        help: "Deepgram API key (live streaming STT).",
+    },
+    Var {
+        name: "DEEPGRAM_BASE_URL",
+        default: "wss://api.deepgram.com",
+        help: "Deepgram base URL (`ws://`, `http(s)://` accepted).",
+    },
+    Var {
+        name: "DEEPGRAM_MODEL",
+        default: "nova-3",
+        help: "Deepgram model.",
+    },
+    Var {
+        name: "ELEVENLABS_API_KEY",
+        default: "",
+        help: "ElevenLabs API key (stream-input WebSocket TTS).",
+    },
+    Var {
+        name: "ELEVENLABS_VOICE_ID",
+        default: "21m00Tcm4TlvDq8ikWAM",
+        help: "ElevenLabs voice when the session names none (default: the premade voice Rachel).",
+    },
+    Var {
+        name: "ELEVENLABS_BASE_URL",
+        default: "wss://api.elevenlabs.io",
+        help: "ElevenLabs base URL (`ws://`, `http(s)://` accepted).",
+    },
+    Var {
+        name: "ELEVENLABS_MODEL",
+        default: "eleven_flash_v2_5",
+        help: "ElevenLabs model (`model_id`).",
+    },
+    Var {
+        name: "AZURE_SPEECH_KEY",
+        default: "",
+        help: "Azure Speech resource key (REST TTS).",
+    },
+    Var {
+        name: "AZURE_SPEECH_REGION",
+        default: "",
+        help: "Azure region, e.g. `westeurope`; required with AZURE_SPEECH_KEY unless AZURE_SPEECH_ENDPOINT is set.",
+    },
+    Var {
+        name: "AZURE_SPEECH_ENDPOINT",
+        default: "",
+        help: "Overrides `https://{region}.tts.speech.microsoft.com` (`http://` accepted).",
+    },
+    Var {
+        name: "AZURE_SPEECH_VOICE",
+        default: "en-US-AvaMultilingualNeural",
+        help: "Azure voice when the session names none.",
+    },
+    Var {
+        name: "PROVIDER_PRICES",
+        default: "",
+        help: "Price overrides, `provider/model:kind=usd[,…][;…]` per minute (`stt_seconds`) or per million (`llm_prompt_tokens`, `llm_completion_tokens`, `tts_characters`); defaults are mid-2025 list-price estimates.",
+    },
+    Var {
+        name: "JWT_SECRET",
+        default: "",
+        help: "HS256 secret of bearer JWTs (self-hosting). Setting it or JWT_JWKS_URL turns anonymous dev mode off.",
+    },
+    Var {
+        name: "JWT_JWKS_URL",
+        default: "",
+        help: "JWKS URL of an identity provider (Clerk, Auth0, ...) for RS256 JWTs; keys cached, refetched on an unknown `kid` (at most every 30 s) and every 10 min.",
+    },
+    Var {
+        name: "JWT_ISSUER",
+        default: "",
+        help: "Required `iss` claim of tokens; unset: not checked.",
+    },
+    Var {
+        name: "JWT_AUDIENCE",
+        default: "",
+        help: "Required `aud` claim of tokens; unset: not checked.",
+    },
+    Var {
+        name: "CONNECT_RATE_PER_MIN",
+        default: "60",
+        help: "WebSocket connection attempts per minute per client IP (token bucket, bursts of the same size); past it 429. 0 = off.",
+    },
+    Var {
+        name: "ALLOWED_ORIGINS",
+        default: "",
+        help: "Comma-separated `Origin`s (e.g. `https://app.example.com`) allowed to open sessions, 403 otherwise; empty = all. Requests without `Origin` (non-browser clients) are allowed.",
+    },
+    Var {
+        name: "ANONYMOUS_PLAN",
+        default: "unmetered",
+        help: "Plan of sessions in anonymous dev mode (no JWT_SECRET / JWT_JWKS_URL); `unmetered` has no limits.",
+    },
+    Var {
+        name: "FREE_DAILY_LIMIT_SECONDS",
+        default: "600",
+        help: "Free plan: seconds of conversation per UTC day, or `unlimited`.",
+    },
+    Var {
+        name: "FREE_TRIAL_SECONDS",
+        default: "0",
+        help: "Free plan: one-time trial seconds on top of the daily allowance, used only for seconds beyond it; 0 = no trial.",
+    },
+    Var {
+        name: "PLAN_LIMITS",
+        default: "",
+        help: "Plan limits `plan:key=value,...;plan:...` (keys daily_seconds, trial_seconds, monthly_tts_characters, turns_per_minute; value a number or `unlimited`), overriding the defaults key by key: free 5000 TTS characters/month and 5 turns/min; pro 7200 s/day, 50000 characters, 30 turns/min; business 28800 s/day, 500000 characters, 120 turns/min.",
+    },
+    Var {
+        name: "USAGE_HEARTBEAT_SECS",
+        default: "5",
+        help: "How often each session writes its usage to the store (a crash loses at most this much).",
+    },
+    Var {
+        name: "AI_GENERATION_ENABLED",
+        default: "true",
+        help: "Kill switch: `false` denies every assistant turn (`generation_disabled`) and refuses new sessions.",
+    },
+    Var {
+        name: "FREE_TIER_ENABLED",
+        default: "true",
+        help: "Kill switch: `false` refuses users on the free plan.",
+    },
+    Var {
+        name: "MAX_DAILY_SPEND_USD",
+        default: "",
+        help: "Kill switch: generation stops for everyone once the day's (UTC) provider cost recorded in the store reaches this many USD; unset: no cap.",
+    },
+    Var {
+        name: "DUPLEX_SWITCHES_FILE",
+        default: "",
+        help: "Optional file of `KEY=VALUE` lines for the three kill switches, re-read every 5 s: flips them without a restart (a bad file is logged and ignored).",
+    },
+    Var {
+        name: "DUPLEX_DATA_DIR",
+        default: "data",
+        help: "Directory of the embedded SQLite database (`duplex.db`, created on first run).",
+    },
+    Var {
+        name: "DATABASE_URL",
+        default: "",
+        help: "Store: `postgres://…` for production, `sqlite://PATH?mode=rwc`; unset: SQLite in DUPLEX_DATA_DIR.",
+    },
+    Var {
+        name: "STRIPE_WEBHOOK_SECRET",
+        default: "",
+        help: "Signing secret (`whsec_…`) of the Stripe webhook endpoint; unset: the endpoint answers 503.",
+    },
+    Var {
+        name: "STRIPE_PRICE_PLANS",
+        default: "",
+        help: "Stripe price ids and the plans they grant: `price_abc:pro,price_def:business`.",
+    },
+    Var {
+        name: "STRIPE_WEBHOOK_PATH",
+        default: "/webhooks/stripe",
+        help: "Path of the Stripe webhook endpoint (POST).",
+    },
 ];
 
 /// Variables that deployments (`render.yaml`, `deploy/`) already declare as secrets or
@@ -169,34 +441,23 @@ pub const VARS: &[Var] = &[
 /// them. `RUST_LOG` is the one exception that is read, by `tracing-subscriber`'s `EnvFilter`
 /// in `main.rs`, outside `Config`. A test checks that deploy files name only [`VARS`] and
 /// these.
-pub const RESERVED_VARS: &[&str] = &[
-    "OPENAI_API_KEY",
-    "OPENAI_BASE_URL",
-    "OPENAI_MODEL",
-    "DEEPGRAM_API_KEY",
-    "DEEPGRAM_BASE_URL",
-    "ELEVENLABS_API_KEY",
-    "ELEVENLABS_VOICE_ID",
-    "ELEVENLABS_BASE_URL",
-    "AZURE_SPEECH_KEY",
-    "AZURE_SPEECH_REGION",
-    "AZURE_SPEECH_ENDPOINT",
-    "TTS_PROVIDER",
-    "STT_PROVIDER",
-    "LLM_PROVIDER",
-    "DUPLEX_MODELS_DIR",
-    "DATABASE_URL",
-    "JWT_SECRET",
-    "JWT_JWKS_URL",
-    "STRIPE_WEBHOOK_SECRET",
-    "STRIPE_PRICE_PLANS",
-    "FREE_DAILY_LIMIT_SECONDS",
-    "FREE_TRIAL_SECONDS",
-    "AI_GENERATION_ENABLED",
-    "FREE_TIER_ENABLED",
-    "MAX_DAILY_SPEND_USD",
-    "RUST_LOG",
-];
+pub const RESERVED_VARS: &[&str] = &["DUPLEX_MODELS_DIR", "RUST_LOG"];
+
+/// A URL with the password of its user-info part replaced by `***`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let host_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..host_end].rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or("");
+            let password = if user_info.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{password}@{host}{}", &rest[host_end..])
+        }
+        None => url.to_owned(),
+    }
+}
 
 /// A configuration value that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -274,7 +535,94 @@ impl Config {
             }
             Ok(v as usize)
         };
+        let data_dir = PathBuf::from(get("DUPLEX_DATA_DIR").1);
+        let (n, v) = get("DATABASE_URL");
+        let database_url = if v.trim().is_empty() {
+            duplex_store::sqlite_url_in(&data_dir)
+        } else {
+            duplex_store::Backend::from_url(v.trim())
+                .map_err(|e| bad(n, "<redacted>".into(), &e.to_string()))?;
+            v.trim().to_owned()
+        };
+        let stripe_webhook_secret = WebhookSecret::new(get("STRIPE_WEBHOOK_SECRET").1);
+        let (n, v) = get("STRIPE_PRICE_PLANS");
+        let stripe_price_plans = PricePlans::parse(&v).map_err(|e| bad(n, v.clone(), &e))?;
+        let (n, v) = get("STRIPE_WEBHOOK_PATH");
+        let stripe_webhook_path = v.trim().to_owned();
+        if !stripe_webhook_path.starts_with('/') || stripe_webhook_path.contains(['{', '}', '*']) {
+            return Err(bad(n, v, "a literal path starting with /"));
+        }
+        let opt =
+            |name: &'static str| Some(get(name).1.trim().to_owned()).filter(|v| !v.is_empty());
+        let connect_rate_per_min = u32::try_from(num("CONNECT_RATE_PER_MIN")?).map_err(|_| {
+            bad(
+                "CONNECT_RATE_PER_MIN",
+                get("CONNECT_RATE_PER_MIN").1,
+                "too large",
+            )
+        })?;
+        let allowed_origins = get("ALLOWED_ORIGINS")
+            .1
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
+            .filter(|o| !o.is_empty())
+            .collect();
+        let (n, v) = get("FREE_DAILY_LIMIT_SECONDS");
+        let free_daily = match v.trim() {
+            "unlimited" => None,
+            t => Some(
+                t.parse::<u64>()
+                    .map_err(|_| bad(n, v.clone(), "a whole number or `unlimited`"))?,
+            ),
+        };
+        let free_trial = num("FREE_TRIAL_SECONDS")?;
+        let (n, v) = get("PLAN_LIMITS");
+        let plans = duplex_metering::PlanTable::parse(&v, free_daily, Some(free_trial))
+            .map_err(|e| bad(n, v.clone(), &e.to_string()))?;
+        let (n, anonymous_plan) = get("ANONYMOUS_PLAN");
+        if plans.get(anonymous_plan.trim()).is_none() {
+            let known: Vec<&str> = plans.names().collect();
+            return Err(bad(
+                n,
+                anonymous_plan,
+                &format!("not a plan; known: {}", known.join(", ")),
+            ));
+        }
+        let usage_heartbeat = secs("USAGE_HEARTBEAT_SECS")?;
+        if usage_heartbeat.is_zero() {
+            return Err(bad(
+                "USAGE_HEARTBEAT_SECS",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        let switches = duplex_metering::Switches::from_lookup(&lookup).map_err(|e| {
+            let (name, value, reason) = match e {
+                duplex_metering::Error::Switch {
+                    name,
+                    value,
+                    reason,
+                } => (name, value, reason),
+                other => (String::new(), String::new(), other.to_string()),
+            };
+            let name = duplex_metering::SWITCH_VARS
+                .into_iter()
+                .find(|v| *v == name)
+                .unwrap_or("AI_GENERATION_ENABLED");
+            bad(name, value, &reason)
+        })?;
         Ok(Config {
+            jwt_secret: opt("JWT_SECRET").map(crate::auth::Secret),
+            jwt_jwks_url: opt("JWT_JWKS_URL"),
+            jwt_issuer: opt("JWT_ISSUER"),
+            jwt_audience: opt("JWT_AUDIENCE"),
+            connect_rate_per_min,
+            allowed_origins,
+            anonymous_plan: anonymous_plan.trim().to_owned(),
+            plans,
+            usage_heartbeat,
+            switches,
+            switches_file: opt("DUPLEX_SWITCHES_FILE").map(PathBuf::from),
             bind_addr,
             port,
             providers,
@@ -293,7 +641,18 @@ impl Config {
             scripted_llm_first_token: ms("SCRIPTED_LLM_FIRST_TOKEN_MS")?,
             scripted_llm_token_interval: ms("SCRIPTED_LLM_TOKEN_MS")?,
             scripted_tts_latency: ms("SCRIPTED_TTS_LATENCY_MS")?,
+            cloud: CloudConfig::parse(&get, &|n: &str| lookup(n).filter(|v| !v.trim().is_empty()))?,
+            database_url,
+            data_dir,
+            stripe_webhook_secret,
+            stripe_price_plans,
+            stripe_webhook_path,
         })
+    }
+
+    /// `database_url` without its password, for logs and error messages.
+    pub fn database_url_for_logs(&self) -> String {
+        redact_url(&self.database_url)
     }
 
     /// The configuration from the process environment.
@@ -301,12 +660,351 @@ impl Config {
         Config::from_lookup(|k| std::env::var(k).ok())
     }
 
-    /// Defaults, for tests: loopback, port 0 (the OS picks), scripted providers.
+    /// Defaults, for tests: loopback, port 0 (the OS picks), scripted providers, a private
+    /// in-memory SQLite store.
     pub fn for_tests() -> Config {
         let mut c = Config::from_lookup(|_| None).expect("defaults are valid");
         c.bind_addr = IpAddr::from([127, 0, 0, 1]);
         c.port = 0;
+        // Tests open many connections from 127.0.0.1; the auth tests set their own limit.
+        c.connect_rate_per_min = 0;
+        c.database_url = "sqlite::memory:".to_owned();
         c
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cloud providers
+// ---------------------------------------------------------------------------------------------
+
+/// Which recognizer sessions use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SttEngine {
+    /// The `DUPLEX_PROVIDERS` set.
+    Default,
+    Deepgram,
+    OpenAi,
+    Scripted,
+}
+
+/// Which language model sessions use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmEngine {
+    Default,
+    /// The router over `OPENAI_*` and `LLM_ENDPOINTS`.
+    OpenAi,
+    Scripted,
+}
+
+/// Which synthesizer sessions use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtsEngine {
+    Default,
+    Azure,
+    ElevenLabs,
+    OpenAi,
+    Scripted,
+}
+
+/// One OpenAI-compatible LLM endpoint.
+#[derive(Clone, PartialEq)]
+pub struct LlmEndpointConfig {
+    pub name: String,
+    pub base_url: String,
+    pub model: String,
+    pub api_key: String,
+}
+
+impl std::fmt::Debug for LlmEndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmEndpointConfig")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of the cloud adapters, the LLM router and cost accounting. Keys are kept out of
+/// `Debug`.
+#[derive(Clone)]
+pub struct CloudConfig {
+    pub stt: SttEngine,
+    pub llm: LlmEngine,
+    pub tts: TtsEngine,
+    pub openai_api_key: Option<String>,
+    pub openai_base_url: String,
+    pub openai_tts_model: String,
+    pub openai_tts_voice: String,
+    pub openai_stt_model: String,
+    /// The router's endpoints in order: `openai` (when configured) then `LLM_ENDPOINTS`.
+    pub llm_endpoints: Vec<LlmEndpointConfig>,
+    pub llm_routes: Vec<duplex_providers::router::Route>,
+    pub llm_first_token_timeout: Duration,
+    pub llm_retries: u32,
+    pub llm_breaker_failures: u32,
+    pub llm_breaker_cool_down: Duration,
+    /// `None`: no response cache.
+    pub llm_cache_ttl: Option<Duration>,
+    pub deepgram_api_key: Option<String>,
+    pub deepgram_base_url: String,
+    pub deepgram_model: String,
+    pub elevenlabs_api_key: Option<String>,
+    pub elevenlabs_voice_id: String,
+    pub elevenlabs_base_url: String,
+    pub elevenlabs_model: String,
+    pub azure_speech_key: Option<String>,
+    pub azure_speech_region: String,
+    pub azure_speech_endpoint: Option<String>,
+    pub azure_speech_voice: String,
+    pub prices: duplex_providers::PriceTable,
+}
+
+impl std::fmt::Debug for CloudConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudConfig")
+            .field("stt", &self.stt)
+            .field("llm", &self.llm)
+            .field("tts", &self.tts)
+            .field("llm_endpoints", &self.llm_endpoints)
+            .field("llm_routes", &self.llm_routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CloudConfig {
+    /// `get` gives a variable's value or its default; `set` gives it only when set non-empty.
+    fn parse(
+        get: &dyn Fn(&'static str) -> (&'static str, String),
+        set: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<CloudConfig, ConfigError> {
+        let bad = |name: &'static str, value: String, reason: String| ConfigError {
+            name,
+            value,
+            reason,
+        };
+        let val = |name: &'static str| get(name).1.trim().to_owned();
+        let key = |name: &'static str| set(name).map(|v| v.trim().to_owned());
+        let num = |name: &'static str| -> Result<u64, ConfigError> {
+            let v = val(name);
+            v.parse()
+                .map_err(|_| bad(name, v.clone(), "not a number".into()))
+        };
+        let choice =
+            |name: &'static str, allowed: &[&str]| -> Result<Option<String>, ConfigError> {
+                match set(name).map(|v| v.trim().to_ascii_lowercase()) {
+                    None => Ok(None),
+                    Some(v) if allowed.contains(&v.as_str()) => Ok(Some(v)),
+                    Some(v) => Err(bad(
+                        name,
+                        v,
+                        format!("expected one of {}", allowed.join(", ")),
+                    )),
+                }
+            };
+        let require = |var: &'static str, why: &str| -> Result<String, ConfigError> {
+            key(var).ok_or_else(|| bad(var, String::new(), format!("required by {why}")))
+        };
+
+        let openai_api_key = key("OPENAI_API_KEY");
+        let deepgram_api_key = key("DEEPGRAM_API_KEY");
+        let elevenlabs_api_key = key("ELEVENLABS_API_KEY");
+        let azure_speech_key = key("AZURE_SPEECH_KEY");
+        let azure_speech_endpoint = key("AZURE_SPEECH_ENDPOINT");
+        let azure_speech_region = val("AZURE_SPEECH_REGION");
+        for name in [
+            "OPENAI_BASE_URL",
+            "DEEPGRAM_BASE_URL",
+            "ELEVENLABS_BASE_URL",
+        ] {
+            let v = val(name);
+            if !["http://", "https://", "ws://", "wss://"]
+                .iter()
+                .any(|p| v.starts_with(p))
+            {
+                return Err(bad(
+                    name,
+                    v,
+                    "expected an http(s):// or ws(s):// URL".into(),
+                ));
+            }
+        }
+
+        // LLM endpoints: `openai` from OPENAI_*, then LLM_ENDPOINTS.
+        let mut llm_endpoints = Vec::new();
+        if openai_api_key.is_some() || set("OPENAI_BASE_URL").is_some() {
+            llm_endpoints.push(LlmEndpointConfig {
+                name: "openai".into(),
+                base_url: val("OPENAI_BASE_URL"),
+                model: val("OPENAI_MODEL"),
+                api_key: openai_api_key.clone().unwrap_or_default(),
+            });
+        }
+        let (n, spec) = get("LLM_ENDPOINTS");
+        for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+            let fields: Vec<&str> = entry.split('|').map(str::trim).collect();
+            let [name, base_url, model, rest @ ..] = fields.as_slice() else {
+                return Err(bad(
+                    n,
+                    "<redacted>".into(),
+                    format!(
+                        "entry {:?}: expected name|base_url|model|api_key",
+                        entry.split('|').next().unwrap_or("")
+                    ),
+                ));
+            };
+            if name.is_empty()
+                || model.is_empty()
+                || !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+                || rest.len() > 1
+            {
+                return Err(bad(
+                    n,
+                    "<redacted>".into(),
+                    format!("entry {name:?}: expected name|http(s)://base_url|model|api_key"),
+                ));
+            }
+            if llm_endpoints
+                .iter()
+                .any(|e: &LlmEndpointConfig| e.name == *name)
+            {
+                return Err(bad(
+                    n,
+                    "<redacted>".into(),
+                    format!("endpoint name {name:?} is used twice"),
+                ));
+            }
+            llm_endpoints.push(LlmEndpointConfig {
+                name: name.to_string(),
+                base_url: base_url.to_string(),
+                model: model.to_string(),
+                api_key: rest.first().map(|k| k.to_string()).unwrap_or_default(),
+            });
+        }
+        let (n, spec) = get("LLM_ROUTES");
+        let llm_routes =
+            duplex_providers::router::parse_routes(&spec).map_err(|e| bad(n, spec.clone(), e))?;
+        for r in &llm_routes {
+            for e in &r.chain {
+                if !llm_endpoints.iter().any(|x| &x.name == e) {
+                    return Err(bad(
+                        n,
+                        spec.clone(),
+                        format!("route names unknown endpoint {e:?}"),
+                    ));
+                }
+            }
+        }
+
+        let stt = match choice("STT_PROVIDER", &["deepgram", "openai", "scripted"])?.as_deref() {
+            Some("deepgram") => {
+                require("DEEPGRAM_API_KEY", "STT_PROVIDER=deepgram")?;
+                SttEngine::Deepgram
+            }
+            Some("openai") => {
+                require("OPENAI_API_KEY", "STT_PROVIDER=openai")?;
+                SttEngine::OpenAi
+            }
+            Some(_) => SttEngine::Scripted,
+            None if deepgram_api_key.is_some() => SttEngine::Deepgram,
+            None if openai_api_key.is_some() => SttEngine::OpenAi,
+            None => SttEngine::Default,
+        };
+        let llm = match choice("LLM_PROVIDER", &["openai", "scripted"])?.as_deref() {
+            Some("openai") => {
+                if llm_endpoints.is_empty() {
+                    require(
+                        "OPENAI_API_KEY",
+                        "LLM_PROVIDER=openai (or set LLM_ENDPOINTS)",
+                    )?;
+                }
+                LlmEngine::OpenAi
+            }
+            Some(_) => LlmEngine::Scripted,
+            None if !llm_endpoints.is_empty() => LlmEngine::OpenAi,
+            None => LlmEngine::Default,
+        };
+        let azure_ok = || -> Result<(), ConfigError> {
+            if azure_speech_endpoint.is_none() && azure_speech_region.is_empty() {
+                return Err(bad(
+                    "AZURE_SPEECH_REGION",
+                    String::new(),
+                    "required with AZURE_SPEECH_KEY unless AZURE_SPEECH_ENDPOINT is set".into(),
+                ));
+            }
+            Ok(())
+        };
+        let tts = match choice(
+            "TTS_PROVIDER",
+            &["azure", "elevenlabs", "openai", "scripted"],
+        )?
+        .as_deref()
+        {
+            Some("azure") => {
+                require("AZURE_SPEECH_KEY", "TTS_PROVIDER=azure")?;
+                azure_ok()?;
+                TtsEngine::Azure
+            }
+            Some("elevenlabs") => {
+                require("ELEVENLABS_API_KEY", "TTS_PROVIDER=elevenlabs")?;
+                TtsEngine::ElevenLabs
+            }
+            Some("openai") => {
+                require("OPENAI_API_KEY", "TTS_PROVIDER=openai")?;
+                TtsEngine::OpenAi
+            }
+            Some(_) => TtsEngine::Scripted,
+            None if azure_speech_key.is_some() => {
+                azure_ok()?;
+                TtsEngine::Azure
+            }
+            None if elevenlabs_api_key.is_some() => TtsEngine::ElevenLabs,
+            None if openai_api_key.is_some() => TtsEngine::OpenAi,
+            None => TtsEngine::Default,
+        };
+        let mut prices = duplex_providers::PriceTable::defaults();
+        let (n, spec) = get("PROVIDER_PRICES");
+        prices
+            .apply_overrides(&spec)
+            .map_err(|e| bad(n, spec.clone(), e.to_string()))?;
+        let cache = num("LLM_CACHE_TTL_SECS")?;
+        let failures = num("LLM_BREAKER_FAILURES")?;
+        if failures == 0 {
+            return Err(bad(
+                "LLM_BREAKER_FAILURES",
+                "0".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(CloudConfig {
+            stt,
+            llm,
+            tts,
+            openai_api_key,
+            openai_base_url: val("OPENAI_BASE_URL"),
+            openai_tts_model: val("OPENAI_TTS_MODEL"),
+            openai_tts_voice: val("OPENAI_TTS_VOICE"),
+            openai_stt_model: val("OPENAI_STT_MODEL"),
+            llm_endpoints,
+            llm_routes,
+            llm_first_token_timeout: Duration::from_millis(num("LLM_FIRST_TOKEN_TIMEOUT_MS")?),
+            llm_retries: num("LLM_RETRIES")?.min(10) as u32,
+            llm_breaker_failures: failures.min(u64::from(u32::MAX)) as u32,
+            llm_breaker_cool_down: Duration::from_secs(num("LLM_BREAKER_COOLDOWN_SECS")?),
+            llm_cache_ttl: (cache > 0).then(|| Duration::from_secs(cache)),
+            deepgram_api_key,
+            deepgram_base_url: val("DEEPGRAM_BASE_URL"),
+            deepgram_model: val("DEEPGRAM_MODEL"),
+            elevenlabs_api_key,
+            elevenlabs_voice_id: val("ELEVENLABS_VOICE_ID"),
+            elevenlabs_base_url: val("ELEVENLABS_BASE_URL"),
+            elevenlabs_model: val("ELEVENLABS_MODEL"),
+            azure_speech_key,
+            azure_speech_region,
+            azure_speech_endpoint,
+            azure_speech_voice: val("AZURE_SPEECH_VOICE"),
+            prices,
+        })
     }
 }
 
@@ -341,6 +1039,145 @@ mod tests {
         assert_eq!(e.name, "VAD_MODE");
         let e = parse(&[("IDLE_TIMEOUT_SECS", "soon")]).unwrap_err();
         assert_eq!(e.name, "IDLE_TIMEOUT_SECS");
+        let e = parse(&[("DATABASE_URL", "mysql://root:hunter2@db/duplex")]).unwrap_err();
+        assert_eq!(e.name, "DATABASE_URL");
+        assert!(
+            !e.to_string().contains("hunter2"),
+            "no password in errors: {e}"
+        );
+        let e = parse(&[("STRIPE_PRICE_PLANS", "price_abc")]).unwrap_err();
+        assert_eq!(e.name, "STRIPE_PRICE_PLANS");
+        let e = parse(&[("STRIPE_WEBHOOK_PATH", "webhooks")]).unwrap_err();
+        assert_eq!(e.name, "STRIPE_WEBHOOK_PATH");
+    }
+
+    #[test]
+    fn database_urls_are_redacted_for_logs() {
+        assert_eq!(
+            redact_url("postgres://duplex:s3cret@db:5432/duplex?sslmode=require"),
+            "postgres://duplex:***@db:5432/duplex?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://duplex@db/x"),
+            "postgres://duplex@db/x"
+        );
+        assert_eq!(
+            redact_url("sqlite://data/duplex.db?mode=rwc"),
+            "sqlite://data/duplex.db?mode=rwc"
+        );
+    }
+
+    #[test]
+    fn store_and_stripe_settings() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.database_url, "sqlite://data/duplex.db?mode=rwc");
+        assert!(c.stripe_webhook_secret.is_none());
+        assert_eq!(c.stripe_webhook_path, "/webhooks/stripe");
+        let c = parse(&[("DUPLEX_DATA_DIR", "/var/lib/duplex")]).unwrap();
+        assert_eq!(
+            c.database_url,
+            "sqlite:///var/lib/duplex/duplex.db?mode=rwc"
+        );
+        let c = parse(&[
+            ("DATABASE_URL", "postgres://duplex@db/duplex"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_abc"),
+            ("STRIPE_PRICE_PLANS", "price_abc:pro,price_def:business"),
+        ])
+        .unwrap();
+        assert_eq!(c.database_url, "postgres://duplex@db/duplex");
+        assert!(c.stripe_webhook_secret.is_some());
+        assert!(
+            !format!("{c:?}").contains("whsec_abc"),
+            "Debug hides the secret"
+        );
+        assert_eq!(c.stripe_price_plans.plan_for("price_def"), Some("business"));
+    }
+
+    #[test]
+    fn cloud_engines_resolve_explicit_then_keys_then_default() {
+        let c = parse(&[]).unwrap().cloud;
+        assert_eq!(
+            (c.stt, c.llm, c.tts),
+            (SttEngine::Default, LlmEngine::Default, TtsEngine::Default)
+        );
+        let c = parse(&[
+            ("DEEPGRAM_API_KEY", "dg"),
+            ("OPENAI_API_KEY", "sk"),
+            ("ELEVENLABS_API_KEY", "xi"),
+        ])
+        .unwrap()
+        .cloud;
+        assert_eq!(
+            (c.stt, c.llm, c.tts),
+            (
+                SttEngine::Deepgram,
+                LlmEngine::OpenAi,
+                TtsEngine::ElevenLabs
+            )
+        );
+        assert_eq!(c.llm_endpoints[0].name, "openai");
+        assert_eq!(c.llm_endpoints[0].model, "gpt-4o-mini");
+        let c = parse(&[
+            ("OPENAI_API_KEY", "sk"),
+            ("TTS_PROVIDER", "scripted"),
+            ("STT_PROVIDER", "Scripted"),
+        ])
+        .unwrap()
+        .cloud;
+        assert_eq!(
+            (c.stt, c.llm, c.tts),
+            (SttEngine::Scripted, LlmEngine::OpenAi, TtsEngine::Scripted)
+        );
+        let c = parse(&[
+            ("LLM_ENDPOINTS", "groq|https://api.groq.com/openai/v1|llama-3.1-8b-instant|gsk_x; local|http://127.0.0.1:8080/v1|qwen"),
+            ("LLM_ROUTES", "plan=free => local; * => groq,local"),
+            ("LLM_CACHE_TTL_SECS", "60"),
+        ])
+        .unwrap()
+        .cloud;
+        assert_eq!(c.llm, LlmEngine::OpenAi);
+        assert_eq!(c.llm_endpoints.len(), 2);
+        assert_eq!(c.llm_endpoints[1].api_key, "");
+        assert_eq!(c.llm_routes.len(), 2);
+        assert_eq!(c.llm_cache_ttl, Some(Duration::from_secs(60)));
+        assert!(!format!("{c:?}").contains("gsk_x"), "Debug hides keys");
+    }
+
+    #[test]
+    fn cloud_errors_name_the_missing_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("TTS_PROVIDER", "azure")], "AZURE_SPEECH_KEY"),
+            (
+                &[("TTS_PROVIDER", "azure"), ("AZURE_SPEECH_KEY", "k")],
+                "AZURE_SPEECH_REGION",
+            ),
+            (&[("TTS_PROVIDER", "elevenlabs")], "ELEVENLABS_API_KEY"),
+            (&[("TTS_PROVIDER", "openai")], "OPENAI_API_KEY"),
+            (&[("TTS_PROVIDER", "polly")], "TTS_PROVIDER"),
+            (&[("STT_PROVIDER", "deepgram")], "DEEPGRAM_API_KEY"),
+            (&[("LLM_PROVIDER", "openai")], "OPENAI_API_KEY"),
+            (&[("LLM_ENDPOINTS", "x|ftp://y|m")], "LLM_ENDPOINTS"),
+            (
+                &[("OPENAI_API_KEY", "k"), ("LLM_ROUTES", "* => nowhere")],
+                "LLM_ROUTES",
+            ),
+            (&[("PROVIDER_PRICES", "openai/x:foo=1")], "PROVIDER_PRICES"),
+            (
+                &[("DEEPGRAM_BASE_URL", "api.deepgram.com")],
+                "DEEPGRAM_BASE_URL",
+            ),
+        ];
+        for (pairs, name) in cases {
+            let e = parse(pairs).unwrap_err();
+            assert_eq!(e.name, *name, "{pairs:?}: {e}");
+        }
+        // An Azure endpoint stands in for the region.
+        let c = parse(&[
+            ("AZURE_SPEECH_KEY", "k"),
+            ("AZURE_SPEECH_ENDPOINT", "http://127.0.0.1:1"),
+        ])
+        .unwrap();
+        assert_eq!(c.cloud.tts, TtsEngine::Azure);
     }
 
     #[test]

@@ -1,23 +1,34 @@
 //! The HTTP side of the server. Endpoints:
 //!
 //! - `GET /v1/conversation` — WebSocket upgrade into a conversation session (`duplex.v1`,
-//!   see `proto/PROTOCOL.md`). Refused before the upgrade with 503 when the server is at its
-//!   connection cap or shutting down, 429 when the client IP is at its cap, 400 for an
-//!   unsupported `?v=`.
+//!   see `proto/PROTOCOL.md`). Refused before the upgrade, in this order: 503 while shutting
+//!   down; 400 without a protocol version or for an unsupported `?v=`; 429 past
+//!   `CONNECT_RATE_PER_MIN` attempts from the client IP; 403 for an `Origin` not in
+//!   `ALLOWED_ORIGINS`; 401 with the reason (missing token, bad signature, expired, wrong
+//!   issuer or audience, unknown key) when auth is configured and the bearer token is not
+//!   valid, 503 when the identity provider's keys cannot be fetched (see `auth`); 503 at the
+//!   connection cap; 429 when the client IP is at its concurrent-session cap.
 //! - `GET /healthz` — liveness: 200 while the process serves requests.
 //! - `GET /readyz` — readiness: 200 when providers are ready and the server is not draining,
 //!   503 otherwise (load balancers stop routing new sessions during shutdown).
 //! - `GET /metrics` — Prometheus text format.
+//! - `POST /webhooks/stripe` (path: `STRIPE_WEBHOOK_PATH`) — Stripe events, verified against
+//!   `Stripe-Signature` on the raw body (at most [`STRIPE_BODY_LIMIT`] bytes) and applied to the
+//!   store by `duplex-billing`: 200 when applied, already processed, stale or ignored; 400 with
+//!   the reason for a bad signature or payload; 500 when the store failed (nothing applied:
+//!   Stripe retries); 503 when `STRIPE_WEBHOOK_SECRET` is not set.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use duplex_proto::{self as proto, Encoding, ErrorCode, SessionStart};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -30,10 +41,24 @@ pub(crate) struct AppState {
     pub tracker: TaskTracker,
     pub connections: Arc<Semaphore>,
     pub per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    pub auth: crate::auth::Authenticator,
+    pub connect_limiter: crate::auth::ConnectLimiter,
+    /// The current kill switches (`DUPLEX_SWITCHES_FILE` reloads), for sessions' meters.
+    pub switches: tokio::sync::watch::Receiver<duplex_metering::Switches>,
+    pub billing: duplex_billing::Billing,
 }
 
+/// Largest Stripe webhook body read. Stripe events are a few KB (lists inside objects are
+/// truncated to 10 items); 1 MiB leaves room for large metadata and still bounds memory.
+pub(crate) const STRIPE_BODY_LIMIT: usize = 1 << 20;
+
 pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let stripe_path = state.session.config.stripe_webhook_path.clone();
     Router::new()
+        .route(
+            &stripe_path,
+            post(stripe_webhook).layer(DefaultBodyLimit::max(STRIPE_BODY_LIMIT)),
+        )
         .route("/v1/conversation", get(conversation))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -58,6 +83,41 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.session.metrics.render(),
     )
         .into_response()
+}
+
+/// `POST /webhooks/stripe`: verify, apply, answer so that Stripe retries exactly the requests
+/// that were not applied.
+async fn stripe_webhook(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    // A header that is not ASCII is malformed, not missing.
+    let signature = headers
+        .get("stripe-signature")
+        .map(|v| v.to_str().unwrap_or(""));
+    let now = time::OffsetDateTime::now_utc();
+    match state.billing.handle(signature, &body, now).await {
+        Ok(outcome) => {
+            let word = match outcome {
+                duplex_billing::Outcome::Applied { .. } => "applied",
+                duplex_billing::Outcome::Duplicate => "already processed",
+                duplex_billing::Outcome::Stale => "stale: ignored",
+                duplex_billing::Outcome::Ignored { .. } => "ignored",
+            };
+            (StatusCode::OK, format!("{word}\n")).into_response()
+        }
+        Err(e) => {
+            let status = StatusCode::from_u16(e.http_status())
+                .expect("billing answers with valid status codes");
+            if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(error = %e, "stripe webhook not applied; Stripe will retry");
+                return (status, "store unavailable: not applied, retry later\n").into_response();
+            }
+            tracing::warn!(error = %e, status = status.as_u16(), "stripe webhook refused");
+            (status, format!("{e}\n")).into_response()
+        }
+    }
 }
 
 /// Holds one slot of the per-IP cap; frees it on drop.
@@ -148,6 +208,35 @@ async fn conversation(
             "select the protocol version: offer the `duplex.v1` WebSocket subprotocol or add `?v=1`",
         );
     }
+    // Cheap checks first: the rate limit also counts attempts with bad tokens.
+    if !state.connect_limiter.check(peer.ip()) {
+        return reject(
+            &state,
+            StatusCode::TOO_MANY_REQUESTS,
+            "connect_rate",
+            "too many connection attempts from this address; retry later",
+        );
+    }
+    if !crate::auth::origin_allowed(&config.allowed_origins, &headers) {
+        return reject(
+            &state,
+            StatusCode::FORBIDDEN,
+            "origin",
+            "this Origin is not allowed (ALLOWED_ORIGINS)",
+        );
+    }
+    let identity = match state
+        .auth
+        .authenticate(crate::auth::token_from_request(&headers, &params))
+        .await
+    {
+        Ok(id) => id,
+        Err(e) => {
+            let status = e.status();
+            let label = e.label();
+            return reject(&state, status, label, &e.to_string());
+        }
+    };
     let Ok(permit): Result<OwnedSemaphorePermit, _> = state.connections.clone().try_acquire_owned()
     else {
         return reject(
@@ -173,6 +262,7 @@ async fn conversation(
     };
     let start = start_from_query(&params);
     let ctx = state.session.clone();
+    let switches = state.switches.clone();
     let tracker = state.tracker.clone();
     // The session enforces `max_message_bytes` itself so it can answer with an error and a
     // 1009 close; tungstenite's own cap (which fails the socket without a word) sits above it
@@ -185,7 +275,7 @@ async fn conversation(
             tracker.track_future(async move {
                 let _permit = permit;
                 let _slot = slot;
-                session::run(socket, ctx, start, peer, limit).await;
+                session::run(socket, ctx, start, peer, limit, identity, switches).await;
             })
         })
 }

@@ -4,11 +4,17 @@
 //!
 //! Modules: [`config`] (every environment variable), [`metrics`] (the Prometheus registry),
 //! `http` (the endpoints), `session` (one WebSocket connection: reader, writer, actor).
+//!
+//! The server opens its [`Store`] (`DATABASE_URL`, applying pending migrations) before it
+//! binds the port: a database it cannot use stops it at startup, not at the first session.
 
+pub mod auth;
 pub mod config;
 mod http;
 pub mod metrics;
+pub mod providers;
 mod session;
+mod switches;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,7 +22,6 @@ use std::sync::{Arc, Mutex};
 
 use axum::serve::ListenerExt;
 use duplex_providers::ProviderSet;
-use duplex_providers::scripted::{ScriptedConfig, ScriptedLlm, ScriptedStt, ScriptedTts};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -24,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Config, ProviderMode};
+pub use duplex_store::Store;
 pub use metrics::Metrics;
 
 /// A running server.
@@ -33,15 +39,14 @@ pub struct Server {
     tracker: TaskTracker,
     serve: JoinHandle<std::io::Result<()>>,
     grace: std::time::Duration,
+    store: Store,
 }
 
 impl Server {
     /// Binds the listener and starts serving. Returns once the port is bound.
     pub async fn bind(config: Config, metrics: Metrics) -> std::io::Result<Server> {
-        let providers = match config.providers {
-            ProviderMode::Scripted => Some(scripted_providers(&config)),
-            ProviderMode::Echo => None,
-        };
+        // Provider usage goes to the Prometheus counters (add sinks with usage::FanOut).
+        let providers = providers::build(&config, Arc::new(metrics.clone()));
         Server::bind_with(config, metrics, providers).await
     }
 
@@ -51,6 +56,14 @@ impl Server {
         metrics: Metrics,
         providers: Option<ProviderSet>,
     ) -> std::io::Result<Server> {
+        let store = Store::open(&config.database_url).await.map_err(|e| {
+            std::io::Error::other(format!("store ({}): {e}", config.database_url_for_logs()))
+        })?;
+        let billing = duplex_billing::Billing::new(
+            store.clone(),
+            config.stripe_webhook_secret.clone(),
+            config.stripe_price_plans.clone(),
+        );
         let listener = TcpListener::bind((config.bind_addr, config.port)).await?;
         let local_addr = listener.local_addr()?;
         // 20 ms audio frames must not wait for Nagle's algorithm.
@@ -60,10 +73,19 @@ impl Server {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let grace = config.shutdown_grace;
+        let switches = switches::watch_switches(
+            config.switches.clone(),
+            config.switches_file.clone(),
+            shutdown.clone(),
+        );
         let state = Arc::new(http::AppState {
+            auth: auth::Authenticator::new(&config),
+            connect_limiter: auth::ConnectLimiter::new(config.connect_rate_per_min),
+            switches,
             connections: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
             tracker: tracker.clone(),
+            billing,
             session: session::SessionContext {
                 config: Arc::new(config),
                 metrics,
@@ -85,7 +107,13 @@ impl Server {
             tracker,
             serve,
             grace,
+            store,
         })
+    }
+
+    /// The store the server opened (for sessions, metering and tests).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -113,19 +141,5 @@ impl Server {
             tracing::warn!("sessions still open after the grace period; exiting anyway");
         }
         let _ = tokio::time::timeout(margin, self.serve).await;
-    }
-}
-
-fn scripted_providers(config: &Config) -> ProviderSet {
-    let sc = ScriptedConfig {
-        llm_first_token: config.scripted_llm_first_token,
-        llm_token_interval: config.scripted_llm_token_interval,
-        tts_latency: config.scripted_tts_latency,
-        ..ScriptedConfig::default()
-    };
-    ProviderSet {
-        stt: Arc::new(ScriptedStt::new(sc.clone())),
-        llm: Arc::new(ScriptedLlm::new(sc.clone())),
-        tts: Arc::new(ScriptedTts::new(sc)),
     }
 }

@@ -1,5 +1,6 @@
 //! `duplex`: the server binary. Reads the configuration (environment, overridden by flags),
-//! sets up logging and metrics, serves until SIGTERM/SIGINT, then drains.
+//! sets up logging and metrics, serves until SIGTERM/SIGINT, then drains. `duplex migrate`
+//! applies the database migrations and exits (the server also applies them at startup).
 
 use clap::Parser;
 use duplex_server::config::LogFormat;
@@ -19,6 +20,15 @@ struct Cli {
     /// Address to listen on (default $BIND_ADDR or 0.0.0.0).
     #[arg(long)]
     bind: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Apply pending database migrations to DATABASE_URL (or the SQLite file in
+    /// DUPLEX_DATA_DIR) and exit.
+    Migrate,
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +51,9 @@ fn main() -> std::process::ExitCode {
     };
     init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
+    if let Some(Command::Migrate) = cli.command {
+        return runtime.block_on(migrate(&config));
+    }
     runtime.block_on(async move {
         let server = match Server::bind(config.clone(), Metrics::new()).await {
             Ok(s) => s,
@@ -65,6 +78,21 @@ fn main() -> std::process::ExitCode {
         tracing::info!("bye");
         std::process::ExitCode::SUCCESS
     })
+}
+
+async fn migrate(config: &Config) -> std::process::ExitCode {
+    let url = config.database_url_for_logs();
+    match duplex_server::Store::open(&config.database_url).await {
+        Ok(store) => {
+            store.close().await;
+            tracing::info!(database = %url, "migrations applied");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(database = %url, error = %e, "migration failed");
+            std::process::ExitCode::from(1)
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -2,8 +2,8 @@
 //! `main` or a test) and passed down; nothing registers globally.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the server exports.
@@ -20,11 +20,18 @@ pub struct Metrics {
     pub frames_in_total: IntCounter,
     pub frames_out_total: IntCounter,
     pub stt_frames_dropped_total: IntCounter,
+    /// Provider consumption by provider, model and kind (seconds, tokens, characters).
+    pub provider_usage_total: CounterVec,
+    /// Estimated provider cost in USD (from the price table; see `duplex_providers::usage`).
+    pub provider_cost_usd_total: CounterVec,
 }
 
-/// Latency buckets in seconds: 10 ms to 10 s, dense where voice latency lives (0.1-1.5 s).
+/// Latency buckets in seconds: 1 ms to 10 s, dense where voice latency lives (0.1-1.5 s);
+/// the millisecond buckets resolve in-process stages (a streaming STT's final after the
+/// endpoint), and 0.7 s matches the default end-of-turn silence.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 1.0,
+    1.5, 2.0, 3.0, 5.0, 10.0,
 ];
 
 impl Metrics {
@@ -81,8 +88,26 @@ impl Metrics {
             "Audio frames dropped because the STT stream was backed up",
         )
         .expect("valid metric");
+        let provider_usage_total = CounterVec::new(
+            Opts::new(
+                "duplex_provider_usage_total",
+                "Provider consumption: STT seconds, LLM tokens, TTS characters",
+            ),
+            &["provider", "model", "kind"],
+        )
+        .expect("valid metric");
+        let provider_cost_usd_total = CounterVec::new(
+            Opts::new(
+                "duplex_provider_cost_usd_total",
+                "Estimated provider cost in USD, from the price table",
+            ),
+            &["provider", "model"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(active_sessions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(provider_usage_total.clone()),
+            Box::new(provider_cost_usd_total.clone()),
             Box::new(sessions_total.clone()),
             Box::new(connections_rejected.clone()),
             Box::new(turns_total.clone()),
@@ -107,6 +132,8 @@ impl Metrics {
             frames_in_total,
             frames_out_total,
             stt_frames_dropped_total,
+            provider_usage_total,
+            provider_cost_usd_total,
         }
     }
 
@@ -117,6 +144,21 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("Prometheus text is UTF-8")
+    }
+}
+
+/// Provider usage as Prometheus counters; the metering store is another sink beside this one
+/// (`duplex_providers::usage::FanOut`).
+impl duplex_providers::UsageSink for Metrics {
+    fn record(&self, r: duplex_providers::UsageRecord) {
+        self.provider_usage_total
+            .with_label_values(&[r.provider.as_str(), r.model.as_str(), r.kind.as_str()])
+            .inc_by(r.quantity);
+        if r.cost_usd > 0.0 {
+            self.provider_cost_usd_total
+                .with_label_values(&[r.provider.as_str(), r.model.as_str()])
+                .inc_by(r.cost_usd);
+        }
     }
 }
 

@@ -92,6 +92,8 @@ pub(crate) async fn run(
     start: Option<Result<SessionStart, (ErrorCode, String)>>,
     peer: SocketAddr,
     max_message_bytes: usize,
+    _identity: crate::auth::Identity,
+    _switches: tokio::sync::watch::Receiver<duplex_metering::Switches>,
 ) {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let span =
@@ -1087,6 +1089,8 @@ impl Session {
             model: r.model.clone(),
             messages,
             max_tokens: None,
+            plan: None,
+            budget_remaining_usd: None,
         };
         let mut stream = providers.llm.stream(request);
         let (tx, rx) = mpsc::channel(LLM_EVENT_CAPACITY);

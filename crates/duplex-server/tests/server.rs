@@ -12,6 +12,10 @@ use duplex_replay::client::{Client, EventKind};
 use duplex_replay::{Mode, SessionConfig, TurnOutcome, Wav, run_session};
 use duplex_server::{Config, Metrics, ProviderMode, Server};
 
+mod auth;
+mod billing;
+mod cloud;
+
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Scripted providers with short, realistic delays.

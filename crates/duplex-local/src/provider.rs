@@ -1,0 +1,385 @@
+//! The local engines behind duplex's provider traits: [`LocalStt`] (Whisper), [`LocalLlm`]
+//! (a GGUF chat model), [`PiperTts`] and [`EspeakTts`].
+//!
+//! The traits want `open`/`stream` to return at once; inference is CPU-bound and blocking, so
+//! every step runs on tokio's blocking pool and takes the shared [`ComputeGate`] first. Models
+//! sit behind a `Mutex` (candle's models keep their caches inside): a second session waits for
+//! the first one's step, and the gate keeps the order fair across engines.
+
+use std::sync::{Arc, Mutex};
+
+use duplex_providers::{
+    LanguageModel, LlmEvent, LlmRequest, LlmStream, ProviderError, Role, SpeechToText, SttEvent,
+    SttInput, SttParams, SttStream, TextToSpeech, TokenUsage, TtsEvent, TtsInput, TtsParams,
+    TtsStream,
+};
+use tokio::sync::mpsc;
+
+use crate::espeak::Espeak;
+use crate::gate::ComputeGate;
+use crate::llm::{ChatModel, GenParams, Speaker};
+use crate::piper::PiperVoice;
+use crate::whisper::WhisperModel;
+
+/// Whisper reads at most 30 s; a longer turn keeps its first 30 s (the endpointer's max turn
+/// is shorter than this by default).
+const MAX_UTTERANCE_SAMPLES: usize = 30 * 16_000;
+/// Tokens queued from the generating thread to the session: the session reads them as they
+/// come; a full queue makes the generator wait (no unbounded buffering).
+const LLM_EVENT_CAPACITY: usize = 32;
+/// Longest audio piece sent in one `TtsEvent::Audio`: the trait asks for 20-200 ms pieces.
+const TTS_PIECE_MS: usize = 200;
+/// The system prompt used when a request carries none: the answer is spoken aloud.
+pub const SPOKEN_SYSTEM_PROMPT: &str = "You are a friendly voice assistant. Your answers are \
+    spoken aloud, so reply in one to three short sentences of plain text: no lists, no \
+    markdown, no code and no emoji.";
+
+fn internal(e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::Protocol(format!("local engine: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Speech to text
+// ---------------------------------------------------------------------------------------------
+
+/// Whisper as a recognizer: buffers the utterance, transcribes it on `Finalize`.
+#[derive(Clone)]
+pub struct LocalStt {
+    model: Arc<Mutex<WhisperModel>>,
+    gate: ComputeGate,
+}
+
+impl LocalStt {
+    pub fn new(model: WhisperModel, gate: ComputeGate) -> LocalStt {
+        LocalStt {
+            model: Arc::new(Mutex::new(model)),
+            gate,
+        }
+    }
+
+    /// Transcribes one utterance of 16 kHz samples on the blocking pool.
+    pub async fn transcribe(&self, samples: Vec<i16>) -> Result<String, ProviderError> {
+        let model = self.model.clone();
+        let gate = self.gate.clone();
+        tokio::task::spawn_blocking(move || {
+            let audio: Vec<f32> = samples.iter().map(|&s| f32::from(s) / 32768.0).collect();
+            let _turn = gate.enter();
+            let mut model = model
+                .lock()
+                .expect("whisper lock: inference does not panic");
+            model.transcribe(&audio).map(|t| {
+                if let Some(why) = t.guard {
+                    tracing::debug!(why, "whisper decoding stopped by a guard");
+                }
+                t.text
+            })
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)
+    }
+}
+
+impl SpeechToText for LocalStt {
+    fn name(&self) -> &str {
+        "local-whisper"
+    }
+
+    fn open(&self, params: SttParams) -> SttStream {
+        let (stream, mut task) = SttStream::channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            if params.sample_rate != 16_000 {
+                let _ = task
+                    .events
+                    .send(SttEvent::Error(ProviderError::InvalidRequest(format!(
+                        "local Whisper needs 16 kHz audio, got {} Hz",
+                        params.sample_rate
+                    ))))
+                    .await;
+                return;
+            }
+            let mut buffer: Vec<i16> = Vec::new();
+            // At most one transcription runs; audio of the next utterance keeps arriving
+            // meanwhile (the input channel must not fill up while Whisper works).
+            let mut running: Option<tokio::task::JoinHandle<Result<String, ProviderError>>> = None;
+            let mut queued: std::collections::VecDeque<Vec<i16>> = Default::default();
+            loop {
+                tokio::select! {
+                    _ = task.cancel.cancelled() => {
+                        if let Some(h) = running { h.abort(); }
+                        return;
+                    }
+                    done = async { running.as_mut().expect("guarded by the if").await }, if running.is_some() => {
+                        running = None;
+                        let event = match done {
+                            Ok(Ok(text)) => SttEvent::Final { text },
+                            Ok(Err(e)) => SttEvent::Error(e),
+                            Err(e) => SttEvent::Error(internal(e)),
+                        };
+                        let failed = matches!(event, SttEvent::Error(_));
+                        if task.events.send(event).await.is_err() || failed {
+                            return;
+                        }
+                        if let Some(next) = queued.pop_front() {
+                            let stt = this.clone();
+                            running = Some(tokio::spawn(async move { stt.transcribe(next).await }));
+                        }
+                    }
+                    input = task.input.recv() => match input {
+                        None => return,
+                        Some(SttInput::Audio(samples)) => {
+                            let room = MAX_UTTERANCE_SAMPLES.saturating_sub(buffer.len());
+                            buffer.extend_from_slice(&samples[..samples.len().min(room)]);
+                        }
+                        Some(SttInput::Finalize) => {
+                            let utterance = std::mem::take(&mut buffer);
+                            if running.is_none() {
+                                let stt = this.clone();
+                                running = Some(tokio::spawn(async move { stt.transcribe(utterance).await }));
+                            } else {
+                                queued.push_back(utterance);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        stream
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Language model
+// ---------------------------------------------------------------------------------------------
+
+/// A GGUF chat model as a streaming language model.
+#[derive(Clone)]
+pub struct LocalLlm {
+    model: Arc<Mutex<ChatModel>>,
+    name: String,
+    gate: ComputeGate,
+    params: GenParams,
+}
+
+impl LocalLlm {
+    pub fn new(model: ChatModel, gate: ComputeGate, params: GenParams) -> LocalLlm {
+        LocalLlm {
+            name: format!("local:{}", model.name),
+            model: Arc::new(Mutex::new(model)),
+            gate,
+            params,
+        }
+    }
+
+    /// No generation is running (none holds the model).
+    pub fn is_idle(&self) -> bool {
+        self.model.try_lock().is_ok()
+    }
+}
+
+impl LanguageModel for LocalLlm {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn stream(&self, request: LlmRequest) -> LlmStream {
+        let (tx, mut rx) = mpsc::channel::<Result<LlmEvent, ProviderError>>(LLM_EVENT_CAPACITY);
+        let model = self.model.clone();
+        let gate = self.gate.clone();
+        let name = self.name.clone();
+        let mut params = self.params.clone();
+        if let Some(max) = request.max_tokens {
+            params.max_tokens = params.max_tokens.min(max as usize);
+        }
+        // Vary the sampling seed per request so that a repeated question is not answered
+        // word for word.
+        params.seed = params.seed.wrapping_add(rand::random::<u64>());
+        tokio::task::spawn_blocking(move || {
+            let mut messages: Vec<(Speaker, &str)> = Vec::new();
+            if !request.messages.iter().any(|m| m.role == Role::System) {
+                messages.push((Speaker::System, SPOKEN_SYSTEM_PROMPT));
+            }
+            for m in &request.messages {
+                let who = match m.role {
+                    Role::System => Speaker::System,
+                    Role::User => Speaker::User,
+                    Role::Assistant => Speaker::Assistant,
+                };
+                messages.push((who, m.content.as_str()));
+            }
+            // The session dropped the stream (barge-in) before we started: nothing to do.
+            if tx.is_closed() {
+                return;
+            }
+            let mut model = model.lock().expect("LLM lock: inference does not panic");
+            let result = model.generate(&messages, &params, &gate, |text| {
+                if tx.is_closed() {
+                    return false;
+                }
+                text.is_empty()
+                    || tx
+                        .blocking_send(Ok(LlmEvent::Delta(text.to_string())))
+                        .is_ok()
+            });
+            drop(model);
+            let last = match result {
+                Ok(stats) => Ok(LlmEvent::Done {
+                    usage: Some(TokenUsage {
+                        prompt_tokens: stats.prompt_tokens as u32,
+                        completion_tokens: stats.completion_tokens as u32,
+                    }),
+                    model: name,
+                }),
+                Err(e) => Err(internal(e)),
+            };
+            let _ = tx.blocking_send(last);
+        });
+        Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text to speech
+// ---------------------------------------------------------------------------------------------
+
+/// Something that turns a sentence into samples, blocking.
+trait Voice: Send + 'static {
+    fn sample_rate(&self) -> u32;
+    fn speak(&mut self, text: &str) -> Result<Vec<i16>, crate::Error>;
+}
+
+impl Voice for PiperVoice {
+    fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+    fn speak(&mut self, text: &str) -> Result<Vec<i16>, crate::Error> {
+        self.synthesize(text)
+    }
+}
+
+impl Voice for Espeak {
+    fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+    fn speak(&mut self, text: &str) -> Result<Vec<i16>, crate::Error> {
+        Espeak::speak(self, text)
+    }
+}
+
+/// Runs a TTS stream over a shared voice: one blocking synthesis per text chunk, in order.
+fn open_tts<V: Voice>(voice: Arc<Mutex<V>>, gate: ComputeGate) -> TtsStream {
+    let (stream, mut task) = TtsStream::channel();
+    tokio::spawn(async move {
+        loop {
+            let input = tokio::select! {
+                _ = task.cancel.cancelled() => return,
+                input = task.input.recv() => input,
+            };
+            let (index, text) = match input {
+                None => return,
+                Some(TtsInput::End) => {
+                    let _ = task.events.send(TtsEvent::Finished).await;
+                    return;
+                }
+                Some(TtsInput::Text { index, text }) => (index, text),
+            };
+            let voice = voice.clone();
+            let gate = gate.clone();
+            let job = tokio::task::spawn_blocking(move || {
+                let _turn = gate.enter();
+                let mut v = voice.lock().expect("voice lock: synthesis does not panic");
+                v.speak(&text).map(|s| (s, v.sample_rate()))
+            });
+            let result = tokio::select! {
+                // A barge-in drops the stream: the sentence in progress finishes on its
+                // blocking thread, but nothing more is synthesized or sent.
+                _ = task.cancel.cancelled() => return,
+                r = job => r,
+            };
+            let (samples, sample_rate) = match result {
+                Ok(Ok(ok)) => ok,
+                Ok(Err(e)) => {
+                    let _ = task.events.send(TtsEvent::Error(internal(e))).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = task.events.send(TtsEvent::Error(internal(e))).await;
+                    return;
+                }
+            };
+            let piece = (sample_rate as usize * TTS_PIECE_MS / 1000).max(1);
+            for chunk in samples.chunks(piece) {
+                let event = TtsEvent::Audio {
+                    index,
+                    samples: chunk.to_vec(),
+                    sample_rate,
+                };
+                if task.events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            if task
+                .events
+                .send(TtsEvent::ChunkDone { index })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    stream
+}
+
+/// The Piper voice as a synthesizer.
+#[derive(Clone)]
+pub struct PiperTts {
+    voice: Arc<Mutex<PiperVoice>>,
+    gate: ComputeGate,
+}
+
+impl PiperTts {
+    pub fn new(voice: PiperVoice, gate: ComputeGate) -> PiperTts {
+        PiperTts {
+            voice: Arc::new(Mutex::new(voice)),
+            gate,
+        }
+    }
+}
+
+impl TextToSpeech for PiperTts {
+    fn name(&self) -> &str {
+        "local-piper"
+    }
+
+    fn open(&self, _params: TtsParams) -> TtsStream {
+        open_tts(self.voice.clone(), self.gate.clone())
+    }
+}
+
+/// espeak-ng as a synthesizer: robotic, clear, and instant.
+#[derive(Clone)]
+pub struct EspeakTts {
+    voice: Arc<Mutex<Espeak>>,
+    gate: ComputeGate,
+}
+
+impl EspeakTts {
+    pub fn new(gate: ComputeGate) -> Result<EspeakTts, crate::Error> {
+        Ok(EspeakTts {
+            voice: Arc::new(Mutex::new(Espeak::global()?)),
+            gate,
+        })
+    }
+}
+
+impl TextToSpeech for EspeakTts {
+    fn name(&self) -> &str {
+        "local-espeak"
+    }
+
+    fn open(&self, _params: TtsParams) -> TtsStream {
+        open_tts(self.voice.clone(), self.gate.clone())
+    }
+}

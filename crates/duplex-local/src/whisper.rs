@@ -1,0 +1,483 @@
+//! Whisper speech recognition on candle, loading a CTranslate2 export (`model/model.bin`,
+//! `config.json`, `vocabulary.txt`) directly: the CT2 names are mapped onto candle's Whisper
+//! (fused QKV projections are split) at load time, so no conversion step is needed.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::whisper::{self as w, model::Whisper};
+
+use crate::Error;
+use crate::bytelevel::ByteLevel;
+use crate::ct2::Ct2Model;
+
+/// Audio quieter than this RMS (of samples in -1..1, about -45 dBFS) is silence: Whisper
+/// invents text for silence ("Thank you."), so it is never decoded.
+const SILENCE_RMS: f32 = 0.005;
+/// Utterances shorter than this are not decoded (a cough, a click): 0.3 s holds no word.
+const MIN_SPEECH_SAMPLES: usize = w::SAMPLE_RATE * 3 / 10;
+/// Probability of the no-speech token above which the segment counts as no speech (Whisper's
+/// own default threshold).
+const NO_SPEECH_THRESHOLD: f32 = 0.6;
+/// Upper bound on tokens per second of audio (fast speech is ~4 words/s, ~6 tokens/s): a
+/// decoder far past it is looping.
+const MAX_TOKENS_PER_SECOND: f32 = 8.0;
+/// Tokens allowed regardless of duration.
+const MIN_TOKEN_BUDGET: usize = 12;
+/// The decoder's text context (448) minus the prompt.
+const MAX_TOKENS: usize = 220;
+
+/// Silence after the speech in the encoder window (100 frames = 1 s).
+const MEL_PADDING_FRAMES: usize = 100;
+/// Shortest encoder window (1000 frames = 10 s).
+const MIN_WINDOW_FRAMES: usize = 1000;
+
+/// A recognition result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transcript {
+    pub text: String,
+    /// Probability of "no speech" the model gave this audio.
+    pub no_speech_prob: f32,
+    /// Why decoding stopped early, if it did (a guard fired).
+    pub guard: Option<&'static str>,
+}
+
+/// A loaded Whisper model (English-only or multilingual, greedy decoding without timestamps).
+pub struct WhisperModel {
+    model: Whisper,
+    filters: Vec<f32>,
+    vocab: Vec<String>,
+    bytes: ByteLevel,
+    eot: u32,
+    no_speech: Option<u32>,
+    /// `[sot, (lang, transcribe)?, no_timestamps]`.
+    prompt: Vec<u32>,
+    /// Additive mask over the vocabulary: `-inf` for suppressed tokens.
+    suppress: Tensor,
+    suppress_begin: Vec<u32>,
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Model(format!("{}: {e}", path.display()))
+}
+
+impl WhisperModel {
+    /// Loads `dir/model.bin`, `dir/config.json` and `dir/vocabulary.txt`.
+    pub fn load(dir: &Path) -> Result<WhisperModel, Error> {
+        let bin = dir.join("model.bin");
+        let mut r = BufReader::new(File::open(&bin).map_err(|e| io_err(&bin, e))?);
+        let ct2 = Ct2Model::read(&mut r).map_err(|e| io_err(&bin, e))?;
+        if ct2.spec != "WhisperSpec" {
+            return Err(io_err(&bin, format!("not a Whisper model ({})", ct2.spec)));
+        }
+        let vocab_path = dir.join("vocabulary.txt");
+        let vocab: Vec<String> = std::fs::read_to_string(&vocab_path)
+            .map_err(|e| io_err(&vocab_path, e))?
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let cfg_path = dir.join("config.json");
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&cfg_path).map_err(|e| io_err(&cfg_path, e))?)
+                .map_err(|e| io_err(&cfg_path, e))?;
+        let ids = |key: &str| -> Vec<u32> {
+            cfg[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64())
+                        .map(|v| v as u32)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+
+        let (tensors, config) = map_weights(&ct2, vocab.len()).map_err(|e| io_err(&bin, e))?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let model = Whisper::load(&vb, config.clone()).map_err(|e| io_err(&bin, e))?;
+
+        let find = |t: &str| vocab.iter().position(|v| v == t).map(|i| i as u32);
+        let missing = |t: &str| io_err(&vocab_path, format!("no {t} token"));
+        let sot = find(w::SOT_TOKEN).ok_or_else(|| missing(w::SOT_TOKEN))?;
+        let eot = find(w::EOT_TOKEN).ok_or_else(|| missing(w::EOT_TOKEN))?;
+        let no_timestamps =
+            find(w::NO_TIMESTAMPS_TOKEN).ok_or_else(|| missing(w::NO_TIMESTAMPS_TOKEN))?;
+        let no_speech = w::NO_SPEECH_TOKENS.iter().find_map(|t| find(t));
+        // English-only models have no task tokens: the prompt is just sot + notimestamps.
+        let multilingual = vocab.len() >= 51865;
+        let mut prompt = vec![sot];
+        if multilingual {
+            prompt.extend(find("<|en|>"));
+            prompt.extend(find(w::TRANSCRIBE_TOKEN));
+        }
+        prompt.push(no_timestamps);
+
+        let mut mask = vec![0f32; vocab.len()];
+        for id in ids("suppress_ids") {
+            if let Some(m) = mask.get_mut(id as usize) {
+                *m = f32::NEG_INFINITY;
+            }
+        }
+        // No timestamps, no task or language tokens in the output: everything after eot.
+        for m in mask.iter_mut().skip(eot as usize + 1) {
+            *m = f32::NEG_INFINITY;
+        }
+        let suppress = Tensor::new(mask, &Device::Cpu).map_err(|e| io_err(&bin, e))?;
+        let mut suppress_begin = ids("suppress_ids_begin");
+        if suppress_begin.is_empty() {
+            suppress_begin = vec![220, eot];
+        }
+
+        Ok(WhisperModel {
+            model,
+            filters: mel_filters(config.num_mel_bins, w::N_FFT, w::SAMPLE_RATE as f32),
+            vocab,
+            bytes: ByteLevel::default(),
+            eot,
+            no_speech,
+            prompt,
+            suppress,
+            suppress_begin,
+        })
+    }
+
+    /// Transcribes one utterance of 16 kHz mono samples in -1..1 (at most 30 s are used).
+    pub fn transcribe(&mut self, samples: &[f32]) -> Result<Transcript, Error> {
+        let silent = Transcript {
+            text: String::new(),
+            no_speech_prob: 1.0,
+            guard: None,
+        };
+        if samples.len() < MIN_SPEECH_SAMPLES || rms(samples) < SILENCE_RMS {
+            return Ok(silent);
+        }
+        let samples = &samples[..samples.len().min(w::N_SAMPLES)];
+        let mel = w::audio::pcm_to_mel(&self.model.config, samples, &self.filters);
+        let n_mels = self.model.config.num_mel_bins;
+        let frames = mel.len() / n_mels;
+        let mel = Tensor::from_vec(mel, (1, n_mels, frames), &Device::Cpu)?;
+        // Whisper was trained on 30 s windows (3000 frames); the encoder's cost grows with the
+        // window, so a short utterance gets a shorter window: its audio plus 1 s of padding,
+        // never under 10 s (shorter windows made tiny.en drift on the LibriVox clips, 10 s
+        // windows gave the same transcripts as 30 s ones at a third of the cost).
+        let spoken = samples.len() / w::HOP_LENGTH;
+        let window = (spoken + MEL_PADDING_FRAMES).clamp(MIN_WINDOW_FRAMES, w::N_FRAMES);
+        let mel = mel.narrow(2, 0, window.min(frames))?;
+        let audio = self.model.encoder.forward(&mel, true)?;
+
+        let seconds = samples.len() as f32 / w::SAMPLE_RATE as f32;
+        let budget =
+            (MIN_TOKEN_BUDGET + (seconds * MAX_TOKENS_PER_SECOND) as usize).min(MAX_TOKENS);
+        let mut tokens = self.prompt.clone();
+        let mut no_speech_prob = 0.0;
+        let mut guard = None;
+        for step in 0..=budget {
+            if step == budget {
+                guard = Some("token budget for the audio length exceeded");
+                break;
+            }
+            let input = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let hidden = self.model.decoder.forward(&input, &audio, step == 0)?;
+            if step == 0
+                && let Some(ns) = self.no_speech
+            {
+                // The no-speech probability is read at the sot position.
+                let first = self.model.decoder.final_linear(&hidden.i((.., 0..1))?)?;
+                let probs = candle_nn::ops::softmax(&first.i((0, 0))?, D::Minus1)?;
+                no_speech_prob = probs.i(ns as usize)?.to_scalar::<f32>()?;
+            }
+            let (_, seq, _) = hidden.dims3()?;
+            let logits = self
+                .model
+                .decoder
+                .final_linear(&hidden.i((.., seq - 1..))?)?
+                .i((0, 0))?;
+            let mut logits = (logits + &self.suppress)?.to_vec1::<f32>()?;
+            if step == 0 {
+                for &id in &self.suppress_begin {
+                    if let Some(l) = logits.get_mut(id as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let next = argmax(&logits);
+            if next == self.eot {
+                break;
+            }
+            tokens.push(next);
+            let generated = &tokens[self.prompt.len()..];
+            if let Some(cut) = repetition_cut(generated) {
+                tokens.truncate(self.prompt.len() + cut);
+                guard = Some("repeated phrase");
+                break;
+            }
+        }
+        // candle's Whisper decoder caches only the cross-attention keys (flushed at step 0),
+        // so each step re-feeds the whole (short) token sequence.
+        let generated = &tokens[self.prompt.len()..];
+        if no_speech_prob > NO_SPEECH_THRESHOLD && generated.len() < 4 {
+            return Ok(Transcript {
+                no_speech_prob,
+                ..silent
+            });
+        }
+        let mut bytes = Vec::new();
+        for &t in generated {
+            if t < self.eot {
+                self.bytes.decode_into(&self.vocab[t as usize], &mut bytes);
+            }
+        }
+        Ok(Transcript {
+            text: String::from_utf8_lossy(&bytes).trim().to_string(),
+            no_speech_prob,
+            guard,
+        })
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn rms(samples: &[f32]) -> f32 {
+    (samples.iter().map(|s| s * s).sum::<f32>() / samples.len().max(1) as f32).sqrt()
+}
+
+/// If the generated tokens end with the same n-gram three times in a row (n = 1..=8 tokens;
+/// a single token needs 5 repeats since "very very" is real), returns the length to keep:
+/// up to the end of the first occurrence.
+pub fn repetition_cut(tokens: &[u32]) -> Option<usize> {
+    for n in 1..=8usize {
+        let times = if n == 1 { 5 } else { 3 };
+        if tokens.len() < n * times {
+            continue;
+        }
+        let end = tokens.len();
+        let last = &tokens[end - n..];
+        if (1..times).all(|k| &tokens[end - (k + 1) * n..end - k * n] == last) {
+            return Some(end - (times - 1) * n);
+        }
+    }
+    None
+}
+
+/// Maps CTranslate2 Whisper variable names onto candle's (Hugging Face) names.
+fn map_weights(
+    ct2: &Ct2Model,
+    vocab_size: usize,
+) -> std::io::Result<(HashMap<String, Tensor>, w::Config)> {
+    let mut out = HashMap::new();
+    let count_layers = |prefix: &str| {
+        (0..)
+            .take_while(|i| {
+                ct2.variables
+                    .contains_key(&format!("{prefix}/layer_{i}/ffn/linear_0/weight"))
+            })
+            .count()
+    };
+    let enc_layers = count_layers("encoder");
+    let dec_layers = count_layers("decoder");
+    let conv1 = ct2.tensor("encoder/conv1/weight")?;
+    let (d_model, n_mels, _) = conv1.dims3().map_err(to_io)?;
+    let dec_pos = ct2.tensor("decoder/position_encodings/encodings")?;
+    let n_text_ctx = dec_pos.dim(0).map_err(to_io)?;
+    let enc_pos = ct2.tensor("encoder/position_encodings/encodings")?;
+    let n_audio_ctx = enc_pos.dim(0).map_err(to_io)?;
+
+    let mut put = |name: String, t: Tensor| {
+        out.insert(name, t);
+    };
+    let e = "model.encoder";
+    let d = "model.decoder";
+    put(format!("{e}.conv1.weight"), conv1);
+    put(format!("{e}.conv1.bias"), ct2.tensor("encoder/conv1/bias")?);
+    put(
+        format!("{e}.conv2.weight"),
+        ct2.tensor("encoder/conv2/weight")?,
+    );
+    put(format!("{e}.conv2.bias"), ct2.tensor("encoder/conv2/bias")?);
+    put(
+        format!("{e}.layer_norm.weight"),
+        ct2.tensor("encoder/layer_norm/gamma")?,
+    );
+    put(
+        format!("{e}.layer_norm.bias"),
+        ct2.tensor("encoder/layer_norm/beta")?,
+    );
+    put(
+        format!("{d}.embed_tokens.weight"),
+        ct2.tensor("decoder/embeddings/weight")?,
+    );
+    put(format!("{d}.embed_positions.weight"), dec_pos);
+    put(
+        format!("{d}.layer_norm.weight"),
+        ct2.tensor("decoder/layer_norm/gamma")?,
+    );
+    put(
+        format!("{d}.layer_norm.bias"),
+        ct2.tensor("decoder/layer_norm/beta")?,
+    );
+
+    let norm = |put: &mut dyn FnMut(String, Tensor), src: &str, dst: &str| -> std::io::Result<()> {
+        put(
+            format!("{dst}.weight"),
+            ct2.tensor(&format!("{src}/gamma"))?,
+        );
+        put(format!("{dst}.bias"), ct2.tensor(&format!("{src}/beta"))?);
+        Ok(())
+    };
+    let linear =
+        |put: &mut dyn FnMut(String, Tensor), src: &str, dst: &str| -> std::io::Result<()> {
+            put(
+                format!("{dst}.weight"),
+                ct2.tensor(&format!("{src}/weight"))?,
+            );
+            put(format!("{dst}.bias"), ct2.tensor(&format!("{src}/bias"))?);
+            Ok(())
+        };
+    // A fused projection stacks [q; k; v] (or [k; v]) along the output dimension.
+    let split =
+        |put: &mut dyn FnMut(String, Tensor), src: &str, dsts: &[&str]| -> std::io::Result<()> {
+            let wt = ct2.tensor(&format!("{src}/weight"))?;
+            let b = ct2.tensor(&format!("{src}/bias"))?;
+            for (i, dst) in dsts.iter().enumerate() {
+                put(
+                    format!("{dst}.weight"),
+                    wt.narrow(0, i * d_model, d_model).map_err(to_io)?,
+                );
+                put(
+                    format!("{dst}.bias"),
+                    b.narrow(0, i * d_model, d_model).map_err(to_io)?,
+                );
+            }
+            Ok(())
+        };
+    for (side, n, hf) in [("encoder", enc_layers, e), ("decoder", dec_layers, d)] {
+        for i in 0..n {
+            let s = format!("{side}/layer_{i}");
+            let h = format!("{hf}.layers.{i}");
+            split(
+                &mut put,
+                &format!("{s}/self_attention/linear_0"),
+                &[
+                    &format!("{h}.self_attn.q_proj"),
+                    &format!("{h}.self_attn.k_proj"),
+                    &format!("{h}.self_attn.v_proj"),
+                ],
+            )?;
+            linear(
+                &mut put,
+                &format!("{s}/self_attention/linear_1"),
+                &format!("{h}.self_attn.out_proj"),
+            )?;
+            norm(
+                &mut put,
+                &format!("{s}/self_attention/layer_norm"),
+                &format!("{h}.self_attn_layer_norm"),
+            )?;
+            linear(&mut put, &format!("{s}/ffn/linear_0"), &format!("{h}.fc1"))?;
+            linear(&mut put, &format!("{s}/ffn/linear_1"), &format!("{h}.fc2"))?;
+            norm(
+                &mut put,
+                &format!("{s}/ffn/layer_norm"),
+                &format!("{h}.final_layer_norm"),
+            )?;
+            if side == "decoder" {
+                linear(
+                    &mut put,
+                    &format!("{s}/attention/linear_0"),
+                    &format!("{h}.encoder_attn.q_proj"),
+                )?;
+                split(
+                    &mut put,
+                    &format!("{s}/attention/linear_1"),
+                    &[
+                        &format!("{h}.encoder_attn.k_proj"),
+                        &format!("{h}.encoder_attn.v_proj"),
+                    ],
+                )?;
+                linear(
+                    &mut put,
+                    &format!("{s}/attention/linear_2"),
+                    &format!("{h}.encoder_attn.out_proj"),
+                )?;
+                norm(
+                    &mut put,
+                    &format!("{s}/attention/layer_norm"),
+                    &format!("{h}.encoder_attn_layer_norm"),
+                )?;
+            }
+        }
+    }
+    let config = w::Config {
+        num_mel_bins: n_mels,
+        max_source_positions: n_audio_ctx,
+        d_model,
+        encoder_attention_heads: ct2.int("encoder/num_heads")? as usize,
+        encoder_layers: enc_layers,
+        vocab_size,
+        max_target_positions: n_text_ctx,
+        decoder_attention_heads: ct2.int("decoder/num_heads")? as usize,
+        decoder_layers: dec_layers,
+        suppress_tokens: Vec::new(),
+    };
+    Ok((out, config))
+}
+
+fn to_io(e: candle_core::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// librosa's mel filter bank (Slaney scale and normalisation), as Whisper's `mel_filters.npz`
+/// holds it: `n_mels x (n_fft/2 + 1)`, row-major.
+pub fn mel_filters(n_mels: usize, n_fft: usize, sample_rate: f32) -> Vec<f32> {
+    fn hz_to_mel(f: f64) -> f64 {
+        let f_sp = 200.0 / 3.0;
+        let min_log_hz = 1000.0;
+        let min_log_mel = min_log_hz / f_sp;
+        let logstep = (6.4f64).ln() / 27.0;
+        if f >= min_log_hz {
+            min_log_mel + (f / min_log_hz).ln() / logstep
+        } else {
+            f / f_sp
+        }
+    }
+    fn mel_to_hz(m: f64) -> f64 {
+        let f_sp = 200.0 / 3.0;
+        let min_log_hz = 1000.0;
+        let min_log_mel = min_log_hz / f_sp;
+        let logstep = (6.4f64).ln() / 27.0;
+        if m >= min_log_mel {
+            min_log_hz * (logstep * (m - min_log_mel)).exp()
+        } else {
+            f_sp * m
+        }
+    }
+    let n_bins = n_fft / 2 + 1;
+    let sr = sample_rate as f64;
+    let fft_freqs: Vec<f64> = (0..n_bins).map(|i| i as f64 * sr / n_fft as f64).collect();
+    let (lo, hi) = (hz_to_mel(0.0), hz_to_mel(sr / 2.0));
+    let mel_f: Vec<f64> = (0..n_mels + 2)
+        .map(|i| mel_to_hz(lo + (hi - lo) * i as f64 / (n_mels + 1) as f64))
+        .collect();
+    let mut weights = vec![0f32; n_mels * n_bins];
+    for m in 0..n_mels {
+        let enorm = 2.0 / (mel_f[m + 2] - mel_f[m]);
+        for (k, &f) in fft_freqs.iter().enumerate() {
+            let lower = (f - mel_f[m]) / (mel_f[m + 1] - mel_f[m]);
+            let upper = (mel_f[m + 2] - f) / (mel_f[m + 2] - mel_f[m + 1]);
+            weights[m * n_bins + k] = (lower.min(upper).max(0.0) * enorm) as f32;
+        }
+    }
+    weights
+}

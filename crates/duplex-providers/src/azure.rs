@@ -1,0 +1,199 @@
+//! Azure Speech text-to-speech over REST.
+//!
+//! Per Microsoft's "Text to speech REST API": `POST https://{region}.tts.speech.microsoft.com
+//! /cognitiveservices/v1` with headers `Ocp-Apim-Subscription-Key`, `Content-Type:
+//! application/ssml+xml`, `X-Microsoft-OutputFormat` (here `raw-24khz-16bit-mono-pcm` or
+//! `raw-16khz-16bit-mono-pcm`: headerless little-endian PCM) and `User-Agent`; the body is
+//! SSML with one `<voice>`. The response body is the audio, streamed here chunk by chunk. One
+//! request per text chunk, in order.
+
+use crate::openai::{http_client, http_error, reqwest_error, stream_pcm};
+use crate::usage::{Meter, UsageKind};
+use crate::{ProviderError, TextToSpeech, TtsEvent, TtsInput, TtsParams, TtsStream};
+
+/// Settings of the Azure adapter.
+#[derive(Debug, Clone)]
+pub struct AzureTtsConfig {
+    pub key: String,
+    pub region: String,
+    /// Overrides `https://{region}.tts.speech.microsoft.com`; a full URL ending in
+    /// `/cognitiveservices/v1` is used as is.
+    pub endpoint: Option<String>,
+    /// Used when the session names no voice.
+    pub voice: String,
+    /// Used when the session names no language.
+    pub language: String,
+    /// 16000 or 24000: selects `raw-16khz-16bit-mono-pcm` or `raw-24khz-16bit-mono-pcm`.
+    pub sample_rate: u32,
+}
+
+impl AzureTtsConfig {
+    pub fn new(key: impl Into<String>, region: impl Into<String>) -> AzureTtsConfig {
+        AzureTtsConfig {
+            key: key.into(),
+            region: region.into(),
+            endpoint: None,
+            voice: "en-US-AvaMultilingualNeural".into(),
+            language: "en-US".into(),
+            sample_rate: 24_000,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let base = match &self.endpoint {
+            Some(e) => e.trim().trim_end_matches('/').to_owned(),
+            None => format!("https://{}.tts.speech.microsoft.com", self.region.trim()),
+        };
+        if base.ends_with("/cognitiveservices/v1") {
+            base
+        } else {
+            format!("{base}/cognitiveservices/v1")
+        }
+    }
+
+    pub fn output_format(&self) -> &'static str {
+        if self.sample_rate == 16_000 {
+            "raw-16khz-16bit-mono-pcm"
+        } else {
+            "raw-24khz-16bit-mono-pcm"
+        }
+    }
+
+    fn rate(&self) -> u32 {
+        if self.sample_rate == 16_000 {
+            16_000
+        } else {
+            24_000
+        }
+    }
+}
+
+/// The SSML document for one chunk.
+pub fn ssml(language: &str, voice: &str, text: &str) -> String {
+    format!(
+        "<speak version=\"1.0\" xmlns=\"http://www.w3.org/2001/10/synthesis\" xml:lang=\"{}\">\
+         <voice name=\"{}\">{}</voice></speak>",
+        xml_escape(language),
+        xml_escape(voice),
+        xml_escape(text)
+    )
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Azure neural TTS.
+#[derive(Debug, Clone)]
+pub struct AzureTts {
+    config: AzureTtsConfig,
+    client: reqwest::Client,
+    meter: Meter,
+}
+
+impl AzureTts {
+    pub fn new(config: AzureTtsConfig, meter: Meter) -> AzureTts {
+        AzureTts {
+            config,
+            client: http_client(),
+            meter,
+        }
+    }
+}
+
+impl TextToSpeech for AzureTts {
+    fn name(&self) -> &str {
+        "azure"
+    }
+
+    fn open(&self, params: TtsParams) -> TtsStream {
+        let (stream, mut task) = TtsStream::channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let cancel = task.cancel.clone();
+            let events = task.events.clone();
+            let work = async move {
+                let url = this.config.url();
+                let voice = params.voice.clone().unwrap_or(this.config.voice.clone());
+                let language = params
+                    .language
+                    .clone()
+                    .unwrap_or(this.config.language.clone());
+                while let Some(input) = task.input.recv().await {
+                    let (index, text) = match input {
+                        TtsInput::Text { index, text } => (index, text),
+                        TtsInput::End => {
+                            let _ = task.events.send(TtsEvent::Finished).await;
+                            return Ok(());
+                        }
+                    };
+                    this.meter.record(
+                        &params.session_id,
+                        "azure",
+                        "neural",
+                        UsageKind::TtsCharacters,
+                        text.chars().count() as f64,
+                    );
+                    let resp = this
+                        .client
+                        .post(&url)
+                        .header("Ocp-Apim-Subscription-Key", &this.config.key)
+                        .header("Content-Type", "application/ssml+xml")
+                        .header("X-Microsoft-OutputFormat", this.config.output_format())
+                        .body(ssml(&language, &voice, &text))
+                        .send()
+                        .await
+                        .map_err(reqwest_error)?;
+                    if !resp.status().is_success() {
+                        return Err(http_error(resp).await);
+                    }
+                    if !stream_pcm(resp, index, this.config.rate(), &task.events).await? {
+                        return Ok(());
+                    }
+                }
+                Ok::<(), ProviderError>(())
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = work => if let Err(e) = r {
+                    let _ = events.send(TtsEvent::Error(e)).await;
+                }
+            }
+        });
+        stream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_and_ssml() {
+        let mut c = AzureTtsConfig::new("k", "westeurope");
+        assert_eq!(
+            c.url(),
+            "https://westeurope.tts.speech.microsoft.com/cognitiveservices/v1"
+        );
+        c.endpoint = Some("http://127.0.0.1:5/".into());
+        assert_eq!(c.url(), "http://127.0.0.1:5/cognitiveservices/v1");
+        c.endpoint = Some("https://x.example/cognitiveservices/v1".into());
+        assert_eq!(c.url(), "https://x.example/cognitiveservices/v1");
+        assert_eq!(
+            ssml("en-US", "en-US-AvaMultilingualNeural", "Fish & <chips>"),
+            "<speak version=\"1.0\" xmlns=\"http://www.w3.org/2001/10/synthesis\" xml:lang=\"en-US\">\
+             <voice name=\"en-US-AvaMultilingualNeural\">Fish &amp; &lt;chips&gt;</voice></speak>"
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! Builds the provider set sessions run on from [`Config`]: per engine, the explicit
+//! `*_PROVIDER` choice, else the cloud vendor whose key is set, else the `DUPLEX_PROVIDERS`
+//! set (config.rs resolves the choice; this module only constructs). Every cloud adapter
+//! reports usage to the given sink, priced from `PROVIDER_PRICES` over the defaults.
+
+use std::sync::Arc;
+
+use duplex_providers::azure::{AzureTts, AzureTtsConfig};
+use duplex_providers::deepgram::{DeepgramConfig, DeepgramStt};
+use duplex_providers::elevenlabs::{ElevenLabsConfig, ElevenLabsTts};
+use duplex_providers::openai::{
+    OpenAiEndpoint, OpenAiLlm, OpenAiStt, OpenAiSttConfig, OpenAiTts, OpenAiTtsConfig,
+};
+use duplex_providers::router::{BreakerConfig, LlmRouter, RouterConfig};
+use duplex_providers::scripted::{ScriptedConfig, ScriptedLlm, ScriptedStt, ScriptedTts};
+use duplex_providers::{LanguageModel, Meter, ProviderSet, SpeechToText, TextToSpeech, UsageSink};
+
+use crate::config::{Config, LlmEngine, ProviderMode, SttEngine, TtsEngine};
+
+/// The engines of every session; `None` in echo mode (no providers at all).
+pub fn build(config: &Config, usage: Arc<dyn UsageSink>) -> Option<ProviderSet> {
+    if config.providers == ProviderMode::Echo {
+        return None;
+    }
+    duplex_providers::install_crypto_provider();
+    let cloud = &config.cloud;
+    let meter = Meter::new(usage, Arc::new(cloud.prices.clone()));
+    let scripted = ScriptedConfig {
+        llm_first_token: config.scripted_llm_first_token,
+        llm_token_interval: config.scripted_llm_token_interval,
+        tts_latency: config.scripted_tts_latency,
+        ..ScriptedConfig::default()
+    };
+    let key = |k: &Option<String>| {
+        k.clone()
+            .expect("config.rs checked the key of a chosen engine")
+    };
+
+    let stt: Arc<dyn SpeechToText> = match cloud.stt {
+        SttEngine::Default | SttEngine::Scripted => Arc::new(ScriptedStt::new(scripted.clone())),
+        SttEngine::Deepgram => {
+            let mut c = DeepgramConfig::new(key(&cloud.deepgram_api_key));
+            c.base_url = cloud.deepgram_base_url.clone();
+            c.model = cloud.deepgram_model.clone();
+            Arc::new(DeepgramStt::new(c, meter.clone()))
+        }
+        SttEngine::OpenAi => {
+            let mut c = OpenAiSttConfig::new(key(&cloud.openai_api_key));
+            c.base_url = cloud.openai_base_url.clone();
+            c.model = cloud.openai_stt_model.clone();
+            c.max_utterance = config.max_turn.max(std::time::Duration::from_secs(1));
+            Arc::new(OpenAiStt::new(c, meter.clone()))
+        }
+    };
+
+    let llm: Arc<dyn LanguageModel> = match cloud.llm {
+        LlmEngine::Default | LlmEngine::Scripted => Arc::new(ScriptedLlm::new(scripted.clone())),
+        LlmEngine::OpenAi => {
+            let endpoints: Vec<Arc<dyn LanguageModel>> = cloud
+                .llm_endpoints
+                .iter()
+                .map(|e| {
+                    Arc::new(OpenAiLlm::new(
+                        OpenAiEndpoint {
+                            name: e.name.clone(),
+                            base_url: e.base_url.clone(),
+                            api_key: e.api_key.clone(),
+                            model: e.model.clone(),
+                        },
+                        meter.clone(),
+                    )) as Arc<dyn LanguageModel>
+                })
+                .collect();
+            let router = RouterConfig {
+                first_token_timeout: cloud.llm_first_token_timeout,
+                retries: cloud.llm_retries,
+                breaker: BreakerConfig {
+                    failure_threshold: cloud.llm_breaker_failures,
+                    cool_down: cloud.llm_breaker_cool_down,
+                },
+                cache_ttl: cloud.llm_cache_ttl,
+                ..RouterConfig::default()
+            };
+            Arc::new(
+                LlmRouter::new(endpoints, cloud.llm_routes.clone(), router)
+                    .expect("config.rs validated endpoints and routes"),
+            )
+        }
+    };
+
+    let tts: Arc<dyn TextToSpeech> = match cloud.tts {
+        TtsEngine::Default | TtsEngine::Scripted => Arc::new(ScriptedTts::new(scripted)),
+        TtsEngine::Azure => {
+            let mut c =
+                AzureTtsConfig::new(key(&cloud.azure_speech_key), &cloud.azure_speech_region);
+            c.endpoint = cloud.azure_speech_endpoint.clone();
+            c.voice = cloud.azure_speech_voice.clone();
+            Arc::new(AzureTts::new(c, meter.clone()))
+        }
+        TtsEngine::ElevenLabs => {
+            let mut c =
+                ElevenLabsConfig::new(key(&cloud.elevenlabs_api_key), &cloud.elevenlabs_voice_id);
+            c.base_url = cloud.elevenlabs_base_url.clone();
+            c.model_id = cloud.elevenlabs_model.clone();
+            Arc::new(ElevenLabsTts::new(c, meter.clone()))
+        }
+        TtsEngine::OpenAi => {
+            let mut c = OpenAiTtsConfig::new(key(&cloud.openai_api_key));
+            c.base_url = cloud.openai_base_url.clone();
+            c.model = cloud.openai_tts_model.clone();
+            c.voice = cloud.openai_tts_voice.clone();
+            Arc::new(OpenAiTts::new(c, meter))
+        }
+    };
+    Some(ProviderSet { stt, llm, tts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn names(pairs: &[(&str, &str)]) -> Option<[String; 3]> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = Config::from_lookup(|k| map.get(k).cloned()).expect("valid");
+        build(&config, Arc::new(duplex_providers::usage::NullSink)).map(|p| {
+            [
+                p.stt.name().to_owned(),
+                p.llm.name().to_owned(),
+                p.tts.name().to_owned(),
+            ]
+        })
+    }
+
+    #[tokio::test]
+    async fn engines_follow_the_config() {
+        assert_eq!(names(&[]).unwrap(), ["scripted", "scripted", "scripted"]);
+        assert_eq!(names(&[("DUPLEX_PROVIDERS", "echo")]), None);
+        assert_eq!(
+            names(&[
+                ("DEEPGRAM_API_KEY", "d"),
+                ("OPENAI_API_KEY", "o"),
+                ("AZURE_SPEECH_KEY", "a"),
+                ("AZURE_SPEECH_REGION", "westeurope"),
+            ])
+            .unwrap(),
+            ["deepgram", "openai", "azure"]
+        );
+        assert_eq!(
+            names(&[
+                ("OPENAI_API_KEY", "o"),
+                (
+                    "LLM_ENDPOINTS",
+                    "groq|https://api.groq.com/openai/v1|llama|g"
+                ),
+                ("ELEVENLABS_API_KEY", "e"),
+            ])
+            .unwrap(),
+            ["openai", "router", "elevenlabs"]
+        );
+    }
+}
