@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod config;
 mod http;
+mod metering;
 pub mod metrics;
 pub mod providers;
 mod session;
@@ -46,8 +47,13 @@ impl Server {
     /// Binds the listener and starts serving. Returns once the port is bound.
     pub async fn bind(config: Config, metrics: Metrics) -> std::io::Result<Server> {
         // Provider usage goes to the Prometheus counters (add sinks with usage::FanOut).
-        let providers = providers::build(&config, Arc::new(metrics.clone()));
-        Server::bind_with(config, metrics, providers).await
+        // ... and to the session they belong to, whose meter counts their cost.
+        let routes = metering::SessionUsage::default();
+        let sinks: Vec<Arc<dyn duplex_providers::UsageSink>> =
+            vec![Arc::new(metrics.clone()), Arc::new(routes.clone())];
+        let sink = duplex_providers::usage::FanOut(sinks);
+        let providers = providers::build(&config, Arc::new(sink));
+        Server::bind_inner(config, metrics, providers, routes).await
     }
 
     /// Like [`Server::bind`] with an explicit provider set (`None` = echo mode).
@@ -55,6 +61,21 @@ impl Server {
         config: Config,
         metrics: Metrics,
         providers: Option<ProviderSet>,
+    ) -> std::io::Result<Server> {
+        Server::bind_inner(
+            config,
+            metrics,
+            providers,
+            metering::SessionUsage::default(),
+        )
+        .await
+    }
+
+    async fn bind_inner(
+        config: Config,
+        metrics: Metrics,
+        providers: Option<ProviderSet>,
+        usage_routes: metering::SessionUsage,
     ) -> std::io::Result<Server> {
         let store = Store::open(&config.database_url).await.map_err(|e| {
             std::io::Error::other(format!("store ({}): {e}", config.database_url_for_logs()))
@@ -91,6 +112,8 @@ impl Server {
                 metrics,
                 providers,
                 shutdown: shutdown.clone(),
+                store: store.clone(),
+                usage_routes,
             },
         });
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();

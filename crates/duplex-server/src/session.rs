@@ -83,6 +83,8 @@ pub(crate) struct SessionContext {
     pub metrics: Metrics,
     pub providers: Option<ProviderSet>,
     pub shutdown: CancellationToken,
+    pub store: duplex_store::Store,
+    pub usage_routes: crate::metering::SessionUsage,
 }
 
 /// Runs one connection to its end.
@@ -92,8 +94,8 @@ pub(crate) async fn run(
     start: Option<Result<SessionStart, (ErrorCode, String)>>,
     peer: SocketAddr,
     max_message_bytes: usize,
-    _identity: crate::auth::Identity,
-    _switches: tokio::sync::watch::Receiver<duplex_metering::Switches>,
+    identity: crate::auth::Identity,
+    switches: tokio::sync::watch::Receiver<duplex_metering::Switches>,
 ) {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let span =
@@ -108,14 +110,17 @@ pub(crate) async fn run(
         let kill = CancellationToken::new();
         let writer = tokio::spawn(writer(sink, out_rx, kill.clone()).in_current_span());
         let reader = tokio::spawn(reader(stream, in_tx, max_message_bytes).in_current_span());
-        let mut session = Session::new(ctx.clone(), session_id, out_tx, kill);
-        if let Some(start) = start {
-            match start {
-                Ok(s) => session.start(s),
-                Err((code, message)) => session.send_error(code, message, false),
+        let mut session = Session::new(ctx.clone(), session_id, out_tx, kill, switches);
+        if session.admit(&identity).await {
+            if let Some(start) = start {
+                match start {
+                    Ok(s) => session.start(s),
+                    Err((code, message)) => session.send_error(code, message, false),
+                }
             }
+            session.run(in_rx).await;
         }
-        session.run(in_rx).await;
+        session.finish_metering().await;
         drop(session);
         reader.abort();
         let _ = writer.await;
@@ -383,6 +388,39 @@ enum Wake {
     Idle,
     Drain,
     Close,
+    MeterTick,
+    Persisted(Option<(u64, PersistResult)>),
+    Switches,
+    ProviderUsage(Option<duplex_providers::UsageRecord>),
+}
+
+/// The outcome of one usage write (timed out or failed writes are retried by the meter).
+type PersistResult = Result<duplex_metering::UsageTotals, String>;
+
+/// Usage writes in flight per session: the meter keeps exactly one out at a time; 2 leaves
+/// room for the final write's result while the actor is shutting down.
+const PERSIST_CAPACITY: usize = 2;
+/// A usage write that takes longer than this is treated as failed and retried later: the
+/// meter must keep enforcing limits on fresh totals.
+const PERSIST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closed session may spend writing its final usage.
+const FINALIZE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Metering state of the session (see `crate::metering` and `duplex_metering`).
+struct Metering {
+    meter: duplex_metering::SessionMeter,
+    account: Option<crate::metering::Account>,
+    totals: Option<duplex_metering::UsageTotals>,
+    started: bool,
+    deadline: Option<Instant>,
+    switches: tokio::sync::watch::Receiver<duplex_metering::Switches>,
+    switches_open: bool,
+    persist_tx: mpsc::Sender<(u64, PersistResult)>,
+    persist_rx: mpsc::Receiver<(u64, PersistResult)>,
+    usage_rx: Option<mpsc::Receiver<duplex_providers::UsageRecord>>,
+    _usage_route: Option<crate::metering::UsageRoute>,
+    decision: Option<(u64, duplex_metering::TurnDecision)>,
+    close_reason: &'static str,
 }
 
 struct Session {
@@ -400,6 +438,7 @@ struct Session {
     ended: bool,
     /// The writer is gone or killed: stop.
     dead: bool,
+    metering: Metering,
 }
 
 impl Session {
@@ -408,8 +447,29 @@ impl Session {
         id: String,
         out: mpsc::Sender<Outbound>,
         kill: CancellationToken,
+        switches: tokio::sync::watch::Receiver<duplex_metering::Switches>,
     ) -> Session {
+        let (persist_tx, persist_rx) = mpsc::channel(PERSIST_CAPACITY);
+        let meter = duplex_metering::SessionMeter::new(duplex_metering::MeterConfig {
+            heartbeat: ctx.config.usage_heartbeat,
+            ..duplex_metering::MeterConfig::default()
+        });
         Session {
+            metering: Metering {
+                meter,
+                account: None,
+                totals: None,
+                started: false,
+                deadline: None,
+                switches,
+                switches_open: true,
+                persist_tx,
+                persist_rx,
+                usage_rx: None,
+                _usage_route: None,
+                decision: None,
+                close_reason: "closed",
+            },
             ctx,
             id,
             out,
@@ -426,6 +486,7 @@ impl Session {
     async fn run(&mut self, mut inbound: mpsc::Receiver<Inbound>) {
         loop {
             self.drive();
+            self.drive_meter();
             if self.dead {
                 return;
             }
@@ -447,6 +508,8 @@ impl Session {
                 let llm_turn = llm.as_ref().map(|l| l.turn).unwrap_or(0);
                 let tts_turn = tts.as_ref().map(|t| t.turn).unwrap_or(0);
                 let draining = self.drain_deadline.is_some();
+                let m = &mut self.metering;
+                let switches_open = m.switches_open;
                 tokio::select! {
                     biased;
                     _ = self.ctx.shutdown.cancelled(), if !draining && self.closing.is_none() => Wake::Shutdown,
@@ -458,6 +521,13 @@ impl Session {
                     _ = sleep_until_opt(deadline) => Wake::Deadline,
                     _ = sleep_until(idle_at), if self.closing.is_none() => Wake::Idle,
                     _ = sleep_until_opt(self.drain_deadline) => Wake::Drain,
+                    _ = sleep_until_opt(m.deadline) => Wake::MeterTick,
+                    r = m.persist_rx.recv() => Wake::Persisted(r),
+                    c = m.switches.changed(), if switches_open => {
+                        if c.is_err() { m.switches_open = false; }
+                        Wake::Switches
+                    }
+                    u = recv_opt(m.usage_rx.as_mut()) => Wake::ProviderUsage(u),
                 }
             };
             match wake {
@@ -492,6 +562,18 @@ impl Session {
                         Duration::ZERO,
                     );
                 }
+                Wake::MeterTick => self.meter_input(duplex_metering::MeterInput::Tick),
+                Wake::Persisted(Some((seq, result))) => self.on_persisted(seq, result),
+                Wake::Persisted(None) => {}
+                Wake::Switches => {
+                    let switches = self.metering.switches.borrow_and_update().clone();
+                    self.meter_input(duplex_metering::MeterInput::Switches(switches));
+                }
+                Wake::ProviderUsage(Some(record)) => {
+                    let usage = crate::metering::provider_usage(&record);
+                    self.meter_input(duplex_metering::MeterInput::ProviderUsage(usage));
+                }
+                Wake::ProviderUsage(None) => self.metering.usage_rx = None,
             }
         }
     }
@@ -537,6 +619,251 @@ impl Session {
     fn close_soon(&mut self, code: u16, reason: &'static str, after: Duration) {
         if self.closing.is_none() {
             self.closing = Some((Instant::now() + after, code, reason));
+        }
+    }
+
+    // -- metering ----------------------------------------------------------------------------
+
+    /// Resolves the user and decides whether this connection may start a session. `false`:
+    /// the client was told why (`limit_exceeded` + 4029, or an error) and the session is over.
+    async fn admit(&mut self, identity: &crate::auth::Identity) -> bool {
+        let store = self.ctx.store.clone();
+        let loaded = async {
+            let account = crate::metering::load_account(&store, &self.ctx.config, identity).await?;
+            let day = wall_clock().date();
+            let totals = crate::metering::totals(&store, account.user.id, day).await?;
+            Ok::<_, duplex_store::StoreError>((account, totals))
+        };
+        let (account, totals) = match timeout(PERSIST_TIMEOUT, loaded).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return self.refuse_unavailable(&e.to_string()),
+            Err(_) => return self.refuse_unavailable("timed out"),
+        };
+        let switches = self.metering.switches.borrow().clone();
+        if let duplex_metering::Admission::Refused(limit) =
+            duplex_metering::admission(&account.plan, &totals, &switches)
+        {
+            info!(user = %identity.user_id, limit = %limit.limit, "connection refused: limit");
+            self.send(&ServerMessage::LimitExceeded(limit));
+            self.push(Outbound::Close(
+                close_code::LIMIT_EXCEEDED,
+                "limit exceeded".into(),
+            ));
+            return false;
+        }
+        debug!(user = %identity.user_id, plan = %account.plan.name, "admitted");
+        self.metering.account = Some(account);
+        self.metering.totals = Some(totals);
+        true
+    }
+
+    fn refuse_unavailable(&mut self, why: &str) -> bool {
+        warn!(error = why, "usage store unavailable: refusing the session");
+        self.send_error(
+            ErrorCode::Internal,
+            "the usage store is unavailable; try again shortly",
+            true,
+        );
+        self.push(Outbound::Close(
+            close_code::INTERNAL_ERROR,
+            "usage store unavailable".into(),
+        ));
+        false
+    }
+
+    /// Metering starts at `session.ready`.
+    fn start_metering(&mut self) {
+        let m = &mut self.metering;
+        let (Some(account), Some(totals)) = (m.account.as_ref(), m.totals.take()) else {
+            return;
+        };
+        m.started = true;
+        let (route, rx) = self.ctx.usage_routes.register(&self.id);
+        m._usage_route = Some(route);
+        m.usage_rx = Some(rx);
+        let start = duplex_metering::MeterStart {
+            plan: account.plan.clone(),
+            totals,
+            switches: m.switches.borrow().clone(),
+            wall_clock: wall_clock(),
+        };
+        let user_id = account.user.id;
+        m.meter.handle_input(
+            Instant::now().into_std(),
+            duplex_metering::MeterInput::Start(start),
+        );
+        let store = self.ctx.store.clone();
+        let id = self.id.clone();
+        tokio::spawn(
+            async move {
+                let at = time::OffsetDateTime::now_utc();
+                if let Err(e) = store.session_started(&id, user_id, at).await {
+                    warn!(error = %e, "could not record the session start");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn meter_input(&mut self, input: duplex_metering::MeterInput) {
+        if self.metering.started {
+            self.metering
+                .meter
+                .handle_input(Instant::now().into_std(), input);
+        }
+    }
+
+    /// Asks the meter whether `turn` may start; `Some` is why not.
+    fn request_turn(&mut self, turn: TurnId) -> Option<duplex_metering::Denial> {
+        if !self.metering.started {
+            return None;
+        }
+        self.meter_input(duplex_metering::MeterInput::TurnRequested { turn });
+        self.drive_meter();
+        match self.metering.decision.take() {
+            Some((t, duplex_metering::TurnDecision::Denied(d))) if t == turn => Some(d),
+            _ => None,
+        }
+    }
+
+    fn on_persisted(&mut self, seq: u64, result: PersistResult) {
+        let input = match result {
+            Ok(totals) => duplex_metering::MeterInput::Persisted { seq, totals },
+            Err(e) => {
+                warn!(error = %e, seq, "usage write failed; it will be retried");
+                duplex_metering::MeterInput::PersistFailed { seq }
+            }
+        };
+        self.meter_input(input);
+    }
+
+    fn spawn_persist(&self, delta: duplex_metering::UsageDelta) {
+        let Some(account) = self.metering.account.as_ref() else {
+            return;
+        };
+        let store = self.ctx.store.clone();
+        let user_id = account.user.id;
+        let tx = self.metering.persist_tx.clone();
+        tokio::spawn(
+            async move {
+                let r = timeout(
+                    PERSIST_TIMEOUT,
+                    crate::metering::persist(&store, user_id, &delta),
+                )
+                .await;
+                let r = match r {
+                    Ok(Ok(totals)) => Ok(totals),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                };
+                let _ = tx.send((delta.seq, r)).await;
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Carries out what the meter asks for, and remembers its next deadline.
+    fn drive_meter(&mut self) {
+        use duplex_metering::MeterOutput;
+        if !self.metering.started {
+            return;
+        }
+        loop {
+            match self.metering.meter.poll_output() {
+                MeterOutput::Persist(delta) => self.spawn_persist(delta),
+                MeterOutput::Usage(u) => self.send(&ServerMessage::UsageUpdate(u)),
+                MeterOutput::LimitExceeded(l) => {
+                    info!(limit = %l.limit, used = l.used, allowed = l.allowed, "limit exceeded");
+                    self.send(&ServerMessage::LimitExceeded(l));
+                }
+                MeterOutput::Turn { turn, decision } => {
+                    self.metering.decision = Some((turn, decision));
+                }
+                MeterOutput::StopNewTurns => info!("conversation time used up: no new turns"),
+                MeterOutput::EndSession { close_code } => {
+                    self.metering.close_reason = "limit exceeded";
+                    self.ended = true;
+                    if let Phase::Running(r) = &mut self.phase {
+                        r.llm = None;
+                        r.tts = None;
+                    }
+                    self.close_soon(close_code, "limit exceeded", Duration::ZERO);
+                }
+                MeterOutput::Finished => {}
+                MeterOutput::Timeout(at) => {
+                    self.metering.deadline = Some(Instant::from_std(at));
+                    return;
+                }
+                MeterOutput::Idle => {
+                    self.metering.deadline = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After the connection is done: writes the rest of the usage (bounded in time), and
+    /// records the session's end.
+    async fn finish_metering(&mut self) {
+        use duplex_metering::{MeterInput, MeterOutput};
+        if !self.metering.started {
+            return;
+        }
+        let now = || Instant::now().into_std();
+        self.metering.meter.handle_input(now(), MeterInput::Ending);
+        let user_id = self.metering.account.as_ref().map(|a| a.user.id);
+        let store = self.ctx.store.clone();
+        let work = async {
+            loop {
+                match self.metering.meter.poll_output() {
+                    MeterOutput::Persist(delta) => {
+                        let Some(user_id) = user_id else { return };
+                        let r = timeout(
+                            PERSIST_TIMEOUT,
+                            crate::metering::persist(&store, user_id, &delta),
+                        )
+                        .await;
+                        let input = match r {
+                            Ok(Ok(totals)) => MeterInput::Persisted {
+                                seq: delta.seq,
+                                totals,
+                            },
+                            _ => MeterInput::PersistFailed { seq: delta.seq },
+                        };
+                        self.metering.meter.handle_input(now(), input);
+                    }
+                    MeterOutput::Finished => return,
+                    MeterOutput::Timeout(at) => sleep_until(Instant::from_std(at)).await,
+                    // A write from the live session is still out: wait for its result.
+                    MeterOutput::Idle => match self.metering.persist_rx.recv().await {
+                        Some((seq, Ok(totals))) => self
+                            .metering
+                            .meter
+                            .handle_input(now(), MeterInput::Persisted { seq, totals }),
+                        Some((seq, Err(_))) => self
+                            .metering
+                            .meter
+                            .handle_input(now(), MeterInput::PersistFailed { seq }),
+                        None => return,
+                    },
+                    // The socket is closed: nothing more to tell the client.
+                    _ => {}
+                }
+            }
+        };
+        if timeout(FINALIZE_TIMEOUT, work).await.is_err() {
+            warn!(
+                unpersisted = ?self.metering.meter.unpersisted(),
+                "gave up writing the session's final usage"
+            );
+        }
+        let reason = self.metering.close_reason;
+        let id = self.id.clone();
+        if let Err(e) = store
+            .session_ended(&id, time::OffsetDateTime::now_utc(), reason)
+            .await
+        {
+            warn!(error = %e, "could not record the session end");
         }
     }
 
@@ -669,13 +996,19 @@ impl Session {
             input,
             output,
             output_frame_ms: OUT_FRAME_MS,
-            plan: proto::PlanInfo {
-                name: "unmetered".into(),
-                limits: proto::PlanLimits::default(),
-            },
+            plan: self
+                .metering
+                .account
+                .as_ref()
+                .map(|a| a.plan.info())
+                .unwrap_or_else(|| proto::PlanInfo {
+                    name: duplex_metering::UNMETERED.into(),
+                    limits: proto::PlanLimits::default(),
+                }),
             providers: names,
         });
         self.send(&ready);
+        self.start_metering();
         info!(sample_rate = s.sample_rate, encoding = ?s.encoding, "session started");
         Ok(())
     }
@@ -871,6 +1204,15 @@ impl Session {
             Some(Ok(LlmEvent::Delta(text))) => Input::LlmDelta { turn, text },
             Some(Ok(LlmEvent::Done { usage, model })) => {
                 debug!(?usage, model, "LLM turn done");
+                if let Some(u) = usage {
+                    let tokens = u64::from(u.prompt_tokens) + u64::from(u.completion_tokens);
+                    self.meter_input(duplex_metering::MeterInput::ProviderUsage(
+                        duplex_metering::ProviderUsage {
+                            llm_tokens: tokens,
+                            ..Default::default()
+                        },
+                    ));
+                }
                 self.clear_llm(turn);
                 Input::LlmDone { turn }
             }
@@ -990,10 +1332,22 @@ impl Session {
                     history,
                 } => {
                     tracing::Span::current().record("turn_id", turn);
+                    if let Some(denial) = self.request_turn(turn) {
+                        info!(
+                            turn,
+                            code = denial.code.as_str(),
+                            "turn refused by the plan"
+                        );
+                        self.send_error(denial.code, denial.message, false);
+                        self.send(&ServerMessage::LimitExceeded(denial.limit));
+                        self.core_input(Input::RejectTurn { turn });
+                        continue;
+                    }
                     self.ctx.metrics.turns_total.inc();
                     self.start_turn(turn, system_prompt, history);
                 }
                 Output::TtsText { turn, index, text } => {
+                    let chars = text.chars().count() as u64;
                     if let Some(tts) = r.tts.as_ref().filter(|t| t.turn == turn)
                         && tts
                             .stream
@@ -1003,6 +1357,12 @@ impl Session {
                     {
                         warn!("TTS text queue full; chunk dropped");
                     }
+                    self.meter_input(duplex_metering::MeterInput::ProviderUsage(
+                        duplex_metering::ProviderUsage {
+                            tts_characters: chars,
+                            ..Default::default()
+                        },
+                    ));
                 }
                 Output::TtsEnd { turn } => {
                     if let Some(tts) = r.tts.as_ref().filter(|t| t.turn == turn) {
@@ -1023,6 +1383,10 @@ impl Session {
                     audio_ms,
                 } => {
                     info!(turn, ?reason, audio_ms, "turn ended");
+                    self.meter_input(duplex_metering::MeterInput::TurnEnded { turn });
+                    let Phase::Running(r) = &mut self.phase else {
+                        return;
+                    };
                     if reason == AudioEndReason::Interrupted {
                         self.ctx.metrics.interruptions_total.inc();
                     }
@@ -1159,4 +1523,13 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// The wall clock as the metering core takes it (read here, in the shell).
+fn wall_clock() -> duplex_metering::UnixMs {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    duplex_metering::UnixMs(ms)
 }
