@@ -244,12 +244,19 @@ fn time_limit(plan: &Plan, k: &Known, day: UtcDate) -> proto::LimitExceeded {
             upgrade_hint: plan.upgrade_hint.clone(),
         };
     }
-    // Today's allowance was the daily seconds plus the trial seconds spent today.
+    // Today's allowance was the daily seconds plus the trial seconds spent today. Usage may
+    // overshoot the allowance (a turn finishing, concurrent sessions), so `allowed` is the
+    // plan's number, not the usage: with a trial, at most daily + trial.
     let seconds_today = k.day_ms / 1000;
+    let allowed = if trial > 0 {
+        seconds_today.clamp(daily, daily + trial)
+    } else {
+        daily
+    };
     proto::LimitExceeded {
         limit: "daily_seconds".into(),
         used: seconds_today,
-        allowed: seconds_today.max(daily),
+        allowed,
         resets_at: Some(day.next().start().rfc3339()),
         upgrade_hint: plan.upgrade_hint.clone(),
     }
