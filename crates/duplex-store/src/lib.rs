@@ -299,8 +299,27 @@ impl Store {
     }
 
     /// Applies the migrations this build embeds that the database lacks. Safe to run from
-    /// several processes at once (sqlx takes an advisory lock on PostgreSQL).
+    /// several processes at once: sqlx takes an advisory lock on PostgreSQL; SQLite has no
+    /// such lock, so there two starters can race to the same migration, the loser's
+    /// transaction rolls back ("table already exists"), and a retry finds it applied.
     pub async fn migrate(&self) -> Result<()> {
+        // Bounded: a real failure (a broken migration) still surfaces after these tries.
+        const SQLITE_TRIES: u32 = 5;
+        let mut attempt = 1;
+        loop {
+            match self.migrate_once().await {
+                Err(e) if self.backend == Backend::Sqlite && attempt < SQLITE_TRIES => {
+                    tracing::debug!(error = %e, attempt, "migration raced another starter; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt)))
+                        .await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn migrate_once(&self) -> Result<()> {
         let migrations = MIGRATIONS
             .iter()
             .map(|(version, description, sqlite, postgres)| {
