@@ -421,6 +421,9 @@ struct Metering {
     _usage_route: Option<crate::metering::UsageRoute>,
     decision: Option<(u64, duplex_metering::TurnDecision)>,
     close_reason: &'static str,
+    /// The day's provider spend (all users) as of the last store read, for routing
+    /// near-budget turns to cheaper models.
+    spend_today_micros: u64,
 }
 
 struct Session {
@@ -469,6 +472,7 @@ impl Session {
                 _usage_route: None,
                 decision: None,
                 close_reason: "closed",
+                spend_today_micros: 0,
             },
             ctx,
             id,
@@ -652,6 +656,7 @@ impl Session {
             return false;
         }
         debug!(user = %identity.user_id, plan = %account.plan.name, "admitted");
+        self.metering.spend_today_micros = totals.spend_today_micros;
         self.metering.account = Some(account);
         self.metering.totals = Some(totals);
         true
@@ -728,7 +733,10 @@ impl Session {
 
     fn on_persisted(&mut self, seq: u64, result: PersistResult) {
         let input = match result {
-            Ok(totals) => duplex_metering::MeterInput::Persisted { seq, totals },
+            Ok(totals) => {
+                self.metering.spend_today_micros = totals.spend_today_micros;
+                duplex_metering::MeterInput::Persisted { seq, totals }
+            }
             Err(e) => {
                 warn!(error = %e, seq, "usage write failed; it will be retried");
                 duplex_metering::MeterInput::PersistFailed { seq }
@@ -1448,13 +1456,22 @@ impl Session {
             };
             ChatMessage::new(role, h.text)
         }));
+        // What the LLM router's policy sees: the user's plan, and what is left of the
+        // service's daily spending cap (`MAX_DAILY_SPEND_USD`) when one is set.
+        let plan = self.metering.account.as_ref().map(|a| a.plan.name.clone());
+        let budget_remaining_usd = self
+            .metering
+            .switches
+            .borrow()
+            .max_daily_spend_micros
+            .map(|cap| cap.saturating_sub(self.metering.spend_today_micros) as f64 / 1e6);
         let request = LlmRequest {
             session_id: self.id.clone(),
             model: r.model.clone(),
             messages,
             max_tokens: None,
-            plan: None,
-            budget_remaining_usd: None,
+            plan,
+            budget_remaining_usd,
         };
         let mut stream = providers.llm.stream(request);
         let (tx, rx) = mpsc::channel(LLM_EVENT_CAPACITY);
