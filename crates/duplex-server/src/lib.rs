@@ -114,6 +114,7 @@ impl Server {
                 shutdown: shutdown.clone(),
                 store: store.clone(),
                 usage_routes,
+                turn_limiter: metering::UserTurnLimiter::default(),
             },
         });
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();

@@ -85,6 +85,7 @@ pub(crate) struct SessionContext {
     pub shutdown: CancellationToken,
     pub store: duplex_store::Store,
     pub usage_routes: crate::metering::SessionUsage,
+    pub turn_limiter: crate::metering::UserTurnLimiter,
 }
 
 /// Runs one connection to its end.
@@ -725,10 +726,38 @@ impl Session {
         }
         self.meter_input(duplex_metering::MeterInput::TurnRequested { turn });
         self.drive_meter();
-        match self.metering.decision.take() {
-            Some((t, duplex_metering::TurnDecision::Denied(d))) if t == turn => Some(d),
-            _ => None,
+        if let Some((t, duplex_metering::TurnDecision::Denied(d))) = self.metering.decision.take()
+            && t == turn
+        {
+            return Some(d);
         }
+        // The meter limits this session's turns; the plan's rate is per user, across sessions.
+        let account = self.metering.account.as_ref()?;
+        let limit = account.plan.turns_per_minute?;
+        let now = Instant::now().into_std();
+        let (used, resets) = self
+            .ctx
+            .turn_limiter
+            .try_acquire(account.user.id, limit, now)
+            .err()?;
+        let upgrade_hint = account.plan.upgrade_hint.clone();
+        // The meter counted the turn as started: tell it the turn is over.
+        self.meter_input(duplex_metering::MeterInput::TurnEnded { turn });
+        let wall = wall_clock();
+        let resets_at = duplex_metering::UnixMs(
+            wall.0 + resets.saturating_duration_since(now).as_millis() as u64,
+        );
+        Some(duplex_metering::Denial {
+            code: ErrorCode::RateLimited,
+            message: format!("more than {limit} turns a minute across your sessions"),
+            limit: proto::LimitExceeded {
+                limit: "turns_per_minute".into(),
+                used,
+                allowed: u64::from(limit),
+                resets_at: Some(resets_at.rfc3339()),
+                upgrade_hint,
+            },
+        })
     }
 
     fn on_persisted(&mut self, seq: u64, result: PersistResult) {

@@ -1034,3 +1034,40 @@ async fn a_usage_update_follows_each_turn() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_turn_rate_limit_holds_across_a_users_sessions() {
+    bounded(async {
+        let mut config = metered_config(600);
+        config.plans = PlanTable::parse("free:turns_per_minute=2", Some(600), None)
+            .expect("valid plan limits");
+        let ts = TestServer::start(config).await;
+        let (mut a, _) = ready_as(&ts.url(), USER).await;
+        let (mut b, _) = ready_as(&ts.url(), USER).await;
+        // Two turns, one in each session: both within the plan's 2 a minute.
+        for c in [&mut a, &mut b] {
+            send_text(c, "hello").await;
+            expect_audio_start(c, "an allowed turn").await;
+        }
+        // A third turn of the same user, in either session, is refused.
+        let from = a.events().len();
+        send_text(&mut a, "and again").await;
+        let err = a
+            .wait_for(|e| e.error_code().is_some(), WAIT)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("no error for the third turn: {e}\n{}", timeline(a.events()))
+            });
+        assert_eq!(err.error_code(), Some(ErrorCode::RateLimited), "{err:?}");
+        let limit = expect_limit_since(&mut a, from, "turns_per_minute").await;
+        assert_eq!((limit.used, limit.allowed), (2, 2), "{limit:?}");
+        assert!(limit.resets_at.is_some(), "{limit:?}");
+        // The session stays open; another user is not affected.
+        still_alive(&mut a).await;
+        let (mut other, _) = ready_as(&ts.url(), "another_user").await;
+        send_text(&mut other, "hi").await;
+        expect_audio_start(&mut other, "another user's turn").await;
+        stop(ts).await;
+    })
+    .await;
+}
