@@ -29,7 +29,7 @@
 //!   always counts every second of the day; `seconds_remaining` includes the unused trial.
 //! - **monthly TTS characters** per UTC calendar month;
 //! - **turns per minute**: assistant turns (each is one TTS request) in a rolling minute,
-//!   counted per session.
+//!   counted per session here (the server adds a per-user count across a user's sessions).
 //!
 //! When conversation time runs out the meter emits `LimitExceeded` and `StopNewTurns`; the turn
 //! in progress may finish (at most [`MeterConfig::limit_grace`]), then `EndSession` (close code
