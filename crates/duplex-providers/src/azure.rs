@@ -7,9 +7,9 @@
 //! SSML with one `<voice>`. The response body is the audio, streamed here chunk by chunk. One
 //! request per text chunk, in order.
 
-use crate::openai::{http_client, http_error, reqwest_error, stream_pcm};
+use crate::openai::{http_client, spawn_chunked_pcm_tts};
 use crate::usage::{Meter, UsageKind};
-use crate::{ProviderError, TextToSpeech, TtsEvent, TtsInput, TtsParams, TtsStream};
+use crate::{TextToSpeech, TtsParams, TtsStream};
 
 /// Settings of the Azure adapter.
 #[derive(Debug, Clone)]
@@ -118,58 +118,29 @@ impl TextToSpeech for AzureTts {
     }
 
     fn open(&self, params: TtsParams) -> TtsStream {
-        let (stream, mut task) = TtsStream::channel();
+        let (stream, task) = TtsStream::channel();
         let this = self.clone();
-        tokio::spawn(async move {
-            let cancel = task.cancel.clone();
-            let events = task.events.clone();
-            let work = async move {
-                let url = this.config.url();
-                let voice = params.voice.clone().unwrap_or(this.config.voice.clone());
-                let language = params
-                    .language
-                    .clone()
-                    .unwrap_or(this.config.language.clone());
-                while let Some(input) = task.input.recv().await {
-                    let (index, text) = match input {
-                        TtsInput::Text { index, text } => (index, text),
-                        TtsInput::End => {
-                            let _ = task.events.send(TtsEvent::Finished).await;
-                            return Ok(());
-                        }
-                    };
-                    this.meter.record(
-                        &params.session_id,
-                        "azure",
-                        "neural",
-                        UsageKind::TtsCharacters,
-                        text.chars().count() as f64,
-                    );
-                    let resp = this
-                        .client
-                        .post(&url)
-                        .header("Ocp-Apim-Subscription-Key", &this.config.key)
-                        .header("Content-Type", "application/ssml+xml")
-                        .header("X-Microsoft-OutputFormat", this.config.output_format())
-                        .body(ssml(&language, &voice, &text))
-                        .send()
-                        .await
-                        .map_err(reqwest_error)?;
-                    if !resp.status().is_success() {
-                        return Err(http_error(resp).await);
-                    }
-                    if !stream_pcm(resp, index, this.config.rate(), &task.events).await? {
-                        return Ok(());
-                    }
-                }
-                Ok::<(), ProviderError>(())
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                r = work => if let Err(e) = r {
-                    let _ = events.send(TtsEvent::Error(e)).await;
-                }
-            }
+        let url = this.config.url();
+        let rate = this.config.rate();
+        let voice = params.voice.clone().unwrap_or(this.config.voice.clone());
+        let language = params
+            .language
+            .clone()
+            .unwrap_or(this.config.language.clone());
+        spawn_chunked_pcm_tts(task, rate, move |text: &str| {
+            this.meter.record(
+                &params.session_id,
+                "azure",
+                "neural",
+                UsageKind::TtsCharacters,
+                text.chars().count() as f64,
+            );
+            this.client
+                .post(&url)
+                .header("Ocp-Apim-Subscription-Key", &this.config.key)
+                .header("Content-Type", "application/ssml+xml")
+                .header("X-Microsoft-OutputFormat", this.config.output_format())
+                .body(ssml(&language, &voice, text))
         });
         stream
     }

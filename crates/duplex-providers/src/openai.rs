@@ -32,7 +32,7 @@ use crate::usage::{Meter, UsageKind};
 use crate::{
     LanguageModel, LlmEvent, LlmRequest, LlmStream, ProviderError, Role, SpeechToText, SttEvent,
     SttInput, SttParams, SttStream, TextToSpeech, TokenUsage, TtsEvent, TtsInput, TtsParams,
-    TtsStream,
+    TtsStream, TtsTask,
 };
 
 /// OpenAI's public API.
@@ -323,61 +323,70 @@ impl TextToSpeech for OpenAiTts {
     }
 
     fn open(&self, params: TtsParams) -> TtsStream {
-        let (stream, mut task) = TtsStream::channel();
+        let (stream, task) = TtsStream::channel();
         let this = self.clone();
-        tokio::spawn(async move {
-            let cancel = task.cancel.clone();
-            let events = task.events.clone();
-            let work = async move {
-                let url = join_url(&this.config.base_url, "audio/speech");
-                let voice = params.voice.clone().unwrap_or(this.config.voice.clone());
-                while let Some(input) = task.input.recv().await {
-                    let (index, text) = match input {
-                        TtsInput::Text { index, text } => (index, text),
-                        TtsInput::End => {
-                            let _ = task.events.send(TtsEvent::Finished).await;
-                            return Ok(());
-                        }
-                    };
-                    let body = serde_json::json!({
-                        "model": this.config.model,
-                        "input": text,
-                        "voice": voice,
-                        "response_format": "pcm",
-                    });
-                    this.meter.record(
-                        &params.session_id,
-                        "openai",
-                        &this.config.model,
-                        UsageKind::TtsCharacters,
-                        text.chars().count() as f64,
-                    );
-                    let resp = this
-                        .client
-                        .post(&url)
-                        .bearer_auth(&this.config.api_key)
-                        .json(&body)
-                        .send()
-                        .await
-                        .map_err(reqwest_error)?;
-                    if !resp.status().is_success() {
-                        return Err(http_error(resp).await);
-                    }
-                    if !stream_pcm(resp, index, OPENAI_PCM_RATE, &task.events).await? {
-                        return Ok(());
-                    }
-                }
-                Ok(())
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                r = work => if let Err(e) = r {
-                    let _ = events.send(TtsEvent::Error(e)).await;
-                }
-            }
+        let url = join_url(&this.config.base_url, "audio/speech");
+        let voice = params.voice.clone().unwrap_or(this.config.voice.clone());
+        spawn_chunked_pcm_tts(task, OPENAI_PCM_RATE, move |text: &str| {
+            this.meter.record(
+                &params.session_id,
+                "openai",
+                &this.config.model,
+                UsageKind::TtsCharacters,
+                text.chars().count() as f64,
+            );
+            let body = serde_json::json!({
+                "model": this.config.model,
+                "input": text,
+                "voice": voice,
+                "response_format": "pcm",
+            });
+            this.client
+                .post(&url)
+                .bearer_auth(&this.config.api_key)
+                .json(&body)
         });
         stream
     }
+}
+
+/// Runs a TTS stream for providers that synthesize each text chunk with one HTTP request
+/// answering raw PCM16 LE at `rate` (OpenAI `/audio/speech`, Azure REST): chunks are
+/// synthesized in order, a non-2xx answer or a network fault ends the stream with
+/// [`TtsEvent::Error`], and dropping the stream cancels the request in flight.
+pub(crate) fn spawn_chunked_pcm_tts<F>(mut task: TtsTask, rate: u32, mut request: F)
+where
+    F: FnMut(&str) -> reqwest::RequestBuilder + Send + 'static,
+{
+    tokio::spawn(async move {
+        let cancel = task.cancel.clone();
+        let events = task.events.clone();
+        let work = async move {
+            while let Some(input) = task.input.recv().await {
+                let (index, text) = match input {
+                    TtsInput::Text { index, text } => (index, text),
+                    TtsInput::End => {
+                        let _ = task.events.send(TtsEvent::Finished).await;
+                        return Ok(());
+                    }
+                };
+                let resp = request(&text).send().await.map_err(reqwest_error)?;
+                if !resp.status().is_success() {
+                    return Err(http_error(resp).await);
+                }
+                if !stream_pcm(resp, index, rate, &task.events).await? {
+                    return Ok(());
+                }
+            }
+            Ok::<(), ProviderError>(())
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            r = work => if let Err(e) = r {
+                let _ = events.send(TtsEvent::Error(e)).await;
+            }
+        }
+    });
 }
 
 /// Forwards a raw PCM16 LE body as audio events of chunk `index`, then `ChunkDone`. Returns
