@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use duplex_providers::{
     LanguageModel, LlmEvent, LlmRequest, LlmStream, ProviderError, Role, SpeechToText, SttEvent,
     SttInput, SttParams, SttStream, TextToSpeech, TokenUsage, TtsEvent, TtsInput, TtsParams,
-    TtsStream,
+    TtsStream, send_chunk_audio,
 };
 use tokio::sync::mpsc;
 
@@ -309,22 +309,7 @@ fn open_tts<V: Voice>(voice: Arc<Mutex<V>>, gate: ComputeGate) -> TtsStream {
                 }
             };
             let piece = (sample_rate as usize * TTS_PIECE_MS / 1000).max(1);
-            for chunk in samples.chunks(piece) {
-                let event = TtsEvent::Audio {
-                    index,
-                    samples: chunk.to_vec(),
-                    sample_rate,
-                };
-                if task.events.send(event).await.is_err() {
-                    return;
-                }
-            }
-            if task
-                .events
-                .send(TtsEvent::ChunkDone { index })
-                .await
-                .is_err()
-            {
+            if !send_chunk_audio(&task.events, index, &samples, sample_rate, piece).await {
                 return;
             }
         }

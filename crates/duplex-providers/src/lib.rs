@@ -314,6 +314,29 @@ pub struct TtsTask {
     pub cancel: CancellationToken,
 }
 
+/// Delivers the whole synthesized audio of chunk `index` as [`TtsEvent::Audio`] pieces of
+/// `piece` samples, then [`TtsEvent::ChunkDone`], for synthesizers that render a chunk at
+/// once. Each send waits for room (backpressure); `false` when the session stopped listening.
+pub async fn send_chunk_audio(
+    events: &mpsc::Sender<TtsEvent>,
+    index: u32,
+    samples: &[i16],
+    sample_rate: u32,
+    piece: usize,
+) -> bool {
+    for part in samples.chunks(piece.max(1)) {
+        let ev = TtsEvent::Audio {
+            index,
+            samples: part.to_vec(),
+            sample_rate,
+        };
+        if events.send(ev).await.is_err() {
+            return false;
+        }
+    }
+    events.send(TtsEvent::ChunkDone { index }).await.is_ok()
+}
+
 /// A streaming speech synthesizer.
 pub trait TextToSpeech: Send + Sync + 'static {
     fn name(&self) -> &str;

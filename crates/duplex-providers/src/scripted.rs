@@ -17,7 +17,7 @@ use tokio::time::sleep;
 use crate::{
     LanguageModel, LlmEvent, LlmRequest, LlmStream, ProviderError, Role, SpeechToText, SttEvent,
     SttInput, SttParams, SttStream, TextToSpeech, TokenUsage, TtsEvent, TtsInput, TtsParams,
-    TtsStream,
+    TtsStream, send_chunk_audio,
 };
 
 /// Timing of the scripted providers.
@@ -300,22 +300,8 @@ impl TextToSpeech for ScriptedTts {
                                 return;
                             }
                             let audio = tone_words(&text, SCRIPTED_TTS_RATE);
-                            for piece in audio.chunks(PIECE_SAMPLES) {
-                                let ev = TtsEvent::Audio {
-                                    index,
-                                    samples: piece.to_vec(),
-                                    sample_rate: SCRIPTED_TTS_RATE,
-                                };
-                                if task.events.send(ev).await.is_err() {
-                                    return;
-                                }
-                            }
-                            if task
-                                .events
-                                .send(TtsEvent::ChunkDone { index })
-                                .await
-                                .is_err()
-                            {
+                            let (events, rate) = (&task.events, SCRIPTED_TTS_RATE);
+                            if !send_chunk_audio(events, index, &audio, rate, PIECE_SAMPLES).await {
                                 return;
                             }
                         }
