@@ -99,6 +99,7 @@ impl Server {
             config.switches_file.clone(),
             shutdown.clone(),
         );
+        let spend_cache = metering::SpendCache::new(config.usage_heartbeat);
         let state = Arc::new(http::AppState {
             auth: auth::Authenticator::new(&config),
             connect_limiter: auth::ConnectLimiter::new(config.connect_rate_per_min),
@@ -115,6 +116,7 @@ impl Server {
                 store: store.clone(),
                 usage_routes,
                 turn_limiter: metering::UserTurnLimiter::default(),
+                spend_cache,
             },
         });
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();

@@ -54,6 +54,7 @@ fn store_day(day: UtcDate) -> time::Date {
 /// The user's totals for `day` as the store has them now (all sessions, all servers).
 pub(crate) async fn totals(
     store: &Store,
+    spend: &SpendCache,
     user_id: i64,
     day: UtcDate,
 ) -> Result<UsageTotals, StoreError> {
@@ -62,7 +63,7 @@ pub(crate) async fn totals(
     let (year, month) = day.month();
     let month = time::Month::try_from(month as u8).expect("months are 1..=12");
     let tts_month = store.tts_chars_for_month(user_id, year, month).await?;
-    let spend = store.spend_for_day_micros(date).await?;
+    let spend = spend.get(store, day).await?;
     let trial_ms = store
         .user_by_id(user_id)
         .await?
@@ -73,13 +74,14 @@ pub(crate) async fn totals(
         seconds_today: (usage.conversation_ms.max(0) as u64) / 1000,
         trial_seconds_used: (trial_ms.max(0) as u64) / 1000,
         tts_characters_month: tts_month.max(0) as u64,
-        spend_today_micros: spend.max(0) as u64,
+        spend_today_micros: spend,
     })
 }
 
 /// Writes one meter delta and returns the user's new totals for its day.
 pub(crate) async fn persist(
     store: &Store,
+    spend: &SpendCache,
     user_id: i64,
     delta: &duplex_metering::UsageDelta,
 ) -> Result<UsageTotals, StoreError> {
@@ -97,7 +99,46 @@ pub(crate) async fn persist(
             .add_trial_ms(user_id, (delta.trial_seconds * 1000) as i64)
             .await?;
     }
-    totals(store, user_id, delta.day).await
+    totals(store, spend, user_id, delta.day).await
+}
+
+/// The day's provider spend across all users, read from the store at most once per `ttl` for
+/// the whole server: every session's heartbeat needs it (for `MAX_DAILY_SPEND_USD`), and it
+/// sums a row per user, so per-session reads would grow with sessions x users. The meter
+/// already works on totals up to a heartbeat old, so a `ttl` of one heartbeat changes nothing.
+#[derive(Clone)]
+pub(crate) struct SpendCache {
+    ttl: std::time::Duration,
+    last: Arc<Mutex<Option<(UtcDate, std::time::Instant, u64)>>>,
+}
+
+impl SpendCache {
+    pub fn new(ttl: std::time::Duration) -> SpendCache {
+        SpendCache {
+            ttl,
+            last: Arc::default(),
+        }
+    }
+
+    pub async fn get(&self, store: &Store, day: UtcDate) -> Result<u64, StoreError> {
+        let now = std::time::Instant::now();
+        let cached = *self
+            .last
+            .lock()
+            .expect("spend cache lock is never poisoned");
+        if let Some((d, at, micros)) = cached
+            && d == day
+            && now.duration_since(at) < self.ttl
+        {
+            return Ok(micros);
+        }
+        let micros = store.spend_for_day_micros(store_day(day)).await?.max(0) as u64;
+        *self
+            .last
+            .lock()
+            .expect("spend cache lock is never poisoned") = Some((day, now, micros));
+        Ok(micros)
+    }
 }
 
 /// Routes provider usage records to the session they belong to.

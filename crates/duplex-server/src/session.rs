@@ -86,6 +86,7 @@ pub(crate) struct SessionContext {
     pub store: duplex_store::Store,
     pub usage_routes: crate::metering::SessionUsage,
     pub turn_limiter: crate::metering::UserTurnLimiter,
+    pub spend_cache: crate::metering::SpendCache,
 }
 
 /// Runs one connection to its end.
@@ -636,7 +637,8 @@ impl Session {
         let loaded = async {
             let account = crate::metering::load_account(&store, &self.ctx.config, identity).await?;
             let day = wall_clock().date();
-            let totals = crate::metering::totals(&store, account.user.id, day).await?;
+            let spend = &self.ctx.spend_cache;
+            let totals = crate::metering::totals(&store, spend, account.user.id, day).await?;
             Ok::<_, duplex_store::StoreError>((account, totals))
         };
         let (account, totals) = match timeout(PERSIST_TIMEOUT, loaded).await {
@@ -781,11 +783,12 @@ impl Session {
         let store = self.ctx.store.clone();
         let user_id = account.user.id;
         let tx = self.metering.persist_tx.clone();
+        let spend = self.ctx.spend_cache.clone();
         tokio::spawn(
             async move {
                 let r = timeout(
                     PERSIST_TIMEOUT,
-                    crate::metering::persist(&store, user_id, &delta),
+                    crate::metering::persist(&store, &spend, user_id, &delta),
                 )
                 .await;
                 let r = match r {
@@ -850,6 +853,7 @@ impl Session {
         self.metering.meter.handle_input(now(), MeterInput::Ending);
         let user_id = self.metering.account.as_ref().map(|a| a.user.id);
         let store = self.ctx.store.clone();
+        let spend = self.ctx.spend_cache.clone();
         let work = async {
             loop {
                 match self.metering.meter.poll_output() {
@@ -857,7 +861,7 @@ impl Session {
                         let Some(user_id) = user_id else { return };
                         let r = timeout(
                             PERSIST_TIMEOUT,
-                            crate::metering::persist(&store, user_id, &delta),
+                            crate::metering::persist(&store, &spend, user_id, &delta),
                         )
                         .await;
                         let input = match r {
