@@ -9,6 +9,6 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://ru
 
 log "building duplex (release)"
 cargo build --release --locked -p duplex-server
-log "starting duplex (port: --port, else $PORT, else 10000; Ctrl-C stops it)"
+log "starting duplex (port: --port, else \$PORT, else 10000; Ctrl-C stops it)"
 export LOG_FORMAT="${LOG_FORMAT:-pretty}"
 exec ./target/release/duplex "$@"
