@@ -15,6 +15,7 @@ use duplex_providers::{
     ChatMessage, LanguageModel, LlmEvent, LlmRequest, Role, SpeechToText, SttEvent, SttInput,
     SttParams, TextToSpeech, TtsEvent, TtsInput, TtsParams,
 };
+use duplex_replay::wer::{wer, words};
 use futures::StreamExt;
 
 const LIBRIVOX: &str = "/usr/share/pocketsphinx/test/data/librivox";
@@ -80,30 +81,6 @@ fn resample(samples: &[i16], from: u32, to: u32) -> Vec<i16> {
             (a + (b - a) * f) as i16
         })
         .collect()
-}
-
-fn words(s: &str) -> Vec<String> {
-    s.to_lowercase()
-        .split(|c: char| !c.is_alphanumeric() && c != '\'')
-        .filter(|w| !w.is_empty())
-        .map(String::from)
-        .collect()
-}
-
-/// Word error rate: word-level edit distance over the reference length.
-fn wer(reference: &str, hypothesis: &str) -> f64 {
-    let (r, h) = (words(reference), words(hypothesis));
-    let mut row: Vec<usize> = (0..=h.len()).collect();
-    for (i, rw) in r.iter().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, hw) in h.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(rw != hw)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[h.len()] as f64 / r.len().max(1) as f64
 }
 
 /// Runs one utterance through the recognizer's stream interface, in 20 ms frames.

@@ -15,6 +15,7 @@ pub mod load;
 pub mod session;
 pub mod stats;
 pub mod wav;
+pub mod wer;
 
 pub use client::{Client, Event, EventKind};
 pub use error::{Error, Result};
