@@ -11,6 +11,9 @@ use duplex_billing::{PricePlans, WebhookSecret};
 /// Which engines a session runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderMode {
+    /// The embedded offline engines (Whisper, a GGUF chat model, Piper) from
+    /// `DUPLEX_MODELS_DIR`: the default, no API key needed.
+    Local,
     /// Deterministic stand-ins (not speech recognition, not a language model, not a voice).
     Scripted,
     /// Transport test mode: one binary frame back for every binary frame in, after the audio
@@ -21,6 +24,7 @@ pub enum ProviderMode {
 impl ProviderMode {
     pub fn parse(s: &str) -> Option<ProviderMode> {
         match s {
+            "local" => Some(ProviderMode::Local),
             "scripted" => Some(ProviderMode::Scripted),
             "echo" => Some(ProviderMode::Echo),
             _ => None,
@@ -29,6 +33,7 @@ impl ProviderMode {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            ProviderMode::Local => "local",
             ProviderMode::Scripted => "scripted",
             ProviderMode::Echo => "echo",
         }
@@ -60,6 +65,10 @@ pub struct Config {
     pub end_of_turn: Duration,
     pub max_turn: Duration,
     pub system_prompt: String,
+    /// Where the local engines' models are (`DUPLEX_MODELS_DIR`).
+    pub models_dir: PathBuf,
+    pub local_llm: duplex_local::LlmChoice,
+    pub local_llm_max_tokens: usize,
     pub scripted_llm_first_token: Duration,
     pub scripted_llm_token_interval: Duration,
     pub scripted_tts_latency: Duration,
@@ -115,8 +124,23 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "DUPLEX_PROVIDERS",
-        default: "scripted",
-        help: "Engine set: `scripted` (deterministic test stand-ins) or `echo` (transport test).",
+        default: "local",
+        help: "Engine set of every engine not given a cloud key or a `*_PROVIDER`: `local` (the embedded offline engines), `scripted` (deterministic test stand-ins) or `echo` (transport test).",
+    },
+    Var {
+        name: "DUPLEX_MODELS_DIR",
+        default: "models",
+        help: "Directory of the local engines' models, as `scripts/setup-models.sh` installs them.",
+    },
+    Var {
+        name: "LOCAL_LLM_MODEL",
+        default: "qwen2.5-0.5b",
+        help: "Local language model: `qwen2.5-0.5b` (Qwen2.5-Coder-0.5B-Instruct Q4_K_M) or `smollm2-135m` (SmolLM2-135M-Instruct: faster, weaker answers).",
+    },
+    Var {
+        name: "LOCAL_LLM_MAX_TOKENS",
+        default: "120",
+        help: "Longest local LLM answer in tokens.",
     },
     Var {
         name: "LOG_FORMAT",
@@ -175,7 +199,7 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "SYSTEM_PROMPT",
-        default: "You are a helpful voice assistant. Answer in short spoken sentences, without markdown.",
+        default: "You are a friendly voice assistant. Your answers are spoken aloud, so reply in one to three short sentences of plain text: no lists, no markdown, no code and no emoji.",
         help: "Default system prompt (a session may send its own).",
     },
     Var {
@@ -197,17 +221,17 @@ pub const VARS: &[Var] = &[
     Var {
         name: "STT_PROVIDER",
         default: "",
-        help: "Speech recognition: `deepgram`, `openai` (non-streaming transcription) or `scripted`; unset: Deepgram if DEEPGRAM_API_KEY is set, else OpenAI if OPENAI_API_KEY is set, else the DUPLEX_PROVIDERS set.",
+        help: "Speech recognition: `deepgram`, `openai` (non-streaming transcription), `local` (Whisper tiny.en) or `scripted`; unset: Deepgram if DEEPGRAM_API_KEY is set, else OpenAI if OPENAI_API_KEY is set, else the DUPLEX_PROVIDERS set.",
     },
     Var {
         name: "LLM_PROVIDER",
         default: "",
-        help: "Language model: `openai` (the router over OPENAI_* and LLM_ENDPOINTS) or `scripted`; unset: `openai` if OPENAI_API_KEY or LLM_ENDPOINTS is set, else the DUPLEX_PROVIDERS set.",
+        help: "Language model: `openai` (the router over OPENAI_* and LLM_ENDPOINTS), `local` (LOCAL_LLM_MODEL) or `scripted`; unset: `openai` if OPENAI_API_KEY or LLM_ENDPOINTS is set, else the DUPLEX_PROVIDERS set.",
     },
     Var {
         name: "TTS_PROVIDER",
         default: "",
-        help: "Speech synthesis: `azure`, `elevenlabs`, `openai` or `scripted`; unset: the first of those whose key is set, else the DUPLEX_PROVIDERS set.",
+        help: "Speech synthesis: `azure`, `elevenlabs`, `openai`, `local` (the Piper voice en_US-joe-medium), `espeak` (espeak-ng: robotic, instant) or `scripted`; unset: the first of those whose key is set, else the DUPLEX_PROVIDERS set.",
     },
     Var {
         name: "OPENAI_API_KEY",
@@ -441,7 +465,7 @@ pub const VARS: &[Var] = &[
 /// them. `RUST_LOG` is the one exception that is read, by `tracing-subscriber`'s `EnvFilter`
 /// in `main.rs`, outside `Config`. A test checks that deploy files name only [`VARS`] and
 /// these.
-pub const RESERVED_VARS: &[&str] = &["DUPLEX_MODELS_DIR", "RUST_LOG"];
+pub const RESERVED_VARS: &[&str] = &["RUST_LOG"];
 
 /// A URL with the password of its user-info part replaced by `***`.
 fn redact_url(url: &str) -> String {
@@ -509,7 +533,7 @@ impl Config {
             u16::try_from(num("PORT")?).map_err(|_| bad("PORT", get("PORT").1, "not a port"))?;
         let (n, v) = get("DUPLEX_PROVIDERS");
         let providers = ProviderMode::parse(v.trim())
-            .ok_or_else(|| bad(n, v.clone(), "expected `scripted` or `echo`"))?;
+            .ok_or_else(|| bad(n, v.clone(), "expected `local`, `scripted` or `echo`"))?;
         let (n, v) = get("LOG_FORMAT");
         let log_format = match v.trim() {
             "json" => LogFormat::Json,
@@ -638,6 +662,17 @@ impl Config {
             end_of_turn: ms("END_OF_TURN_MS")?,
             max_turn: ms("MAX_TURN_MS")?,
             system_prompt: get("SYSTEM_PROMPT").1,
+            models_dir: PathBuf::from(get("DUPLEX_MODELS_DIR").1.trim()),
+            local_llm: {
+                let (n, v) = get("LOCAL_LLM_MODEL");
+                duplex_local::LlmChoice::parse(v.trim()).ok_or_else(|| {
+                    bad(n, v.clone(), "expected `qwen2.5-0.5b` or `smollm2-135m`")
+                })?
+            },
+            local_llm_max_tokens: match num("LOCAL_LLM_MAX_TOKENS")? {
+                0 => return Err(bad("LOCAL_LLM_MAX_TOKENS", "0".into(), "must be at least 1")),
+                n => n as usize,
+            },
             scripted_llm_first_token: ms("SCRIPTED_LLM_FIRST_TOKEN_MS")?,
             scripted_llm_token_interval: ms("SCRIPTED_LLM_TOKEN_MS")?,
             scripted_tts_latency: ms("SCRIPTED_TTS_LATENCY_MS")?,
@@ -669,6 +704,8 @@ impl Config {
         // Tests open many connections from 127.0.0.1; the auth tests set their own limit.
         c.connect_rate_per_min = 0;
         c.database_url = "sqlite::memory:".to_owned();
+        // Tests that want the local engines ask for them.
+        c.providers = ProviderMode::Scripted;
         c
     }
 }
@@ -684,6 +721,8 @@ pub enum SttEngine {
     Default,
     Deepgram,
     OpenAi,
+    /// Whisper tiny.en on candle.
+    Local,
     Scripted,
 }
 
@@ -693,6 +732,8 @@ pub enum LlmEngine {
     Default,
     /// The router over `OPENAI_*` and `LLM_ENDPOINTS`.
     OpenAi,
+    /// The GGUF chat model of `LOCAL_LLM_MODEL`.
+    Local,
     Scripted,
 }
 
@@ -703,6 +744,10 @@ pub enum TtsEngine {
     Azure,
     ElevenLabs,
     OpenAi,
+    /// The Piper voice.
+    Local,
+    /// espeak-ng.
+    Espeak,
     Scripted,
 }
 
@@ -896,7 +941,9 @@ impl CloudConfig {
             }
         }
 
-        let stt = match choice("STT_PROVIDER", &["deepgram", "openai", "scripted"])?.as_deref() {
+        let stt = match choice("STT_PROVIDER", &["deepgram", "openai", "local", "scripted"])?
+            .as_deref()
+        {
             Some("deepgram") => {
                 require("DEEPGRAM_API_KEY", "STT_PROVIDER=deepgram")?;
                 SttEngine::Deepgram
@@ -905,12 +952,13 @@ impl CloudConfig {
                 require("OPENAI_API_KEY", "STT_PROVIDER=openai")?;
                 SttEngine::OpenAi
             }
+            Some("local") => SttEngine::Local,
             Some(_) => SttEngine::Scripted,
             None if deepgram_api_key.is_some() => SttEngine::Deepgram,
             None if openai_api_key.is_some() => SttEngine::OpenAi,
             None => SttEngine::Default,
         };
-        let llm = match choice("LLM_PROVIDER", &["openai", "scripted"])?.as_deref() {
+        let llm = match choice("LLM_PROVIDER", &["openai", "local", "scripted"])?.as_deref() {
             Some("openai") => {
                 if llm_endpoints.is_empty() {
                     require(
@@ -920,6 +968,7 @@ impl CloudConfig {
                 }
                 LlmEngine::OpenAi
             }
+            Some("local") => LlmEngine::Local,
             Some(_) => LlmEngine::Scripted,
             None if !llm_endpoints.is_empty() => LlmEngine::OpenAi,
             None => LlmEngine::Default,
@@ -936,7 +985,7 @@ impl CloudConfig {
         };
         let tts = match choice(
             "TTS_PROVIDER",
-            &["azure", "elevenlabs", "openai", "scripted"],
+            &["azure", "elevenlabs", "openai", "local", "espeak", "scripted"],
         )?
         .as_deref()
         {
@@ -953,6 +1002,8 @@ impl CloudConfig {
                 require("OPENAI_API_KEY", "TTS_PROVIDER=openai")?;
                 TtsEngine::OpenAi
             }
+            Some("local") => TtsEngine::Local,
+            Some("espeak") => TtsEngine::Espeak,
             Some(_) => TtsEngine::Scripted,
             None if azure_speech_key.is_some() => {
                 azure_ok()?;
@@ -1025,7 +1076,7 @@ mod tests {
     fn defaults_parse() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.port, 10000);
-        assert_eq!(c.providers, ProviderMode::Scripted);
+        assert_eq!(c.providers, ProviderMode::Local);
         assert_eq!(c.audio_lead, Duration::from_millis(300));
     }
 

@@ -52,7 +52,13 @@ impl Server {
         let sinks: Vec<Arc<dyn duplex_providers::UsageSink>> =
             vec![Arc::new(metrics.clone()), Arc::new(routes.clone())];
         let sink = duplex_providers::usage::FanOut(sinks);
-        let providers = providers::build(&config, Arc::new(sink));
+        // Local engines read hundreds of MB of models: off the async runtime.
+        let build_config = config.clone();
+        let providers =
+            tokio::task::spawn_blocking(move || providers::build(&build_config, Arc::new(sink)))
+                .await
+                .map_err(std::io::Error::other)?
+                .map_err(std::io::Error::other)?;
         Server::bind_inner(config, metrics, providers, routes).await
     }
 

@@ -11,7 +11,8 @@ use duplex_server::{Config, Metrics, Server};
 #[derive(Parser, Debug)]
 #[command(name = "duplex", version)]
 struct Cli {
-    /// Engine set: `scripted` (deterministic test stand-ins) or `echo` (transport test).
+    /// Engine set: `local` (embedded offline engines, the default), `scripted` (deterministic
+    /// test stand-ins) or `echo` (transport test).
     #[arg(long)]
     providers: Option<String>,
     /// Port to listen on (default $PORT or 10000).
@@ -58,7 +59,7 @@ fn main() -> std::process::ExitCode {
         let server = match Server::bind(config.clone(), Metrics::new()).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, bind = %config.bind_addr, port = config.port, "cannot bind");
+                tracing::error!(error = %e, bind = %config.bind_addr, port = config.port, "cannot start");
                 return std::process::ExitCode::from(1);
             }
         };

@@ -1,7 +1,9 @@
 //! Builds the provider set sessions run on from [`Config`]: per engine, the explicit
 //! `*_PROVIDER` choice, else the cloud vendor whose key is set, else the `DUPLEX_PROVIDERS`
 //! set (config.rs resolves the choice; this module only constructs). Every cloud adapter
-//! reports usage to the given sink, priced from `PROVIDER_PRICES` over the defaults.
+//! reports usage to the given sink, priced from `PROVIDER_PRICES` over the defaults. Local
+//! engines load their models here (seconds: call it off the async runtime) and share one
+//! compute gate.
 
 use std::sync::Arc;
 
@@ -17,11 +19,46 @@ use duplex_providers::{LanguageModel, Meter, ProviderSet, SpeechToText, TextToSp
 
 use crate::config::{Config, LlmEngine, ProviderMode, SttEngine, TtsEngine};
 
+/// A local engine that could not load: the message names the file and the command that
+/// installs it.
+#[derive(Debug, thiserror::Error)]
+#[error("local {engine}: {source}")]
+pub struct BuildError {
+    engine: &'static str,
+    source: duplex_local::Error,
+}
+
 /// The engines of every session; `None` in echo mode (no providers at all).
-pub fn build(config: &Config, usage: Arc<dyn UsageSink>) -> Option<ProviderSet> {
+pub fn build(
+    config: &Config,
+    usage: Arc<dyn UsageSink>,
+) -> Result<Option<ProviderSet>, BuildError> {
     if config.providers == ProviderMode::Echo {
-        return None;
+        return Ok(None);
     }
+    // An engine left to the default runs the DUPLEX_PROVIDERS set.
+    let local = config.providers == ProviderMode::Local;
+    let stt_engine = match config.cloud.stt {
+        SttEngine::Default if local => SttEngine::Local,
+        SttEngine::Default => SttEngine::Scripted,
+        chosen => chosen,
+    };
+    let llm_engine = match config.cloud.llm {
+        LlmEngine::Default if local => LlmEngine::Local,
+        LlmEngine::Default => LlmEngine::Scripted,
+        chosen => chosen,
+    };
+    let tts_engine = match config.cloud.tts {
+        TtsEngine::Default if local => TtsEngine::Local,
+        TtsEngine::Default => TtsEngine::Scripted,
+        chosen => chosen,
+    };
+    let models = duplex_local::ModelDir::new(&config.models_dir);
+    let gate = duplex_local::ComputeGate::new();
+    let loaded = |engine: &'static str, t: std::time::Instant| {
+        tracing::info!(engine, models = %config.models_dir.display(), took_ms = t.elapsed().as_millis() as u64, "local engine loaded");
+    };
+    let failed = |engine: &'static str| move |source| BuildError { engine, source };
     duplex_providers::install_crypto_provider();
     let cloud = &config.cloud;
     let meter = Meter::new(usage, Arc::new(cloud.prices.clone()));
@@ -36,7 +73,13 @@ pub fn build(config: &Config, usage: Arc<dyn UsageSink>) -> Option<ProviderSet> 
             .expect("config.rs checked the key of a chosen engine")
     };
 
-    let stt: Arc<dyn SpeechToText> = match cloud.stt {
+    let stt: Arc<dyn SpeechToText> = match stt_engine {
+        SttEngine::Local => {
+            let t = std::time::Instant::now();
+            let stt = models.load_stt(&gate).map_err(failed("speech recognition"))?;
+            loaded("whisper", t);
+            Arc::new(stt)
+        }
         SttEngine::Default | SttEngine::Scripted => Arc::new(ScriptedStt::new(scripted.clone())),
         SttEngine::Deepgram => {
             let mut c = DeepgramConfig::new(key(&cloud.deepgram_api_key));
@@ -53,7 +96,19 @@ pub fn build(config: &Config, usage: Arc<dyn UsageSink>) -> Option<ProviderSet> 
         }
     };
 
-    let llm: Arc<dyn LanguageModel> = match cloud.llm {
+    let llm: Arc<dyn LanguageModel> = match llm_engine {
+        LlmEngine::Local => {
+            let t = std::time::Instant::now();
+            let params = duplex_local::GenParams {
+                max_tokens: config.local_llm_max_tokens,
+                ..duplex_local::GenParams::default()
+            };
+            let llm = models
+                .load_llm(config.local_llm, &gate, params)
+                .map_err(failed("language model"))?;
+            loaded("llm", t);
+            Arc::new(llm)
+        }
         LlmEngine::Default | LlmEngine::Scripted => Arc::new(ScriptedLlm::new(scripted.clone())),
         LlmEngine::OpenAi => {
             let endpoints: Vec<Arc<dyn LanguageModel>> = cloud
@@ -88,7 +143,14 @@ pub fn build(config: &Config, usage: Arc<dyn UsageSink>) -> Option<ProviderSet> 
         }
     };
 
-    let tts: Arc<dyn TextToSpeech> = match cloud.tts {
+    let tts: Arc<dyn TextToSpeech> = match tts_engine {
+        TtsEngine::Local => {
+            let t = std::time::Instant::now();
+            let tts = models.load_piper(&gate).map_err(failed("voice"))?;
+            loaded("piper", t);
+            Arc::new(tts)
+        }
+        TtsEngine::Espeak => Arc::new(models.load_espeak(&gate).map_err(failed("voice"))?),
         TtsEngine::Default | TtsEngine::Scripted => Arc::new(ScriptedTts::new(scripted)),
         TtsEngine::Azure => {
             let mut c =
@@ -112,7 +174,7 @@ pub fn build(config: &Config, usage: Arc<dyn UsageSink>) -> Option<ProviderSet> 
             Arc::new(OpenAiTts::new(c, meter))
         }
     };
-    Some(ProviderSet { stt, llm, tts })
+    Ok(Some(ProviderSet { stt, llm, tts }))
 }
 
 #[cfg(test)]
@@ -126,7 +188,9 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let config = Config::from_lookup(|k| map.get(k).cloned()).expect("valid");
-        build(&config, Arc::new(duplex_providers::usage::NullSink)).map(|p| {
+        build(&config, Arc::new(duplex_providers::usage::NullSink))
+            .expect("no local engine is asked for")
+            .map(|p| {
             [
                 p.stt.name().to_owned(),
                 p.llm.name().to_owned(),
@@ -137,7 +201,11 @@ mod tests {
 
     #[tokio::test]
     async fn engines_follow_the_config() {
-        assert_eq!(names(&[]).unwrap(), ["scripted", "scripted", "scripted"]);
+        let scripted = ("DUPLEX_PROVIDERS", "scripted");
+        assert_eq!(
+            names(&[scripted]).unwrap(),
+            ["scripted", "scripted", "scripted"]
+        );
         assert_eq!(names(&[("DUPLEX_PROVIDERS", "echo")]), None);
         assert_eq!(
             names(&[

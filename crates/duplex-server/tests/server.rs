@@ -15,6 +15,7 @@ use duplex_server::{Config, Metrics, ProviderMode, Server};
 mod auth;
 mod billing;
 mod cloud;
+mod local;
 mod metering;
 
 const WAIT: Duration = Duration::from_secs(10);
