@@ -36,7 +36,11 @@ fn main() {
     if want("stt") {
         let t = Instant::now();
         let mut whisper = WhisperModel::load(&dir.whisper()).expect("whisper loads");
-        println!("whisper tiny.en: loaded in {:?}, rss {:.0} MiB", t.elapsed(), rss_mib());
+        println!(
+            "whisper tiny.en: loaded in {:?}, rss {:.0} MiB",
+            t.elapsed(),
+            rss_mib()
+        );
         let transcripts = std::fs::read_to_string(format!("{LIBRIVOX}/transcription"))
             .expect("pocketsphinx-testdata is installed");
         let (mut errors, mut words_total, mut audio_s, mut busy_s) = (0.0, 0usize, 0.0, 0.0);
@@ -77,9 +81,17 @@ fn main() {
         for choice in [LlmChoice::Qwen05b, LlmChoice::SmolLm135m] {
             let t = Instant::now();
             let mut llm = ChatModel::load(&dir.llm(choice)).expect("llm loads");
-            println!("{}: loaded in {:?}, rss {:.0} MiB", llm.name, t.elapsed(), rss_mib());
+            println!(
+                "{}: loaded in {:?}, rss {:.0} MiB",
+                llm.name,
+                t.elapsed(),
+                rss_mib()
+            );
             let gate = ComputeGate::new();
-            let params = GenParams { temperature: 0.0, ..GenParams::default() };
+            let params = GenParams {
+                temperature: 0.0,
+                ..GenParams::default()
+            };
             for q in [
                 "What is the capital of France?",
                 "Can you suggest something to cook for dinner tonight?",
@@ -126,13 +138,21 @@ fn main() {
             duplex_local::models::compute_threads(),
         )
         .expect("piper loads");
-        println!("piper joe-medium: loaded in {:?}, rss {:.0} MiB", t.elapsed(), rss_mib());
+        println!(
+            "piper joe-medium: loaded in {:?}, rss {:.0} MiB",
+            t.elapsed(),
+            rss_mib()
+        );
         for s in sentences {
             let t = Instant::now();
             let audio = piper.synthesize(s).expect("synthesizes");
             let took = t.elapsed().as_secs_f64();
             let secs = audio.len() as f64 / piper.sample_rate as f64;
-            println!("  {s:?}: {secs:.2} s of audio in {:.0} ms (real-time factor {:.3})", took * 1000.0, took / secs);
+            println!(
+                "  {s:?}: {secs:.2} s of audio in {:.0} ms (real-time factor {:.3})",
+                took * 1000.0,
+                took / secs
+            );
         }
         let espeak = duplex_local::espeak::Espeak::global().expect("espeak-ng loads");
         for s in sentences {

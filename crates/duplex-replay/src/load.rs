@@ -129,6 +129,7 @@ pub async fn run_load(cfg: &LoadConfig) -> LoadReport {
     reports.sort_by_key(|(k, _)| *k);
     let reports: Vec<SessionReport> = reports.into_iter().map(|(_, r)| r).collect();
     let mut report = LoadReport::from_sessions(cfg.mode, &reports, started.elapsed());
+    report.wer = WerSummary::from_sessions(&reports, &cfg.wavs);
     if cfg.keep_sessions {
         report.session_reports = reports;
     }
@@ -192,12 +193,50 @@ pub struct LoadReport {
     /// Counts by code over all sessions (see [`SessionReport::errors`]).
     pub errors: BTreeMap<String, u64>,
     pub metrics: MetricSummaries,
+    /// Word error rate of the server's final transcripts over the turns whose WAV has a
+    /// reference text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wer: Option<WerSummary>,
     /// The first failure reasons, `session K: why`.
     pub failures: Vec<String>,
     pub wall_ms: f64,
     /// Every session's report, when asked for.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub session_reports: Vec<SessionReport>,
+}
+
+/// Recognition accuracy over the turns with a reference text.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct WerSummary {
+    pub turns: usize,
+    pub reference_words: usize,
+    pub word_errors: usize,
+    /// `word_errors / reference_words`.
+    pub rate: f64,
+}
+
+impl WerSummary {
+    /// Compares each turn's final transcript (none counts as empty) with its WAV's reference.
+    pub fn from_sessions(reports: &[SessionReport], wavs: &[Wav]) -> Option<WerSummary> {
+        let mut w = WerSummary::default();
+        for turn in reports.iter().flat_map(|s| &s.turns) {
+            let Some(reference) = wavs
+                .iter()
+                .find(|wav| wav.name == turn.wav)
+                .and_then(|wav| wav.reference.as_deref())
+            else {
+                continue;
+            };
+            let heard = turn.user_transcript.as_deref().unwrap_or_default();
+            w.turns += 1;
+            w.reference_words += crate::wer::words(reference).len();
+            w.word_errors += crate::wer::word_errors(reference, heard);
+        }
+        (w.turns > 0).then(|| WerSummary {
+            rate: w.word_errors as f64 / w.reference_words.max(1) as f64,
+            ..w
+        })
+    }
 }
 
 impl LoadReport {
@@ -336,6 +375,17 @@ impl LoadReport {
                 cell(s.max)
             );
         }
+        if let Some(w) = &self.wer {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "word error rate: {:.1} % ({} errors over {} reference words, {} turns)",
+                w.rate * 100.0,
+                w.word_errors,
+                w.reference_words,
+                w.turns
+            );
+        }
         if !self.errors.is_empty() {
             let _ = writeln!(out);
             let _ = writeln!(out, "{:<32} {:>8}", "error", "count");
@@ -351,5 +401,48 @@ impl LoadReport {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{TurnMetrics, TurnReport};
+
+    fn turn(wav: &str, heard: Option<&str>) -> TurnReport {
+        TurnReport {
+            index: 0,
+            wav: wav.into(),
+            assistant_turn_id: None,
+            outcome: TurnOutcome::Completed,
+            audio_end_reason: None,
+            barged_in: false,
+            user_transcript: heard.map(Into::into),
+            assistant_text: None,
+            assistant_audio_ms: 0,
+            interrupted: None,
+            metrics: TurnMetrics::default(),
+            timeline: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn word_error_rate_covers_the_turns_with_a_reference() {
+        let mut a = Wav::from_samples("a.wav", 16_000, vec![0; 320]).unwrap();
+        a.reference = Some("what is the capital of France".into());
+        let b = Wav::from_samples("b.wav", 16_000, vec![0; 320]).unwrap();
+        let sessions = [SessionReport {
+            turns: vec![
+                turn("a.wav", Some("What is the capital and friends?")),
+                turn("b.wav", Some("no reference: not counted")),
+                // No transcript at all: every reference word is an error.
+                turn("a.wav", None),
+            ],
+            ..SessionReport::default()
+        }];
+        let w = WerSummary::from_sessions(&sessions, &[a, b.clone()]).unwrap();
+        assert_eq!((w.turns, w.reference_words, w.word_errors), (2, 12, 2 + 6));
+        assert!((w.rate - 8.0 / 12.0).abs() < 1e-9);
+        assert_eq!(WerSummary::from_sessions(&sessions, &[b]), None);
     }
 }

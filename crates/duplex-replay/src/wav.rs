@@ -15,10 +15,14 @@ pub struct Wav {
     pub name: String,
     pub sample_rate: u32,
     pub samples: Vec<i16>,
+    /// What is said in it, when known (`foo.txt` next to `foo.wav`): the report then gives
+    /// the server's word error rate.
+    pub reference: Option<String>,
 }
 
 impl Wav {
-    /// Reads a 16-bit integer PCM WAV. Stereo (or more channels) is downmixed to mono by
+    /// Reads a 16-bit integer PCM WAV, and what is said in it from the `.txt` file of the same
+    /// name, if there is one. Stereo (or more channels) is downmixed to mono by
     /// averaging; rates other than [`duplex_proto::SUPPORTED_SAMPLE_RATES`] are rejected.
     pub fn load(path: impl AsRef<Path>) -> Result<Wav> {
         let path = path.as_ref();
@@ -59,7 +63,12 @@ impl Wav {
                 })
                 .collect()
         };
-        Wav::from_samples(name, spec.sample_rate, samples)
+        let mut wav = Wav::from_samples(name, spec.sample_rate, samples)?;
+        let reference = path.with_extension("txt");
+        if let Ok(text) = std::fs::read_to_string(&reference) {
+            wav.reference = Some(text.trim().to_string());
+        }
+        Ok(wav)
     }
 
     /// Builds a WAV from samples already in memory, checking the sample rate.
@@ -82,6 +91,7 @@ impl Wav {
             name,
             sample_rate,
             samples,
+            reference: None,
         })
     }
 

@@ -45,6 +45,9 @@ mod tests {
         assert_eq!(word_errors("the cat sat", "cat sat"), 1);
         assert_eq!(word_errors("the cat sat", ""), 3);
         assert_eq!(wer("a b c d", "a x c"), 0.5);
-        assert_eq!(words("Don't stop, Mr. Smith!"), ["don't", "stop", "mr", "smith"]);
+        assert_eq!(
+            words("Don't stop, Mr. Smith!"),
+            ["don't", "stop", "mr", "smith"]
+        );
     }
 }

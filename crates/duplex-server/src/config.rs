@@ -665,12 +665,17 @@ impl Config {
             models_dir: PathBuf::from(get("DUPLEX_MODELS_DIR").1.trim()),
             local_llm: {
                 let (n, v) = get("LOCAL_LLM_MODEL");
-                duplex_local::LlmChoice::parse(v.trim()).ok_or_else(|| {
-                    bad(n, v.clone(), "expected `qwen2.5-0.5b` or `smollm2-135m`")
-                })?
+                duplex_local::LlmChoice::parse(v.trim())
+                    .ok_or_else(|| bad(n, v.clone(), "expected `qwen2.5-0.5b` or `smollm2-135m`"))?
             },
             local_llm_max_tokens: match num("LOCAL_LLM_MAX_TOKENS")? {
-                0 => return Err(bad("LOCAL_LLM_MAX_TOKENS", "0".into(), "must be at least 1")),
+                0 => {
+                    return Err(bad(
+                        "LOCAL_LLM_MAX_TOKENS",
+                        "0".into(),
+                        "must be at least 1",
+                    ));
+                }
                 n => n as usize,
             },
             scripted_llm_first_token: ms("SCRIPTED_LLM_FIRST_TOKEN_MS")?,
@@ -985,7 +990,14 @@ impl CloudConfig {
         };
         let tts = match choice(
             "TTS_PROVIDER",
-            &["azure", "elevenlabs", "openai", "local", "espeak", "scripted"],
+            &[
+                "azure",
+                "elevenlabs",
+                "openai",
+                "local",
+                "espeak",
+                "scripted",
+            ],
         )?
         .as_deref()
         {

@@ -76,7 +76,9 @@ pub fn build(
     let stt: Arc<dyn SpeechToText> = match stt_engine {
         SttEngine::Local => {
             let t = std::time::Instant::now();
-            let stt = models.load_stt(&gate).map_err(failed("speech recognition"))?;
+            let stt = models
+                .load_stt(&gate)
+                .map_err(failed("speech recognition"))?;
             loaded("whisper", t);
             Arc::new(stt)
         }
@@ -191,12 +193,12 @@ mod tests {
         build(&config, Arc::new(duplex_providers::usage::NullSink))
             .expect("no local engine is asked for")
             .map(|p| {
-            [
-                p.stt.name().to_owned(),
-                p.llm.name().to_owned(),
-                p.tts.name().to_owned(),
-            ]
-        })
+                [
+                    p.stt.name().to_owned(),
+                    p.llm.name().to_owned(),
+                    p.tts.name().to_owned(),
+                ]
+            })
     }
 
     #[tokio::test]

@@ -10,7 +10,9 @@ use duplex_replay::wer::wer;
 fn models_dir() -> std::path::PathBuf {
     std::env::var_os("DUPLEX_MODELS_DIR")
         .map(Into::into)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"))
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
+        })
 }
 
 /// The question in the Piper voice at 16 kHz, 300 ms of silence before (espeak-ng's voice is
