@@ -15,6 +15,7 @@ pub mod llm;
 pub mod models;
 pub mod piper;
 pub mod provider;
+pub mod utterance;
 pub mod whisper;
 
 pub use gate::ComputeGate;

@@ -19,11 +19,11 @@ use crate::espeak::Espeak;
 use crate::gate::ComputeGate;
 use crate::llm::{ChatModel, GenParams, Speaker};
 use crate::piper::PiperVoice;
+use crate::utterance::{Final, Push, UtteranceBuffer};
 use crate::whisper::WhisperModel;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 
-/// Whisper reads at most 30 s; a longer turn keeps its first 30 s (the endpointer's max turn
-/// is shorter than this by default).
-const MAX_UTTERANCE_SAMPLES: usize = 30 * 16_000;
 /// Tokens queued from the generating thread to the session: the session reads them as they
 /// come; a full queue makes the generator wait (no unbounded buffering).
 const LLM_EVENT_CAPACITY: usize = 32;
@@ -42,7 +42,11 @@ fn internal(e: impl std::fmt::Display) -> ProviderError {
 // Speech to text
 // ---------------------------------------------------------------------------------------------
 
-/// Whisper as a recognizer: buffers the utterance, transcribes it on `Finalize`.
+/// A transcription running on the blocking pool.
+type Transcription = tokio::task::JoinHandle<Result<String, ProviderError>>;
+
+/// Whisper as a recognizer: buffers the utterance ([`UtteranceBuffer`]), transcribes it on
+/// `Finalize`, or earlier, speculatively, when the speech pauses.
 #[derive(Clone)]
 pub struct LocalStt {
     model: Arc<Mutex<WhisperModel>>,
@@ -55,6 +59,11 @@ impl LocalStt {
             model: Arc::new(Mutex::new(model)),
             gate,
         }
+    }
+
+    fn spawn_transcription(&self, samples: Vec<i16>) -> Transcription {
+        let stt = self.clone();
+        tokio::spawn(async move { stt.transcribe(samples).await })
     }
 
     /// Transcribes one utterance of 16 kHz samples on the blocking pool.
@@ -99,19 +108,17 @@ impl SpeechToText for LocalStt {
                     .await;
                 return;
             }
-            let mut buffer: Vec<i16> = Vec::new();
-            // At most one transcription runs; audio of the next utterance keeps arriving
-            // meanwhile (the input channel must not fill up while Whisper works).
-            let mut running: Option<tokio::task::JoinHandle<Result<String, ProviderError>>> = None;
-            let mut queued: std::collections::VecDeque<Vec<i16>> = Default::default();
+            let mut buffer = UtteranceBuffer::default();
+            // Transcriptions in the order of their `Finalize`s (each waits for the model in
+            // turn); audio of the next utterance keeps arriving meanwhile, so the input
+            // channel never fills up while Whisper works.
+            let mut pending = FuturesOrdered::new();
+            // The speculative transcription of the current utterance, if one runs.
+            let mut speculation: Option<(u64, Transcription)> = None;
             loop {
                 tokio::select! {
-                    _ = task.cancel.cancelled() => {
-                        if let Some(h) = running { h.abort(); }
-                        return;
-                    }
-                    done = async { running.as_mut().expect("guarded by the if").await }, if running.is_some() => {
-                        running = None;
+                    _ = task.cancel.cancelled() => return,
+                    Some(done) = pending.next(), if !pending.is_empty() => {
                         let event = match done {
                             Ok(Ok(text)) => SttEvent::Final { text },
                             Ok(Err(e)) => SttEvent::Error(e),
@@ -121,25 +128,27 @@ impl SpeechToText for LocalStt {
                         if task.events.send(event).await.is_err() || failed {
                             return;
                         }
-                        if let Some(next) = queued.pop_front() {
-                            let stt = this.clone();
-                            running = Some(tokio::spawn(async move { stt.transcribe(next).await }));
-                        }
                     }
                     input = task.input.recv() => match input {
                         None => return,
                         Some(SttInput::Audio(samples)) => {
-                            let room = MAX_UTTERANCE_SAMPLES.saturating_sub(buffer.len());
-                            buffer.extend_from_slice(&samples[..samples.len().min(room)]);
+                            if let Push::Speculate { id, samples } = buffer.push(&samples) {
+                                // One at a time: a stale speculation still running keeps the
+                                // model busy, and `Finalize` falls back to a full decode.
+                                let busy = speculation.as_ref().is_some_and(|(_, h)| !h.is_finished());
+                                if !busy && pending.is_empty() {
+                                    speculation = Some((id, this.spawn_transcription(samples)));
+                                }
+                            }
                         }
                         Some(SttInput::Finalize) => {
-                            let utterance = std::mem::take(&mut buffer);
-                            if running.is_none() {
-                                let stt = this.clone();
-                                running = Some(tokio::spawn(async move { stt.transcribe(utterance).await }));
-                            } else {
-                                queued.push_back(utterance);
-                            }
+                            let job = match (buffer.finalize(), speculation.take()) {
+                                (Final::UseSpeculation { id, .. }, Some((running, job))) if running == id => job,
+                                (Final::UseSpeculation { samples, .. } | Final::Transcribe(samples), _) => {
+                                    this.spawn_transcription(samples)
+                                }
+                            };
+                            pending.push_back(job);
                         }
                     }
                 }
