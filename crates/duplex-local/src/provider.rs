@@ -276,8 +276,35 @@ impl Voice for Espeak {
     }
 }
 
-/// Runs a TTS stream over a shared voice: one blocking synthesis per text chunk, in order.
-fn open_tts<V: Voice>(voice: Arc<Mutex<V>>, gate: ComputeGate) -> TtsStream {
+/// A voice shared by every session.
+type SharedVoice = Arc<Mutex<dyn Voice>>;
+
+/// Speaks `text` with `voice`, or with `fallback` if `voice` fails (blocking).
+fn speak_with_fallback(
+    voice: &SharedVoice,
+    fallback: Option<&SharedVoice>,
+    text: &str,
+) -> Result<(Vec<i16>, u32), crate::Error> {
+    let mut v = voice.lock().expect("voice lock: synthesis does not panic");
+    match v.speak(text) {
+        Ok(samples) => Ok((samples, v.sample_rate())),
+        Err(e) => {
+            drop(v);
+            let Some(fallback) = fallback else {
+                return Err(e);
+            };
+            tracing::warn!(error = %e, "the voice failed on a sentence: the fallback voice speaks it");
+            let mut f = fallback
+                .lock()
+                .expect("voice lock: synthesis does not panic");
+            f.speak(text).map(|s| (s, f.sample_rate()))
+        }
+    }
+}
+
+/// Runs a TTS stream over a shared voice: one blocking synthesis per text chunk, in order; a
+/// chunk the voice cannot speak goes to the fallback voice, if there is one.
+fn open_tts(voice: SharedVoice, fallback: Option<SharedVoice>, gate: ComputeGate) -> TtsStream {
     let (stream, mut task) = TtsStream::channel();
     tokio::spawn(async move {
         loop {
@@ -294,11 +321,11 @@ fn open_tts<V: Voice>(voice: Arc<Mutex<V>>, gate: ComputeGate) -> TtsStream {
                 Some(TtsInput::Text { index, text }) => (index, text),
             };
             let voice = voice.clone();
+            let fallback = fallback.clone();
             let gate = gate.clone();
             let job = tokio::task::spawn_blocking(move || {
                 let _turn = gate.enter();
-                let mut v = voice.lock().expect("voice lock: synthesis does not panic");
-                v.speak(&text).map(|s| (s, v.sample_rate()))
+                speak_with_fallback(&voice, fallback.as_ref(), &text)
             });
             let result = tokio::select! {
                 // A barge-in drops the stream: the sentence in progress finishes on its
@@ -329,7 +356,8 @@ fn open_tts<V: Voice>(voice: Arc<Mutex<V>>, gate: ComputeGate) -> TtsStream {
 /// The Piper voice as a synthesizer.
 #[derive(Clone)]
 pub struct PiperTts {
-    voice: Arc<Mutex<PiperVoice>>,
+    voice: SharedVoice,
+    fallback: Option<SharedVoice>,
     gate: ComputeGate,
 }
 
@@ -337,8 +365,15 @@ impl PiperTts {
     pub fn new(voice: PiperVoice, gate: ComputeGate) -> PiperTts {
         PiperTts {
             voice: Arc::new(Mutex::new(voice)),
+            fallback: None,
             gate,
         }
+    }
+
+    /// Sentences Piper fails on are spoken by espeak-ng instead.
+    pub fn with_fallback(mut self, espeak: &EspeakTts) -> PiperTts {
+        self.fallback = Some(espeak.voice.clone());
+        self
     }
 }
 
@@ -348,14 +383,14 @@ impl TextToSpeech for PiperTts {
     }
 
     fn open(&self, _params: TtsParams) -> TtsStream {
-        open_tts(self.voice.clone(), self.gate.clone())
+        open_tts(self.voice.clone(), self.fallback.clone(), self.gate.clone())
     }
 }
 
 /// espeak-ng as a synthesizer: robotic, clear, and instant.
 #[derive(Clone)]
 pub struct EspeakTts {
-    voice: Arc<Mutex<Espeak>>,
+    voice: SharedVoice,
     gate: ComputeGate,
 }
 
@@ -374,6 +409,74 @@ impl TextToSpeech for EspeakTts {
     }
 
     fn open(&self, _params: TtsParams) -> TtsStream {
-        open_tts(self.voice.clone(), self.gate.clone())
+        open_tts(self.voice.clone(), None, self.gate.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A voice that fails on every sentence, or speaks one sample per character.
+    struct Fake(bool);
+
+    impl Voice for Fake {
+        fn sample_rate(&self) -> u32 {
+            16_000
+        }
+        fn speak(&mut self, text: &str) -> Result<Vec<i16>, crate::Error> {
+            if self.0 {
+                Ok(vec![7; text.len()])
+            } else {
+                Err(crate::Error::Inference("no phonemes".into()))
+            }
+        }
+    }
+
+    async fn speak(tts: TtsStream, text: &str) -> Vec<TtsEvent> {
+        let mut tts = tts;
+        tts.input
+            .send(TtsInput::Text {
+                index: 0,
+                text: text.into(),
+            })
+            .await
+            .unwrap();
+        tts.input.send(TtsInput::End).await.unwrap();
+        let mut events = Vec::new();
+        while let Some(e) = tts.events.recv().await {
+            let done = matches!(e, TtsEvent::Finished | TtsEvent::Error(_));
+            events.push(e);
+            if done {
+                break;
+            }
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn a_sentence_the_voice_fails_on_is_spoken_by_the_fallback() {
+        let failing: SharedVoice = Arc::new(Mutex::new(Fake(false)));
+        let working: SharedVoice = Arc::new(Mutex::new(Fake(true)));
+        let gate = ComputeGate::new();
+        let events = speak(
+            open_tts(failing.clone(), Some(working), gate.clone()),
+            "hello",
+        )
+        .await;
+        assert!(
+            matches!(&events[0], TtsEvent::Audio { samples, .. } if samples.len() == 5),
+            "{events:?}"
+        );
+        assert!(
+            matches!(events.last(), Some(TtsEvent::Finished)),
+            "{events:?}"
+        );
+        // Without a fallback the failure is the stream's error.
+        let events = speak(open_tts(failing, None, gate), "hello").await;
+        assert!(
+            matches!(events.as_slice(), [TtsEvent::Error(_)]),
+            "{events:?}"
+        );
     }
 }

@@ -149,6 +149,9 @@ pub fn build(
         TtsEngine::Local => {
             let t = std::time::Instant::now();
             let tts = models.load_piper(&gate).map_err(failed("voice"))?;
+            // espeak-ng is there: Piper phonemizes with it.
+            let espeak = models.load_espeak(&gate).map_err(failed("voice"))?;
+            let tts = tts.with_fallback(&espeak);
             loaded("piper", t);
             Arc::new(tts)
         }
