@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of duplex on a fresh Debian machine: installs what the tests need (espeak-ng
-# to synthesize test speech, PostgreSQL for the store tests), starts a throwaway PostgreSQL
-# cluster (stopped and deleted on exit, also when tests fail), then builds and runs the whole
-# workspace's tests. Set DATABASE_URL_POSTGRES to use an existing server instead.
+# to synthesize test speech, PostgreSQL for the store tests, cmake and libclang to build
+# llama.cpp), starts a throwaway PostgreSQL cluster (stopped and deleted on exit, also when
+# tests fail), then builds and runs the whole workspace's tests. Set DATABASE_URL_POSTGRES to
+# use an existing server instead.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,10 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 need_apt=()
 command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+# llama.cpp (crates/duplex-local, llama-cpp-sys-2) is compiled with cmake; bindgen reads its
+# headers through libclang.
+command -v cmake >/dev/null || need_apt+=(cmake)
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 PG_BIN=/usr/lib/postgresql/15/bin   # Debian 12's PostgreSQL (shared/FACTS.md)
 if [ -z "${DATABASE_URL_POSTGRES:-}" ] && [ ! -x "$PG_BIN/initdb" ]; then need_apt+=(postgresql); fi
 if [ ${#need_apt[@]} -gt 0 ]; then

