@@ -22,7 +22,7 @@ pub mod whisper;
 pub use gate::ComputeGate;
 pub use llama::LlamaChat;
 pub use llm::{ChatModel, GenParams};
-pub use models::{LlmChoice, ModelDir, SETUP_COMMAND};
+pub use models::{LlmChoice, LlmEngine, ModelDir, SETUP_COMMAND};
 pub use provider::{EspeakTts, LocalLlm, LocalStt, PiperTts, SPOKEN_SYSTEM_PROMPT};
 
 /// Why a local engine could not load or run.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::Error;
 use crate::gate::ComputeGate;
+use crate::llama::LlamaChat;
 use crate::llm::{ChatModel, GenParams};
 use crate::piper::PiperVoice;
 use crate::provider::{EspeakTts, LocalLlm, LocalStt, PiperTts};
@@ -21,6 +22,26 @@ pub enum LlmChoice {
     Qwen05b,
     /// SmolLM2-135M-Instruct Q4_1: a fifth of the size and much faster, weaker answers.
     SmolLm135m,
+}
+
+/// Which inference engine runs the chat model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmEngine {
+    /// llama.cpp (the default): ~2.5x faster to the first token, keeps the conversation's KV
+    /// cache between turns.
+    Llama,
+    /// candle (pure Rust).
+    Candle,
+}
+
+impl LlmEngine {
+    pub fn parse(s: &str) -> Option<LlmEngine> {
+        match s {
+            "llama" => Some(LlmEngine::Llama),
+            "candle" => Some(LlmEngine::Candle),
+            _ => None,
+        }
+    }
 }
 
 impl LlmChoice {
@@ -113,12 +134,22 @@ impl ModelDir {
     pub fn load_llm(
         &self,
         choice: LlmChoice,
+        engine: LlmEngine,
         gate: &ComputeGate,
         params: GenParams,
     ) -> Result<LocalLlm, Error> {
         let path = self.require(self.llm(choice))?;
-        let model = ChatModel::load(&path).map_err(|e| self.corrupt(e))?;
-        Ok(LocalLlm::new(model, gate.clone(), params))
+        Ok(match engine {
+            LlmEngine::Llama => {
+                let model =
+                    LlamaChat::load(&path, compute_threads()).map_err(|e| self.corrupt(e))?;
+                LocalLlm::new(model, gate.clone(), params)
+            }
+            LlmEngine::Candle => {
+                let model = ChatModel::load(&path).map_err(|e| self.corrupt(e))?;
+                LocalLlm::new(model, gate.clone(), params)
+            }
+        })
     }
 
     pub fn load_piper(&self, gate: &ComputeGate) -> Result<PiperTts, Error> {

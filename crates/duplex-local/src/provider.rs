@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 
 use crate::espeak::Espeak;
 use crate::gate::ComputeGate;
-use crate::llm::{ChatModel, GenParams, Speaker};
+use crate::llama::LlamaChat;
+use crate::llm::{ChatModel, GenParams, GenStats, Speaker};
 use crate::piper::PiperVoice;
 use crate::utterance::{Final, Push, UtteranceBuffer};
 use crate::whisper::WhisperModel;
@@ -162,19 +163,61 @@ impl SpeechToText for LocalStt {
 // Language model
 // ---------------------------------------------------------------------------------------------
 
+/// A chat model engine: candle's ([`ChatModel`]) or llama.cpp's ([`LlamaChat`]).
+pub trait ChatEngine: Send + 'static {
+    fn model_name(&self) -> &str;
+    fn generate(
+        &mut self,
+        messages: &[(Speaker, &str)],
+        params: &GenParams,
+        gate: &ComputeGate,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenStats, crate::Error>;
+}
+
+impl ChatEngine for ChatModel {
+    fn model_name(&self) -> &str {
+        &self.name
+    }
+    fn generate(
+        &mut self,
+        messages: &[(Speaker, &str)],
+        params: &GenParams,
+        gate: &ComputeGate,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenStats, crate::Error> {
+        ChatModel::generate(self, messages, params, gate, on_text)
+    }
+}
+
+impl ChatEngine for LlamaChat {
+    fn model_name(&self) -> &str {
+        &self.name
+    }
+    fn generate(
+        &mut self,
+        messages: &[(Speaker, &str)],
+        params: &GenParams,
+        gate: &ComputeGate,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenStats, crate::Error> {
+        LlamaChat::generate(self, messages, params, gate, on_text)
+    }
+}
+
 /// A GGUF chat model as a streaming language model.
 #[derive(Clone)]
 pub struct LocalLlm {
-    model: Arc<Mutex<ChatModel>>,
+    model: Arc<Mutex<dyn ChatEngine>>,
     name: String,
     gate: ComputeGate,
     params: GenParams,
 }
 
 impl LocalLlm {
-    pub fn new(model: ChatModel, gate: ComputeGate, params: GenParams) -> LocalLlm {
+    pub fn new(model: impl ChatEngine, gate: ComputeGate, params: GenParams) -> LocalLlm {
         LocalLlm {
-            name: format!("local:{}", model.name),
+            name: format!("local:{}", model.model_name()),
             model: Arc::new(Mutex::new(model)),
             gate,
             params,
@@ -222,7 +265,7 @@ impl LanguageModel for LocalLlm {
                 return;
             }
             let mut model = model.lock().expect("LLM lock: inference does not panic");
-            let result = model.generate(&messages, &params, &gate, |text| {
+            let result = model.generate(&messages, &params, &gate, &mut |text| {
                 if tx.is_closed() {
                     return false;
                 }

@@ -22,7 +22,10 @@ const LIBRIVOX: &str = "/usr/share/pocketsphinx/test/data/librivox";
 
 struct Engines {
     stt: LocalStt,
+    /// On llama.cpp, the default engine.
     llm: LocalLlm,
+    /// The same model on candle.
+    candle: LocalLlm,
     piper: duplex_local::PiperTts,
     espeak: duplex_local::EspeakTts,
 }
@@ -49,7 +52,20 @@ fn engines() -> Option<(&'static Engines, MutexGuard<'static, ()>)> {
         let e = Engines {
             stt: dir.load_stt(&gate).unwrap_or_else(|e| panic!("{e}")),
             llm: dir
-                .load_llm(LlmChoice::Qwen05b, &gate, GenParams::default())
+                .load_llm(
+                    LlmChoice::Qwen05b,
+                    duplex_local::LlmEngine::Llama,
+                    &gate,
+                    GenParams::default(),
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            candle: dir
+                .load_llm(
+                    LlmChoice::Qwen05b,
+                    duplex_local::LlmEngine::Candle,
+                    &gate,
+                    GenParams::default(),
+                )
                 .unwrap_or_else(|e| panic!("{e}")),
             piper: dir.load_piper(&gate).unwrap_or_else(|e| panic!("{e}")),
             espeak: dir.load_espeak(&gate).unwrap_or_else(|e| panic!("{e}")),
@@ -219,8 +235,18 @@ fn request(user: &str) -> LlmRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llm_answers_and_stops_at_a_stop_token() {
     let Some((e, _turn)) = engines() else { return };
+    answers_and_stops(&e.llm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_candle_engine_answers_and_stops_too() {
+    let Some((e, _turn)) = engines() else { return };
+    answers_and_stops(&e.candle).await;
+}
+
+async fn answers_and_stops(llm: &LocalLlm) {
     let t = Instant::now();
-    let mut stream = e.llm.stream(request("What is the capital of France?"));
+    let mut stream = llm.stream(request("What is the capital of France?"));
     let (mut text, mut first, mut done) = (String::new(), None, None);
     while let Some(item) = stream.next().await {
         match item.expect("no error") {

@@ -68,6 +68,7 @@ pub struct Config {
     /// Where the local engines' models are (`DUPLEX_MODELS_DIR`).
     pub models_dir: PathBuf,
     pub local_llm: duplex_local::LlmChoice,
+    pub local_llm_engine: duplex_local::LlmEngine,
     pub local_llm_max_tokens: usize,
     pub scripted_llm_first_token: Duration,
     pub scripted_llm_token_interval: Duration,
@@ -136,6 +137,11 @@ pub const VARS: &[Var] = &[
         name: "LOCAL_LLM_MODEL",
         default: "qwen2.5-0.5b",
         help: "Local language model: `qwen2.5-0.5b` (Qwen2.5-Coder-0.5B-Instruct Q4_K_M) or `smollm2-135m` (SmolLM2-135M-Instruct: faster, weaker answers).",
+    },
+    Var {
+        name: "LOCAL_LLM_ENGINE",
+        default: "llama",
+        help: "Engine of the local language model: `llama` (llama.cpp: faster, keeps each conversation's cache) or `candle` (pure Rust).",
     },
     Var {
         name: "LOCAL_LLM_MAX_TOKENS",
@@ -667,6 +673,11 @@ impl Config {
                 let (n, v) = get("LOCAL_LLM_MODEL");
                 duplex_local::LlmChoice::parse(v.trim())
                     .ok_or_else(|| bad(n, v.clone(), "expected `qwen2.5-0.5b` or `smollm2-135m`"))?
+            },
+            local_llm_engine: {
+                let (n, v) = get("LOCAL_LLM_ENGINE");
+                duplex_local::LlmEngine::parse(v.trim())
+                    .ok_or_else(|| bad(n, v.clone(), "expected `llama` or `candle`"))?
             },
             local_llm_max_tokens: match num("LOCAL_LLM_MAX_TOKENS")? {
                 0 => {

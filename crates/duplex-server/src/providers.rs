@@ -106,7 +106,7 @@ pub fn build(
                 ..duplex_local::GenParams::default()
             };
             let llm = models
-                .load_llm(config.local_llm, &gate, params)
+                .load_llm(config.local_llm, config.local_llm_engine, &gate, params)
                 .map_err(failed("language model"))?;
             loaded("llm", t);
             Arc::new(llm)
