@@ -23,7 +23,20 @@ if [ "$mode" = local ]; then
   scripts/setup-models.sh
 fi
 
-log "building duplex (release)"
+# llama.cpp (the local language model) is compiled with the server: cmake, and libclang for
+# its bindings.
+need_apt=()
+command -v cmake >/dev/null || need_apt+=(cmake)
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v clang >/dev/null || need_apt+=(clang)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} (apt, to build llama.cpp)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+log "building duplex (release; the first build compiles llama.cpp and takes several minutes)"
 cargo build --release --locked -p duplex-server
 log "starting duplex (port: --port, else \$PORT, else 10000; Ctrl-C stops it)"
 export LOG_FORMAT="${LOG_FORMAT:-pretty}"

@@ -13,9 +13,10 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 need_apt=()
 command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 # llama.cpp (crates/duplex-local, llama-cpp-sys-2) is compiled with cmake; bindgen reads its
-# headers through libclang.
+# headers through libclang (with clang's own headers, which the clang package carries).
 command -v cmake >/dev/null || need_apt+=(cmake)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v clang >/dev/null || need_apt+=(clang)
 PG_BIN=/usr/lib/postgresql/15/bin   # Debian 12's PostgreSQL (shared/FACTS.md)
 if [ -z "${DATABASE_URL_POSTGRES:-}" ] && [ ! -x "$PG_BIN/initdb" ]; then need_apt+=(postgresql); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
