@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use duplex_providers::usage::{Meter, UsageKind};
 use duplex_providers::{
     LanguageModel, LlmEvent, LlmRequest, LlmStream, ProviderError, Role, SpeechToText, SttEvent,
     SttInput, SttParams, SttStream, TextToSpeech, TokenUsage, TtsEvent, TtsInput, TtsParams,
@@ -212,6 +213,7 @@ pub struct LocalLlm {
     name: String,
     gate: ComputeGate,
     params: GenParams,
+    meter: Meter,
 }
 
 impl LocalLlm {
@@ -221,7 +223,15 @@ impl LocalLlm {
             model: Arc::new(Mutex::new(model)),
             gate,
             params,
+            meter: Meter::none(),
         }
+    }
+
+    /// Reports each answer's prompt and completion tokens (provider `local`, price 0 unless
+    /// `PROVIDER_PRICES` sets one).
+    pub fn with_meter(mut self, meter: Meter) -> LocalLlm {
+        self.meter = meter;
+        self
     }
 
     /// No generation is running (none holds the model).
@@ -240,6 +250,7 @@ impl LanguageModel for LocalLlm {
         let model = self.model.clone();
         let gate = self.gate.clone();
         let name = self.name.clone();
+        let meter = self.meter.clone();
         let mut params = self.params.clone();
         if let Some(max) = request.max_tokens {
             params.max_tokens = params.max_tokens.min(max as usize);
@@ -276,12 +287,26 @@ impl LanguageModel for LocalLlm {
             });
             drop(model);
             let last = match result {
-                Ok(stats) => Ok(LlmEvent::Done {
-                    usage: Some(TokenUsage {
-                        prompt_tokens: stats.prompt_tokens as u32,
-                        completion_tokens: stats.completion_tokens as u32,
-                    }),
-                    model: name,
+                Ok(stats) => Ok({
+                    let model = name.trim_start_matches("local:");
+                    let sid = &request.session_id;
+                    let prompt = stats.prompt_tokens as f64;
+                    meter.record(sid, "local", model, UsageKind::LlmPromptTokens, prompt);
+                    let completion = stats.completion_tokens as f64;
+                    meter.record(
+                        sid,
+                        "local",
+                        model,
+                        UsageKind::LlmCompletionTokens,
+                        completion,
+                    );
+                    LlmEvent::Done {
+                        usage: Some(TokenUsage {
+                            prompt_tokens: stats.prompt_tokens as u32,
+                            completion_tokens: stats.completion_tokens as u32,
+                        }),
+                        model: name,
+                    }
                 }),
                 Err(e) => Err(internal(e)),
             };

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub provider_usage_total: CounterVec,
     /// Estimated provider cost in USD (from the price table; see `duplex_providers::usage`).
     pub provider_cost_usd_total: CounterVec,
+    /// The server's resident memory, read at each scrape (the local engines' models are most
+    /// of it).
+    pub resident_memory_bytes: IntGauge,
 }
 
 /// Latency buckets in seconds: 1 ms to 10 s, dense where voice latency lives (0.1-1.5 s);
@@ -104,8 +107,14 @@ impl Metrics {
             &["provider", "model"],
         )
         .expect("valid metric");
+        let resident_memory_bytes = IntGauge::new(
+            "duplex_process_resident_memory_bytes",
+            "Resident memory of the server process (VmRSS), read at each scrape",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(active_sessions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(resident_memory_bytes.clone()),
             Box::new(provider_usage_total.clone()),
             Box::new(provider_cost_usd_total.clone()),
             Box::new(sessions_total.clone()),
@@ -134,11 +143,22 @@ impl Metrics {
             stt_frames_dropped_total,
             provider_usage_total,
             provider_cost_usd_total,
+            resident_memory_bytes,
         }
     }
 
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
+        if let Some(kib) = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+            })
+        {
+            self.resident_memory_bytes.set(kib * 1024);
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

@@ -107,7 +107,8 @@ pub fn build(
             };
             let llm = models
                 .load_llm(config.local_llm, config.local_llm_engine, &gate, params)
-                .map_err(failed("language model"))?;
+                .map_err(failed("language model"))?
+                .with_meter(meter.clone());
             loaded("llm", t);
             Arc::new(llm)
         }

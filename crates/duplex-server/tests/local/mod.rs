@@ -70,7 +70,24 @@ async fn a_spoken_question_gets_a_spoken_answer_from_the_local_engines() {
     // Speech, not a click: "The capital of France is Paris." is well over a second.
     assert!(turn.assistant_audio_ms > 1000, "{turn:#?}");
     let metrics = ts.http("/metrics").await.1;
-    assert!(metrics.contains("duplex_turns_total"), "{metrics}");
+    assert!(metrics.contains("duplex_turns_total 1"), "{metrics}");
+    // The answer's tokens are counted like a cloud model's.
+    let completion = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("duplex_provider_usage_total")
+                && l.contains(r#"provider="local""#)
+                && l.contains("llm_completion_tokens")
+        })
+        .unwrap_or_else(|| panic!("no local completion tokens in {metrics}"));
+    let tokens: f64 = completion.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(tokens >= 5.0, "{completion}");
+    let rss = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("duplex_process_resident_memory_bytes "))
+        .expect("resident memory on /metrics");
+    // The models are loaded: hundreds of MB.
+    assert!(rss.parse::<f64>().unwrap() > 200e6, "{rss}");
 }
 
 #[tokio::test]
