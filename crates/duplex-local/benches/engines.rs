@@ -5,7 +5,7 @@
 //! and espeak-ng's time per sentence, and the process's resident memory after each load.
 //! Prints figures; asserts nothing. Needs `scripts/setup-models.sh --test-data`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use duplex_local::llm::{GenStats, Speaker};
@@ -136,10 +136,7 @@ fn ask<'m>(
 }
 
 fn main() {
-    let root = std::env::var_os("DUPLEX_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let dir = ModelDir::new(root);
+    let dir = ModelDir::from_env();
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let want = |what: &str| only.as_deref().is_none_or(|o| o == what);
     println!("threads: {}", duplex_local::models::compute_threads());

@@ -12,8 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (Some(text), Some(out)) = (args.next(), args.next().map(PathBuf::from)) else {
         return Err("usage: say TEXT OUT.wav".into());
     };
-    let dir =
-        ModelDir::new(std::env::var_os("DUPLEX_MODELS_DIR").unwrap_or_else(|| "models".into()));
+    let dir = ModelDir::from_env();
     let mut voice = PiperVoice::load(
         &dir.require(dir.piper_voice())?,
         &dir.require(dir.onnxruntime())?,

@@ -65,6 +65,17 @@ impl ModelDir {
         ModelDir { root: root.into() }
     }
 
+    /// `DUPLEX_MODELS_DIR`, else this repository's `models/` (where `scripts/setup-models.sh`
+    /// installs by default): for the tests, benchmarks and examples run from a checkout. The
+    /// server reads the directory from its own configuration instead.
+    pub fn from_env() -> ModelDir {
+        ModelDir::new(
+            std::env::var_os("DUPLEX_MODELS_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models")),
+        )
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -210,7 +210,10 @@ impl ChatEngine for LlamaChat {
 #[derive(Clone)]
 pub struct LocalLlm {
     model: Arc<Mutex<dyn ChatEngine>>,
+    /// `local:<model>`, the provider's name.
     name: String,
+    /// The model's own name, as usage records carry it.
+    model_name: String,
     gate: ComputeGate,
     params: GenParams,
     meter: Meter,
@@ -220,6 +223,7 @@ impl LocalLlm {
     pub fn new(model: impl ChatEngine, gate: ComputeGate, params: GenParams) -> LocalLlm {
         LocalLlm {
             name: format!("local:{}", model.model_name()),
+            model_name: model.model_name().to_owned(),
             model: Arc::new(Mutex::new(model)),
             gate,
             params,
@@ -251,6 +255,7 @@ impl LanguageModel for LocalLlm {
         let gate = self.gate.clone();
         let name = self.name.clone();
         let meter = self.meter.clone();
+        let model_name = self.model_name.clone();
         let mut params = self.params.clone();
         if let Some(max) = request.max_tokens {
             params.max_tokens = params.max_tokens.min(max as usize);
@@ -288,7 +293,7 @@ impl LanguageModel for LocalLlm {
             drop(model);
             let last = match result {
                 Ok(stats) => Ok({
-                    let model = name.trim_start_matches("local:");
+                    let model = model_name.as_str();
                     let sid = &request.session_id;
                     let prompt = stats.prompt_tokens as f64;
                     meter.record(sid, "local", model, UsageKind::LlmPromptTokens, prompt);

@@ -6,7 +6,6 @@
 //! each test says it was skipped. Models load once per test binary and tests take turns (they
 //! all want both cores).
 
-use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -30,12 +29,6 @@ struct Engines {
     espeak: duplex_local::EspeakTts,
 }
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("DUPLEX_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"))
-}
-
 /// The engines, or `None` (with a note) when local tests are not enabled.
 fn engines() -> Option<(&'static Engines, MutexGuard<'static, ()>)> {
     static TURN: Mutex<()> = Mutex::new(());
@@ -46,7 +39,7 @@ fn engines() -> Option<(&'static Engines, MutexGuard<'static, ()>)> {
     }
     let turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     let engines = ENGINES.get_or_init(|| {
-        let dir = ModelDir::new(models_dir());
+        let dir = ModelDir::from_env();
         let gate = ComputeGate::new();
         let t = Instant::now();
         let e = Engines {

@@ -6,18 +6,11 @@
 //! `DUPLEX_TEST_LOCAL=1`; without it each test says it was skipped. The model loads once per
 //! test binary and tests take turns on it.
 
-use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use duplex_local::llm::Speaker;
 use duplex_local::{ComputeGate, GenParams, LlamaChat, LlmChoice, ModelDir, SPOKEN_SYSTEM_PROMPT};
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("DUPLEX_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"))
-}
 
 /// The model, or `None` (with a note) when local tests are not enabled.
 fn llama() -> Option<MutexGuard<'static, LlamaChat>> {
@@ -27,7 +20,7 @@ fn llama() -> Option<MutexGuard<'static, LlamaChat>> {
         return None;
     }
     let model = MODEL.get_or_init(|| {
-        let dir = ModelDir::new(models_dir());
+        let dir = ModelDir::from_env();
         let path = dir
             .require(dir.llm(LlmChoice::Qwen05b))
             .unwrap_or_else(|e| panic!("{e}"));

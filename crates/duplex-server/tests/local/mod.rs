@@ -7,18 +7,10 @@
 use super::*;
 use duplex_replay::wer::wer;
 
-fn models_dir() -> std::path::PathBuf {
-    std::env::var_os("DUPLEX_MODELS_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
-        })
-}
-
 /// The question in the Piper voice at 16 kHz, 300 ms of silence before (espeak-ng's voice is
 /// too robotic for Whisper tiny.en: it hears "the capital and friends").
 fn piper_speech(text: &str) -> Wav {
-    let dir = duplex_local::ModelDir::new(models_dir());
+    let dir = duplex_local::ModelDir::from_env();
     let mut voice = duplex_local::piper::PiperVoice::load(
         &dir.piper_voice(),
         &dir.onnxruntime(),
@@ -41,7 +33,7 @@ fn local_config() -> Option<Config> {
     }
     let mut c = Config::for_tests();
     c.providers = ProviderMode::Local;
-    c.models_dir = models_dir();
+    c.models_dir = duplex_local::ModelDir::from_env().root().to_path_buf();
     Some(c)
 }
 
