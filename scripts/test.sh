@@ -17,6 +17,10 @@ command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 command -v cmake >/dev/null || need_apt+=(cmake)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v clang >/dev/null || need_apt+=(clang)
+# The browser client's tests run Debian's Chromium, driven by Node (npm playwright-core).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
 PG_BIN=/usr/lib/postgresql/15/bin   # Debian 12's PostgreSQL (shared/FACTS.md)
 if [ -z "${DATABASE_URL_POSTGRES:-}" ] && [ ! -x "$PG_BIN/initdb" ]; then need_apt+=(postgresql); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -73,6 +77,13 @@ export DUPLEX_MODELS_DIR="${DUPLEX_MODELS_DIR:-$PWD/models}"
 scripts/setup-models.sh --test-data
 export DUPLEX_TEST_LOCAL=1
 # --- end local engines
+
+# --- Browser client: playwright-core from npm drives /usr/bin/chromium (never a downloaded
+# browser); enables crates/duplex-server's browser tests (skipped without DUPLEX_TEST_BROWSER=1).
+log "installing the browser test driver (npm playwright-core)"
+npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error >/dev/null
+export DUPLEX_TEST_BROWSER=1
+# --- end browser client
 
 log "building and running all tests"
 cargo test --workspace --locked "$@"

@@ -85,6 +85,8 @@ pub struct Config {
     pub connect_rate_per_min: u32,
     /// `Origin`s allowed to open sessions; empty = all.
     pub allowed_origins: Vec<String>,
+    /// Whether `GET /` serves the browser client (`WEB_CLIENT`).
+    pub web_client: bool,
     /// Plan of anonymous dev-mode sessions.
     pub anonymous_plan: String,
     /// Every plan and its limits (`PLAN_LIMITS`, `FREE_DAILY_LIMIT_SECONDS`,
@@ -390,6 +392,11 @@ pub const VARS: &[Var] = &[
         help: "WebSocket connection attempts per minute per client IP (token bucket, bursts of the same size); past it 429. 0 = off.",
     },
     Var {
+        name: "WEB_CLIENT",
+        default: "true",
+        help: "Serve the browser voice client at `/` (`true`/`false`); the WebSocket API does not depend on it.",
+    },
+    Var {
         name: "ALLOWED_ORIGINS",
         default: "",
         help: "Comma-separated `Origin`s (e.g. `https://app.example.com`) allowed to open sessions, 403 otherwise; empty = all. Requests without `Origin` (non-browser clients) are allowed.",
@@ -591,6 +598,20 @@ impl Config {
                 "too large",
             )
         })?;
+        let (n, v) = get("WEB_CLIENT");
+        let web_client = match v.trim() {
+            "true" | "1" | "on" => true,
+            "false" | "0" | "off" => false,
+            _ => return Err(bad(n, v, "true or false")),
+        };
+        if web_client && (stripe_webhook_path == "/" || stripe_webhook_path.starts_with("/assets/"))
+        {
+            return Err(bad(
+                "STRIPE_WEBHOOK_PATH",
+                stripe_webhook_path.clone(),
+                "a path other than / and /assets/… (the browser client's), or WEB_CLIENT=false",
+            ));
+        }
         let allowed_origins = get("ALLOWED_ORIGINS")
             .1
             .split(',')
@@ -648,6 +669,7 @@ impl Config {
             jwt_audience: opt("JWT_AUDIENCE"),
             connect_rate_per_min,
             allowed_origins,
+            web_client,
             anonymous_plan: anonymous_plan.trim().to_owned(),
             plans,
             usage_heartbeat,

@@ -8,6 +8,14 @@
 //!   issuer or audience, unknown key) when auth is configured and the bearer token is not
 //!   valid, 503 when the identity provider's keys cannot be fetched (see `auth`); 503 at the
 //!   connection cap; 429 when the client IP is at its concurrent-session cap.
+//!   The same URL without an upgrade (a plain `GET`) runs the same checks and answers with
+//!   the refusal an upgrade would get, or 426 when an upgrade would be accepted: browsers
+//!   hide the HTTP status of a failed WebSocket upgrade, so the browser client asks this way
+//!   why it was refused (nothing is held: no permit, no per-IP slot).
+//! - `GET /`, `GET /assets/{name}`, `GET /favicon.ico` — the browser voice client
+//!   (`duplex-web`), unless `WEB_CLIENT=false`: embedded files with their content type, a
+//!   strong `ETag` (304 on `If-None-Match`), `Cache-Control: no-cache`, a strict
+//!   Content-Security-Policy and the other security headers of `duplex_web::SECURITY_HEADERS`.
 //! - `GET /healthz` — liveness: 200 while the process serves requests.
 //! - `GET /readyz` — readiness: 200 when providers are ready and the server is not draining,
 //!   503 otherwise (load balancers stop routing new sessions during shutdown).
@@ -25,8 +33,9 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
-use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{ConnectInfo, Path, Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use duplex_proto::{self as proto, Encoding, ErrorCode, SessionStart};
@@ -54,7 +63,7 @@ pub(crate) const STRIPE_BODY_LIMIT: usize = 1 << 20;
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     let stripe_path = state.session.config.stripe_webhook_path.clone();
-    Router::new()
+    let router = Router::new()
         .route(
             &stripe_path,
             post(stripe_webhook).layer(DefaultBodyLimit::max(STRIPE_BODY_LIMIT)),
@@ -62,8 +71,53 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/conversation", get(conversation))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    let router = if state.session.config.web_client {
+        router
+            .route(
+                "/",
+                get(|headers: HeaderMap| async move { asset(duplex_web::index(), &headers) }),
+            )
+            .route("/assets/{name}", get(web_asset))
+            .route(
+                "/favicon.ico",
+                get(|headers: HeaderMap| async move {
+                    asset(
+                        duplex_web::lookup("favicon.svg").expect("embedded"),
+                        &headers,
+                    )
+                }),
+            )
+    } else {
+        router
+    };
+    router.with_state(state)
+}
+
+async fn web_asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
+    match duplex_web::lookup(&name) {
+        Some(a) => asset(a, &headers),
+        None => (StatusCode::NOT_FOUND, "no such file\n").into_response(),
+    }
+}
+
+/// One embedded file of the browser client: 304 when the browser's copy is current.
+fn asset(a: &'static duplex_web::Asset, headers: &HeaderMap) -> Response {
+    let current = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| a.matches(v));
+    let mut res = if current {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        ([(header::CONTENT_TYPE, a.content_type)], a.body).into_response()
+    };
+    let h = res.headers_mut();
+    h.insert(header::ETAG, HeaderValue::from_static(a.etag()));
+    for (name, value) in duplex_web::SECURITY_HEADERS {
+        h.insert(*name, HeaderValue::from_static(value));
+    }
+    res
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -169,7 +223,7 @@ fn reject(state: &AppState, status: StatusCode, reason: &'static str, message: &
 }
 
 async fn conversation(
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -237,6 +291,15 @@ async fn conversation(
             return reject(&state, status, label, &e.to_string());
         }
     };
+    let ws = match ws {
+        Ok(ws) => ws,
+        // A plain GET: the admission checks' verdict, holding nothing (see the module doc).
+        Err(
+            WebSocketUpgradeRejection::InvalidConnectionHeader(_)
+            | WebSocketUpgradeRejection::InvalidUpgradeHeader(_),
+        ) => return admission_verdict(&state, peer.ip()),
+        Err(other) => return other.into_response(),
+    };
     let Ok(permit): Result<OwnedSemaphorePermit, _> = state.connections.clone().try_acquire_owned()
     else {
         return reject(
@@ -278,6 +341,39 @@ async fn conversation(
                 session::run(socket, ctx, start, peer, limit, identity, switches).await;
             })
         })
+}
+
+/// What a plain `GET /v1/conversation` answers once the checks before the caps passed: the
+/// caps' refusal, or 426 (the request would have been accepted as an upgrade).
+fn admission_verdict(state: &AppState, ip: IpAddr) -> Response {
+    if state.connections.available_permits() == 0 {
+        return reject(
+            state,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "server is at its connection limit",
+        );
+    }
+    let at_cap = state
+        .per_ip
+        .lock()
+        .expect("per-IP map is never poisoned: no panics while held")
+        .get(&ip)
+        .is_some_and(|n| *n >= state.session.config.max_connections_per_ip);
+    if at_cap {
+        return reject(
+            state,
+            StatusCode::TOO_MANY_REQUESTS,
+            "per_ip",
+            "too many connections from this address",
+        );
+    }
+    (
+        StatusCode::UPGRADE_REQUIRED,
+        [(header::UPGRADE, "websocket")],
+        "admission checks passed: open this URL as a WebSocket (subprotocol duplex.v1)\n",
+    )
+        .into_response()
 }
 
 /// `session.start` given as query parameters (`?sample_rate=8000&encoding=mulaw`), for clients

@@ -14,6 +14,7 @@ use duplex_server::{Config, Metrics, ProviderMode, Server};
 
 mod auth;
 mod billing;
+mod browser;
 mod cloud;
 mod local;
 mod metering;

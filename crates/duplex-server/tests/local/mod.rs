@@ -9,7 +9,7 @@ use duplex_replay::wer::wer;
 
 /// The question in the Piper voice at 16 kHz, 300 ms of silence before (espeak-ng's voice is
 /// too robotic for Whisper tiny.en: it hears "the capital and friends").
-fn piper_speech(text: &str) -> Wav {
+pub(super) fn piper_speech(text: &str) -> Wav {
     let dir = duplex_local::ModelDir::from_env();
     let mut voice = duplex_local::piper::PiperVoice::load(
         &dir.piper_voice(),
@@ -26,7 +26,7 @@ fn piper_speech(text: &str) -> Wav {
 }
 
 /// The local engines, or `None` (with a note) when local tests are not enabled.
-fn local_config() -> Option<Config> {
+pub(super) fn local_config() -> Option<Config> {
     if std::env::var("DUPLEX_TEST_LOCAL").as_deref() != Ok("1") {
         eprintln!("skipped: set DUPLEX_TEST_LOCAL=1 after scripts/setup-models.sh --test-data");
         return None;
