@@ -13,6 +13,7 @@
 //   {do: 'waitStatus', states, timeoutMs?}    until the status line's state is one of these
 //   {do: 'waitStats', until, timeoutMs?}      until `until` (a JS function of the page's
 //                                             window.duplexStats()) returns true
+//   {do: 'waitEnabled', id}                  until the element with that id is enabled
 //   {do: 'sleep', ms}
 //   {do: 'screenshot', path}
 //   {do: 'snapshot', name}                    record the page's counters and what it shows
@@ -80,8 +81,21 @@ try {
           { timeout: t, polling: 50 },
         );
         break;
-      case 'waitStats':
-        await page.waitForFunction(`(${step.until})(window.duplexStats())`, null, {
+      case 'waitStats': {
+        // The predicate runs here, in Node, on the page's counters: the page's CSP (rightly)
+        // forbids evaluating strings as code inside it.
+        const until = new Function('s', `return (${step.until})(s);`);
+        const deadline = Date.now() + t;
+        for (;;) {
+          const stats = await page.evaluate(() => window.duplexStats());
+          if (until(stats)) break;
+          if (Date.now() > deadline) throw new Error(`timed out after ${t} ms waiting for ${step.until}`);
+          await page.waitForTimeout(50);
+        }
+        break;
+      }
+      case 'waitEnabled':
+        await page.waitForFunction((id) => !document.getElementById(id).disabled, step.id, {
           timeout: t,
           polling: 50,
         });

@@ -118,7 +118,7 @@ export class Connection {
       }
       const final = FINAL_CLOSE.get(e.code);
       if (final) {
-        this.onState('closed', e.reason || final);
+        this.onState('closed', e.reason ? `${final} (${e.reason})` : final);
       } else if (this.fatal && !RETRYABLE_ERRORS.has(this.fatal)) {
         this.onState('closed', e.reason || `the server closed the session (${this.fatal})`);
       } else {
