@@ -6,8 +6,9 @@
 //!       -> Vad (voiced?) -> Endpointer (SpeechStarted / SpeechStopped)
 //! ```
 //!
-//! [`FrontEnd`] chains them for one client stream; each stage is public and usable alone (the
-//! server also uses [`Resampler`] and [`codec`] on TTS audio going out).
+//! [`FrontEnd`] chains them for one client stream; each stage is public and usable alone.
+//! [`OutputStage`] is its mirror for assistant speech going out: provider audio -> Resampler
+//! (provider rate -> output rate) -> 20 ms frames -> codec.
 //!
 //! **Invariant:** this crate is sans-IO: no sockets, no async runtime, no clock reads, no
 //! threads. Time is the audio position (`audio_ms`, milliseconds of 16 kHz audio since the
@@ -16,12 +17,14 @@
 pub mod codec;
 pub mod endpoint;
 mod frontend;
+mod output;
 pub mod reframe;
 pub mod resample;
 pub mod vad;
 
 pub use endpoint::{EndpointConfig, EndpointEvent, Endpointer, FRAME_MS};
 pub use frontend::{FRAME_SAMPLES, FrontEnd, FrontEndConfig, FrontEndEvent, INTERNAL_RATE};
+pub use output::{OutputFrame, OutputStage};
 pub use reframe::Reframer;
 pub use resample::{Resampler, SUPPORTED_RATES};
 pub use vad::{Vad, VadMode};

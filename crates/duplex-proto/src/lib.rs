@@ -352,6 +352,8 @@ pub enum ErrorCode {
     SlowConsumer,
     /// No message within the idle timeout; the connection closes with 4000.
     IdleTimeout,
+    /// No session started within the pre-start timeout; the connection closes with 4000.
+    StartTimeout,
     /// The speech recogniser failed.
     SttError,
     /// The language model failed.
@@ -387,6 +389,7 @@ impl ErrorCode {
             ErrorCode::SessionEnded => "session_ended",
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::StartTimeout => "start_timeout",
             ErrorCode::SttError => "stt_error",
             ErrorCode::LlmError => "llm_error",
             ErrorCode::TtsError => "tts_error",
@@ -505,6 +508,19 @@ impl ParseError {
     }
 }
 
+/// Longest piece of client text an error message quotes back (a `type`, a serde detail that
+/// names a field): errors are sent to the client, and a client must not be able to make the
+/// server queue copies of its own large strings.
+pub const MAX_QUOTED_CHARS: usize = 64;
+
+/// `s` cut to [`MAX_QUOTED_CHARS`] characters, with `…` when cut.
+pub fn quote_capped(s: &str) -> String {
+    match s.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => s.to_owned(),
+        Some((i, _)) => format!("{}…", &s[..i]),
+    }
+}
+
 /// Parses a client text frame, telling malformed JSON, unknown types and invalid fields apart.
 pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
     let value: serde_json::Value =
@@ -520,12 +536,24 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
         None => return Err(ParseError::UnknownType("missing `type` field".into())),
     };
     if !ClientMessage::TYPES.contains(&kind.as_str()) {
-        return Err(ParseError::UnknownType(format!("`{kind}`")));
+        return Err(ParseError::UnknownType(format!(
+            "`{}`",
+            quote_capped(&kind)
+        )));
     }
     serde_json::from_value(value).map_err(|e| ParseError::Invalid {
         kind,
-        detail: e.to_string(),
+        // serde quotes unknown field names and bad values: cap what goes back.
+        detail: quote_capped_detail(&e.to_string()),
     })
+}
+
+/// A serde error message with room for its own words around a capped quote.
+fn quote_capped_detail(detail: &str) -> String {
+    match detail.char_indices().nth(4 * MAX_QUOTED_CHARS) {
+        None => detail.to_owned(),
+        Some((i, _)) => format!("{}…", &detail[..i]),
+    }
 }
 
 /// Parses a server text frame (used by clients such as the replayer).
@@ -536,6 +564,25 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Err
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client cannot make the server echo a large string of its own in an error.
+    #[test]
+    fn parse_errors_quote_at_most_a_capped_piece_of_client_text() {
+        let huge = "x".repeat(250_000);
+        let unknown = format!(r#"{{"type":"{huge}"}}"#);
+        let e = parse_client_message(&unknown).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::UnknownMessageType);
+        assert!(e.to_string().len() < 200, "{}", e.to_string().len());
+        let field = format!(r#"{{"type":"ping","{huge}":1}}"#);
+        let e = parse_client_message(&field).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidMessage);
+        assert!(e.to_string().len() < 400, "{}", e.to_string().len());
+        // Short strings are quoted whole; multi-byte characters are cut on a boundary.
+        assert_eq!(quote_capped("pong"), "pong");
+        let cut = quote_capped(&"é".repeat(100));
+        assert_eq!(cut.chars().count(), MAX_QUOTED_CHARS + 1);
+        assert!(cut.ends_with('…'));
+    }
 
     #[test]
     fn parse_errors_are_told_apart() {

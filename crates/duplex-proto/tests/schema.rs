@@ -513,6 +513,7 @@ error_codes! {
     SessionEnded => false,
     SlowConsumer => true,
     IdleTimeout => true,
+    StartTimeout => true,
     SttError => false,
     LlmError => false,
     TtsError => false,

@@ -58,6 +58,10 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     pub max_message_bytes: usize,
     pub idle_timeout: Duration,
+    /// `PRE_START_TIMEOUT_SECS`: how long a connection may stay without a session.
+    pub pre_start_timeout: Duration,
+    /// `MAX_INPUT_TEXT_CHARS`: the longest typed turn.
+    pub max_input_text_chars: usize,
     pub shutdown_grace: Duration,
     pub audio_lead: Duration,
     pub vad_mode: u8,
@@ -174,6 +178,16 @@ pub const VARS: &[Var] = &[
         name: "IDLE_TIMEOUT_SECS",
         default: "60",
         help: "Close a session silent this long.",
+    },
+    Var {
+        name: "PRE_START_TIMEOUT_SECS",
+        default: "10",
+        help: "Close a connection that has not started its session this long after the upgrade (pings do not count): `start_timeout`, 4000.",
+    },
+    Var {
+        name: "MAX_INPUT_TEXT_CHARS",
+        default: "4000",
+        help: "Longest `input.text` in characters; longer: `invalid_message`, no turn.",
     },
     Var {
         name: "SHUTDOWN_GRACE_SECS",
@@ -683,6 +697,8 @@ impl Config {
             max_connections_per_ip: positive("MAX_CONNECTIONS_PER_IP")?,
             max_message_bytes,
             idle_timeout: secs("IDLE_TIMEOUT_SECS")?,
+            pre_start_timeout: secs("PRE_START_TIMEOUT_SECS")?,
+            max_input_text_chars: num("MAX_INPUT_TEXT_CHARS")? as usize,
             shutdown_grace: secs("SHUTDOWN_GRACE_SECS")?,
             audio_lead: ms("AUDIO_LEAD_MS")?,
             vad_mode: vad_mode as u8,

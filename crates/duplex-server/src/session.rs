@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use duplex_audio::{EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, Resampler, VadMode};
+use duplex_audio::{
+    EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, OutputFrame, OutputStage, VadMode,
+};
 use duplex_core::conversation::{Conversation, ConversationConfig, Input, Output, Speaker, TurnId};
 use duplex_proto::{
     self as proto, AudioEndReason, AudioFormat, ClientMessage, Encoding, ErrorCode, ServerMessage,
@@ -56,6 +58,18 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const END_LINGER: Duration = Duration::from_millis(250);
 /// Outbound audio frames are 20 ms, like the inbound analysis frames.
 const OUT_FRAME_MS: u32 = 20;
+/// A failed STT stream is reopened after this, doubling with each consecutive failure up to
+/// [`STT_REOPEN_MAX`] (with jitter), so that a bad key or a provider outage does not become a
+/// reconnect loop per session. The first retry is quick: a single dropped stream should cost
+/// the user at most a fraction of a second of speech.
+const STT_REOPEN_FIRST: Duration = Duration::from_millis(100);
+const STT_REOPEN_MAX: Duration = Duration::from_secs(10);
+/// Longest `ping` `id` echoed in a `pong` (a client must not make the server queue copies of
+/// its own large strings); longer ids get `invalid_message`.
+const MAX_PING_ID_BYTES: usize = 128;
+/// When the STT input queue is full of audio, a `Finalize` is retried this often until it
+/// fits (the recognizer drains ~50 frames a second).
+const FINALIZE_RETRY: Duration = Duration::from_millis(20);
 
 /// What the reader hands the actor.
 #[derive(Debug)]
@@ -258,22 +272,26 @@ impl Drop for LlmTurn {
 struct TtsTurn {
     turn: TurnId,
     stream: TtsStream,
-    resampler: Option<Resampler>,
-    out_rate: u32,
-    encoding: Encoding,
-    /// Output-rate samples not yet making a whole frame.
-    pending: Vec<i16>,
-    /// Chunk index of the first sample in `pending`.
-    pending_index: u32,
-    scratch: Vec<i16>,
+    stage: OutputStage,
+    frames: Vec<OutputFrame>,
 }
 
 impl TtsTurn {
-    fn frame_samples(&self) -> usize {
-        (self.out_rate * OUT_FRAME_MS / 1000) as usize
+    /// Hands the stage's finished frames to the core.
+    fn deliver(&mut self, core: &mut Conversation, now: std::time::Instant) {
+        for f in self.frames.drain(..) {
+            core.handle_input(
+                now,
+                Input::TtsFrame {
+                    turn: self.turn,
+                    index: f.index,
+                    duration: self.stage.duration_of(f.samples),
+                    bytes: f.bytes,
+                },
+            );
+        }
     }
 
-    /// Converts provider audio to encoded output frames, handed to the core.
     fn on_audio(
         &mut self,
         core: &mut Conversation,
@@ -282,75 +300,16 @@ impl TtsTurn {
         samples: &[i16],
         rate: u32,
     ) {
-        if rate != self.out_rate {
-            let stale = self
-                .resampler
-                .as_ref()
-                .is_some_and(|r| r.from_rate() != rate);
-            if stale || self.resampler.is_none() {
-                match Resampler::new(rate, self.out_rate) {
-                    Ok(r) => self.resampler = Some(r),
-                    Err(e) => {
-                        warn!(rate, error = %e, "TTS audio at an unsupported rate, dropped");
-                        return;
-                    }
-                }
-            }
-            self.scratch.clear();
-            self.resampler
-                .as_mut()
-                .expect("set above")
-                .process(samples, &mut self.scratch);
-            if self.pending.is_empty() {
-                self.pending_index = index;
-            }
-            let scratch = std::mem::take(&mut self.scratch);
-            self.pending.extend_from_slice(&scratch);
-            self.scratch = scratch;
-        } else {
-            if self.pending.is_empty() {
-                self.pending_index = index;
-            }
-            self.pending.extend_from_slice(samples);
+        if let Err(e) = self.stage.push(index, samples, rate, &mut self.frames) {
+            warn!(rate, error = %e, "TTS audio at an unsupported rate, dropped");
         }
-        self.emit_frames(core, now, false);
+        self.deliver(core, now);
     }
 
     /// Flushes the resampler and the last partial frame at the end of the turn's audio.
     fn finish(&mut self, core: &mut Conversation, now: std::time::Instant) {
-        if let Some(r) = self.resampler.as_mut() {
-            self.scratch.clear();
-            r.flush(&mut self.scratch);
-            self.pending.extend_from_slice(&self.scratch);
-        }
-        self.emit_frames(core, now, true);
-    }
-
-    fn emit_frames(&mut self, core: &mut Conversation, now: std::time::Instant, all: bool) {
-        let n = self.frame_samples();
-        let mut offset = 0;
-        while self.pending.len() - offset >= n || (all && offset < self.pending.len()) {
-            let end = (offset + n).min(self.pending.len());
-            let frame = &self.pending[offset..end];
-            let mut bytes = Vec::with_capacity(frame.len() * 2);
-            match self.encoding {
-                Encoding::Pcm16 => duplex_audio::codec::encode_pcm16(frame, &mut bytes),
-                Encoding::Mulaw => duplex_audio::codec::encode_mulaw(frame, &mut bytes),
-            }
-            let duration =
-                Duration::from_micros(frame.len() as u64 * 1_000_000 / u64::from(self.out_rate));
-            core.handle_input(
-                now,
-                Input::TtsFrame {
-                    turn: self.turn,
-                    index: self.pending_index,
-                    bytes,
-                    duration,
-                },
-            );
-            offset = end;
-        }
-        self.pending.drain(..offset);
+        self.stage.finish(&mut self.frames);
+        self.deliver(core, now);
     }
 }
 
@@ -369,6 +328,12 @@ struct Running {
     language: Option<String>,
     model: Option<String>,
     deadline: Option<Instant>,
+    /// A `Finalize` that did not fit in the STT queue: retried at this time.
+    finalize_retry: Option<Instant>,
+    /// Consecutive STT stream failures (reset by the next transcript), and when the closed
+    /// stream is reopened.
+    stt_failures: u32,
+    stt_reopen_at: Option<Instant>,
 }
 
 enum Phase {
@@ -387,6 +352,9 @@ enum Wake {
     ),
     Tts(TurnId, Option<TtsEvent>),
     Deadline,
+    StartTimeout,
+    RetryFinalize,
+    ReopenStt,
     Idle,
     Drain,
     Close,
@@ -436,6 +404,8 @@ struct Session {
     phase: Phase,
     /// Last time the client sent anything.
     last_seen: Instant,
+    /// When the connection was upgraded (the pre-start deadline counts from here).
+    connected_at: Instant,
     /// Set on shutdown: the session closes when its turn ends, or at this deadline.
     drain_deadline: Option<Instant>,
     /// Set by `session.end` or a fatal error: close with this code at this time.
@@ -482,6 +452,7 @@ impl Session {
             kill,
             phase: Phase::AwaitingStart,
             last_seen: Instant::now(),
+            connected_at: Instant::now(),
             drain_deadline: None,
             closing: None,
             ended: false,
@@ -497,35 +468,38 @@ impl Session {
                 return;
             }
             let idle_at = self.last_seen + self.ctx.config.idle_timeout;
+            let start_by = self.connected_at + self.ctx.config.pre_start_timeout;
+            let awaiting_start = matches!(self.phase, Phase::AwaitingStart);
             let wake = {
-                let (stt, llm, tts, deadline, wants_audio) = match &mut self.phase {
-                    Phase::Running(r) => {
-                        let wants = r.core.as_ref().is_none_or(|c| c.wants_tts_audio());
-                        (
-                            r.stt.as_mut(),
-                            r.llm.as_mut(),
-                            r.tts.as_mut(),
-                            r.deadline,
-                            wants,
-                        )
-                    }
-                    Phase::AwaitingStart => (None, None, None, None, false),
-                };
+                let (stt, llm, tts, deadline, wants_audio, finalize_retry, stt_reopen_at) =
+                    match &mut self.phase {
+                        Phase::Running(r) => {
+                            let wants = r.core.as_ref().is_none_or(|c| c.wants_tts_audio());
+                            (
+                                r.stt.as_mut(),
+                                r.llm.as_mut(),
+                                r.tts.as_mut(),
+                                r.deadline,
+                                wants,
+                                r.finalize_retry,
+                                r.stt_reopen_at,
+                            )
+                        }
+                        Phase::AwaitingStart => (None, None, None, None, false, None, None),
+                    };
                 let llm_turn = llm.as_ref().map(|l| l.turn).unwrap_or(0);
                 let tts_turn = tts.as_ref().map(|t| t.turn).unwrap_or(0);
                 let draining = self.drain_deadline.is_some();
                 let m = &mut self.metering;
                 let switches_open = m.switches_open;
+                // Biased, and the client's messages last: a client that floods the socket
+                // must not starve its own deadlines, the meter (usage writes, limits) or the
+                // provider streams. Timers only win when they are due, so the client is never
+                // starved in turn.
                 tokio::select! {
                     biased;
                     _ = self.ctx.shutdown.cancelled(), if !draining && self.closing.is_none() => Wake::Shutdown,
                     _ = sleep_until_opt(self.closing.map(|c| c.0)) => Wake::Close,
-                    m = inbound.recv() => Wake::Inbound(m),
-                    e = recv_opt(stt.map(|s| &mut s.events)) => Wake::Stt(e),
-                    e = recv_opt(llm.map(|l| &mut l.events)) => Wake::Llm(llm_turn, e),
-                    e = recv_opt(tts.filter(|_| wants_audio).map(|t| &mut t.stream.events)) => Wake::Tts(tts_turn, e),
-                    _ = sleep_until_opt(deadline) => Wake::Deadline,
-                    _ = sleep_until(idle_at), if self.closing.is_none() => Wake::Idle,
                     _ = sleep_until_opt(self.drain_deadline) => Wake::Drain,
                     _ = sleep_until_opt(m.deadline) => Wake::MeterTick,
                     r = m.persist_rx.recv() => Wake::Persisted(r),
@@ -534,6 +508,15 @@ impl Session {
                         Wake::Switches
                     }
                     u = recv_opt(m.usage_rx.as_mut()) => Wake::ProviderUsage(u),
+                    _ = sleep_until_opt(deadline) => Wake::Deadline,
+                    _ = sleep_until_opt(finalize_retry) => Wake::RetryFinalize,
+                    _ = sleep_until_opt(stt_reopen_at) => Wake::ReopenStt,
+                    _ = sleep_until(idle_at), if self.closing.is_none() => Wake::Idle,
+                    _ = sleep_until(start_by), if awaiting_start && self.closing.is_none() => Wake::StartTimeout,
+                    e = recv_opt(stt.map(|s| &mut s.events)) => Wake::Stt(e),
+                    e = recv_opt(llm.map(|l| &mut l.events)) => Wake::Llm(llm_turn, e),
+                    e = recv_opt(tts.filter(|_| wants_audio).map(|t| &mut t.stream.events)) => Wake::Tts(tts_turn, e),
+                    m = inbound.recv() => Wake::Inbound(m),
                 }
             };
             match wake {
@@ -553,6 +536,8 @@ impl Session {
                 Wake::Llm(turn, e) => self.on_llm(turn, e),
                 Wake::Tts(turn, e) => self.on_tts(turn, e),
                 Wake::Deadline => self.core_input(Input::Tick),
+                Wake::RetryFinalize => self.send_finalize(),
+                Wake::ReopenStt => self.reopen_stt(),
                 Wake::Idle => {
                     self.send_error(
                         ErrorCode::IdleTimeout,
@@ -560,6 +545,18 @@ impl Session {
                         true,
                     );
                     self.close_soon(close_code::IDLE_TIMEOUT, "idle timeout", Duration::ZERO);
+                }
+                Wake::StartTimeout => {
+                    info!("no session.start within the pre-start timeout: closing");
+                    self.send_error(
+                        ErrorCode::StartTimeout,
+                        format!(
+                            "no session started within {} s of connecting",
+                            self.ctx.config.pre_start_timeout.as_secs()
+                        ),
+                        true,
+                    );
+                    self.close_soon(close_code::IDLE_TIMEOUT, "no session.start", Duration::ZERO);
                 }
                 Wake::Drain => {
                     self.close_soon(
@@ -1030,6 +1027,9 @@ impl Session {
             language: s.language.clone(),
             model: s.model.clone(),
             deadline: None,
+            finalize_retry: None,
+            stt_failures: 0,
+            stt_reopen_at: None,
         }));
         let ready = ServerMessage::SessionReady(proto::SessionReady {
             session_id: self.id.clone(),
@@ -1094,7 +1094,17 @@ impl Session {
     fn on_message(&mut self, msg: ClientMessage) {
         let running = matches!(self.phase, Phase::Running(_));
         match msg {
-            ClientMessage::Ping(p) => self.send(&ServerMessage::Pong(proto::Pong { id: p.id })),
+            ClientMessage::Ping(p) => {
+                if p.id.as_ref().is_some_and(|id| id.len() > MAX_PING_ID_BYTES) {
+                    self.send_error(
+                        ErrorCode::InvalidMessage,
+                        format!("ping id longer than {MAX_PING_ID_BYTES} bytes"),
+                        false,
+                    );
+                } else {
+                    self.send(&ServerMessage::Pong(proto::Pong { id: p.id }));
+                }
+            }
             ClientMessage::SessionStart(s) => {
                 if running {
                     self.send_error(
@@ -1122,7 +1132,18 @@ impl Session {
                     false,
                 );
             }
-            ClientMessage::InputText(t) => self.core_input(Input::UserText { text: t.text }),
+            ClientMessage::InputText(t) => {
+                let max = self.ctx.config.max_input_text_chars;
+                if t.text.chars().nth(max).is_some() {
+                    self.send_error(
+                        ErrorCode::InvalidMessage,
+                        format!("input.text longer than {max} characters (MAX_INPUT_TEXT_CHARS)"),
+                        false,
+                    );
+                } else {
+                    self.core_input(Input::UserText { text: t.text });
+                }
+            }
             ClientMessage::ResponseInterrupt(_) => self.core_input(Input::Interrupt),
             ClientMessage::PlaybackMark(m) => self.core_input(Input::PlaybackMark {
                 turn: m.turn_id,
@@ -1203,37 +1224,96 @@ impl Session {
 
     fn on_stt(&mut self, e: Option<SttEvent>) {
         let input = match e {
-            Some(SttEvent::Interim { text }) => Input::SttInterim { text },
-            Some(SttEvent::Final { text }) => Input::SttFinal { text },
+            Some(SttEvent::Interim { text }) => {
+                self.stt_healthy();
+                Input::SttInterim { text }
+            }
+            Some(SttEvent::Final { text }) => {
+                self.stt_healthy();
+                Input::SttFinal { text }
+            }
             Some(SttEvent::SpeechStarted | SttEvent::UtteranceEnd) => return,
             Some(SttEvent::Error(err)) => {
-                warn!(error = %err, "STT stream failed");
-                self.reopen_stt();
+                let retry = self.stt_failed();
+                warn!(error = %err, retry_in_ms = retry.as_millis() as u64, "STT stream failed");
                 Input::SttError {
-                    message: format!("speech recognition failed: {err}"),
+                    message: format!(
+                        "speech recognition failed: {err}; reconnecting in {} ms",
+                        retry.as_millis()
+                    ),
                 }
             }
             None => {
-                warn!("STT stream ended unexpectedly");
-                self.reopen_stt();
+                let retry = self.stt_failed();
+                warn!(
+                    retry_in_ms = retry.as_millis() as u64,
+                    "STT stream ended unexpectedly"
+                );
                 Input::SttError {
-                    message: "speech recognition stream ended".into(),
+                    message: format!(
+                        "speech recognition stream ended; reconnecting in {} ms",
+                        retry.as_millis()
+                    ),
                 }
             }
         };
         self.core_input(input);
     }
 
-    /// A failed STT stream is replaced so that the next utterance is heard again.
+    /// The STT stream failed: close it and schedule its reopening with exponential backoff
+    /// and jitter. Returns the delay.
+    fn stt_failed(&mut self) -> Duration {
+        let Phase::Running(r) = &mut self.phase else {
+            return Duration::ZERO;
+        };
+        r.stt = None;
+        r.finalize_retry = None;
+        let exp = STT_REOPEN_FIRST.saturating_mul(1 << r.stt_failures.min(16));
+        r.stt_failures = r.stt_failures.saturating_add(1);
+        // Half to all of the exponential delay: sessions that failed together (a provider
+        // outage) do not all reconnect in the same instant.
+        let delay = exp
+            .min(STT_REOPEN_MAX)
+            .mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        r.stt_reopen_at = Some(Instant::now() + delay);
+        delay
+    }
+
+    fn stt_healthy(&mut self) {
+        if let Phase::Running(r) = &mut self.phase {
+            r.stt_failures = 0;
+        }
+    }
+
+    /// Reopens the closed STT stream (at the backoff deadline) so the next utterance is heard.
     fn reopen_stt(&mut self) {
         let (Phase::Running(r), Some(p)) = (&mut self.phase, &self.ctx.providers) else {
             return;
         };
+        r.stt_reopen_at = None;
         r.stt = Some(p.stt.open(SttParams {
             sample_rate: duplex_audio::INTERNAL_RATE,
             language: r.language.clone(),
             session_id: self.id.clone(),
         }));
+    }
+
+    /// Asks the recognizer for the final transcript of the utterance. A full queue (audio the
+    /// recognizer has not taken yet) gets the request again shortly, behind that audio; the
+    /// actor never waits on it and spawns nothing for it.
+    fn send_finalize(&mut self) {
+        let Phase::Running(r) = &mut self.phase else {
+            return;
+        };
+        r.finalize_retry = None;
+        let Some(stt) = &r.stt else { return };
+        match stt.input.try_send(SttInput::Finalize) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                r.finalize_retry = Some(Instant::now() + FINALIZE_RETRY);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     fn on_llm(
@@ -1356,17 +1436,7 @@ impl Session {
                     self.ctx.metrics.frames_out_total.inc();
                     self.push(Outbound::Binary(bytes));
                 }
-                Output::FinalizeStt => {
-                    if let Some(stt) = &r.stt
-                        && stt.input.try_send(SttInput::Finalize).is_err()
-                    {
-                        // The queue is full of audio; deliver the finalize behind it.
-                        let tx = stt.input.clone();
-                        tokio::spawn(async move {
-                            let _ = tx.send(SttInput::Finalize).await;
-                        });
-                    }
-                }
+                Output::FinalizeStt => self.send_finalize(),
                 Output::StartTurn {
                     turn,
                     system_prompt,
@@ -1533,12 +1603,9 @@ impl Session {
         r.tts = Some(TtsTurn {
             turn,
             stream,
-            resampler: None,
-            out_rate: r.output.sample_rate,
-            encoding: r.output.encoding,
-            pending: Vec::new(),
-            pending_index: 0,
-            scratch: Vec::new(),
+            stage: OutputStage::new(r.output.sample_rate, r.output.encoding, OUT_FRAME_MS)
+                .expect("the output rate was validated at session.start"),
+            frames: Vec::new(),
         });
         let _ = r.input;
     }

@@ -86,13 +86,17 @@ fn speech(text: &str, rate: u32) -> Wav {
         text.replace(|c: char| !c.is_alphanumeric(), "_")
     ));
     if !path.exists() {
+        // Tests run in parallel threads of one process: write under a name of this thread's
+        // own and rename, so no test reads a file espeak-ng is still writing.
+        let partial = path.with_extension(format!("{:?}.partial", std::thread::current().id()));
         let status = std::process::Command::new("espeak-ng")
             .args(["-v", "en-us", "-s", "170", "-w"])
-            .arg(&path)
+            .arg(&partial)
             .arg(text)
             .status()
             .expect("espeak-ng must be installed to synthesize test speech (scripts/test.sh installs it)");
         assert!(status.success(), "espeak-ng failed");
+        std::fs::rename(&partial, &path).unwrap();
     }
     let mut reader = hound::WavReader::open(&path).unwrap();
     let spec = reader.spec();
@@ -546,6 +550,82 @@ async fn idle_sessions_are_closed() {
         .await
         .unwrap();
     assert_eq!(e.close_code(), Some(close_code::IDLE_TIMEOUT));
+}
+
+/// A connection that never starts a session cannot stay by pinging: it is closed at the
+/// pre-start deadline.
+#[tokio::test]
+async fn a_connection_without_a_session_is_closed_at_the_pre_start_deadline() {
+    let mut config = test_config();
+    config.pre_start_timeout = Duration::from_secs(1);
+    let ts = TestServer::start(config).await;
+    let mut c = Client::connect(&ts.url(), None).await.expect("connects");
+    let started = std::time::Instant::now();
+    // Pings every 200 ms (they reset the idle timer, not this one).
+    let err = loop {
+        c.send_json(&ClientMessage::Ping(Ping { id: None }))
+            .await
+            .expect("still open while pinging");
+        if let Ok(e) = c
+            .wait_for(|e| e.error_code().is_some(), Duration::from_millis(200))
+            .await
+        {
+            break e;
+        }
+        assert!(started.elapsed() < WAIT, "never closed");
+    };
+    assert!(
+        matches!(err.json(), Some(ServerMessage::Error(e)) if e.code == ErrorCode::StartTimeout && e.fatal),
+        "{err:?}"
+    );
+    let e = c
+        .wait_for(|e| e.close_code().is_some(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(e.close_code(), Some(close_code::IDLE_TIMEOUT));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+/// Strings a client could make the server echo or process without bound are capped.
+#[tokio::test]
+async fn long_ping_ids_and_typed_turns_are_refused_with_invalid_message() {
+    let mut config = test_config();
+    config.max_input_text_chars = 20;
+    let ts = TestServer::start(config).await;
+    let mut c = connect(&ts, 16000).await;
+    c.send_json(&ClientMessage::Ping(Ping {
+        id: Some("x".repeat(10_000)),
+    }))
+    .await
+    .unwrap();
+    let err = expect_error(&mut c, ErrorCode::InvalidMessage).await;
+    assert!(err.message.contains("ping id longer than"), "{err:?}");
+    assert!(
+        !c.events()
+            .iter()
+            .any(|e| matches!(e.json(), Some(ServerMessage::Pong(_)))),
+        "no pong echoes the long id"
+    );
+    c.send_json(&ClientMessage::InputText(InputText {
+        text: "é".repeat(21),
+    }))
+    .await
+    .unwrap();
+    let err = expect_error(&mut c, ErrorCode::InvalidMessage).await;
+    assert!(err.message.contains("MAX_INPUT_TEXT_CHARS"), "{err:?}");
+    still_alive(&mut c).await;
+    // At the limit, the turn runs.
+    c.send_json(&ClientMessage::InputText(InputText {
+        text: "é".repeat(20),
+    }))
+    .await
+    .unwrap();
+    c.wait_for(
+        |e| matches!(e.json(), Some(ServerMessage::AssistantMessage(_))),
+        WAIT,
+    )
+    .await
+    .expect("the assistant answers a text at the limit");
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use duplex_proto::{ErrorCode, ServerMessage};
 use duplex_replay::{SessionConfig, TurnOutcome, run_session};
 use duplex_server::Config;
 use duplex_testkit::azure::AzureFake;
@@ -151,6 +152,47 @@ async fn an_llm_outage_is_an_error_event_and_the_next_turn_works() {
         let last = report.turns.last().unwrap();
         assert_eq!(last.outcome, TurnOutcome::Completed, "{:#?}", report.turns);
         assert_eq!(last.assistant_text.as_deref(), Some(REPLY));
+    })
+    .await;
+}
+
+/// A recognizer that refuses every connection (here: a wrong Deepgram key, 401) is retried with
+/// exponential backoff, each failure told to the client, instead of a reconnect loop per
+/// session; the session itself keeps working.
+#[tokio::test]
+async fn a_failing_recognizer_is_retried_with_backoff_not_in_a_loop() {
+    within(LIMIT, async {
+        let fakes = Fakes::start().await;
+        let ts =
+            TestServer::start(fakes.config("openai", &[("DEEPGRAM_API_KEY", "wrong-key")])).await;
+        let mut c = super::connect(&ts, 16000).await;
+        // Backoff of 100 ms doubling (with jitter of up to half): failures at ~0, 0.1, 0.3,
+        // 0.7, 1.5, 3.1 s. A loop without backoff fails hundreds of times in 3 s.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        super::still_alive(&mut c).await;
+        let failures: Vec<String> = c
+            .events()
+            .iter()
+            .filter_map(|e| match e.json() {
+                Some(ServerMessage::Error(err)) if err.code == ErrorCode::SttError => {
+                    Some(err.message.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(
+            (3..=9).contains(&failures.len()),
+            "{} failures: {failures:#?}",
+            failures.len()
+        );
+        assert!(
+            failures.iter().all(|m| m.contains("reconnecting in")),
+            "{failures:#?}"
+        );
+        assert!(
+            fakes.deepgram.connections().is_empty(),
+            "the fake accepted a wrong key"
+        );
     })
     .await;
 }
