@@ -30,6 +30,7 @@ pub mod openai;
 pub mod router;
 pub mod scripted;
 pub mod usage;
+pub mod ws;
 
 pub use usage::{Meter, PriceTable, UsageKind, UsageRecord, UsageSink};
 
