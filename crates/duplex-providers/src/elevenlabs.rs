@@ -201,7 +201,7 @@ impl ElevenLabsCodec {
                     )));
                 }
             };
-            let samples = crate::openai::pcm16_samples(&mut None, &bytes);
+            let samples = crate::http::pcm16_samples(&mut None, &bytes);
             let index = self.open_chunks.front().map_or(self.last_index, |c| c.0);
             let sample_rate = self.sample_rate;
             self.event(TtsEvent::Audio {

@@ -26,6 +26,7 @@ use tokio_util::sync::DropGuard;
 pub mod azure;
 pub mod deepgram;
 pub mod elevenlabs;
+pub mod http;
 pub mod openai;
 pub mod router;
 pub mod scripted;
