@@ -27,8 +27,10 @@
 //! handshake ([`CLOSE_WAIT`] after CloseStream).
 //!
 //! The `deepgram` crate (0.14) is not used for the live connection: it runs its own socket
-//! task with a fixed 3 s KeepAlive and 256-message queues, so it cannot sit under the shared
-//! driver, and its KeepAlive interval cannot be set (ARCHITECTURE.md records the measurement).
+//! task with 256-message queues, so it cannot sit under the shared driver; its KeepAlive
+//! timer is a fixed 3 s; and a close frame ends its `receive()` without the code and reason
+//! (`NET-0001`) this adapter reports. `probes/deepgram-crate` measures all three against the
+//! testkit fake; ARCHITECTURE.md has the figures.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
