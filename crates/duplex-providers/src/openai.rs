@@ -520,33 +520,24 @@ impl SpeechToText for OpenAiStt {
         let this = self.clone();
         tokio::spawn(async move {
             let rate = params.sample_rate.max(1);
-            let max_samples = (this.config.max_utterance.as_millis() as usize)
-                .saturating_mul(rate as usize)
-                / 1000;
-            let min_samples = this.config.min_utterance.as_millis() as usize * rate as usize / 1000;
-            let mut buffer: VecDeque<i16> = VecDeque::new();
+            let mut buffer =
+                UtteranceBuffer::new(rate, this.config.max_utterance, this.config.min_utterance);
             // Transcriptions run while the next utterance is buffered; answers keep order.
             let mut pending = FuturesOrdered::new();
             loop {
                 tokio::select! {
                     _ = task.cancel.cancelled() => return,
                     input = task.input.recv() => match input {
-                        Some(SttInput::Audio(samples)) => {
-                            buffer.extend(samples);
-                            if buffer.len() > max_samples {
-                                let excess = buffer.len() - max_samples;
-                                buffer.drain(..excess);
-                            }
-                        }
+                        Some(SttInput::Audio(samples)) => buffer.push(&samples),
                         Some(SttInput::Finalize) => {
-                            let samples: Vec<i16> = buffer.drain(..).collect();
+                            let utterance = buffer.finalize();
                             let this = this.clone();
                             let params = params.clone();
                             pending.push_back(async move {
-                                if samples.len() < min_samples {
-                                    return Ok(String::new());
+                                match utterance {
+                                    Some(samples) => this.transcribe(samples, rate, &params).await,
+                                    None => Ok(String::new()),
                                 }
-                                this.transcribe(samples, rate, &params).await
                             });
                         }
                         None => return,
@@ -565,6 +556,42 @@ impl SpeechToText for OpenAiStt {
             }
         });
         stream
+    }
+}
+
+/// The audio of the utterance being spoken, for the non-streaming transcription API: bounded
+/// to the newest `max_utterance`, and not worth a request below `min_utterance`.
+#[derive(Debug)]
+pub struct UtteranceBuffer {
+    samples: VecDeque<i16>,
+    max_samples: usize,
+    min_samples: usize,
+}
+
+impl UtteranceBuffer {
+    pub fn new(rate: u32, max_utterance: Duration, min_utterance: Duration) -> UtteranceBuffer {
+        let per_ms = |d: Duration| (d.as_millis() as usize).saturating_mul(rate as usize) / 1000;
+        UtteranceBuffer {
+            samples: VecDeque::new(),
+            max_samples: per_ms(max_utterance),
+            min_samples: per_ms(min_utterance),
+        }
+    }
+
+    /// More audio; the oldest is dropped beyond `max_utterance`.
+    pub fn push(&mut self, samples: &[i16]) {
+        self.samples.extend(samples);
+        if self.samples.len() > self.max_samples {
+            let excess = self.samples.len() - self.max_samples;
+            self.samples.drain(..excess);
+        }
+    }
+
+    /// Ends the utterance: its audio to transcribe, or `None` when it is too short to give
+    /// anything but an empty transcript.
+    pub fn finalize(&mut self) -> Option<Vec<i16>> {
+        let samples: Vec<i16> = self.samples.drain(..).collect();
+        (samples.len() >= self.min_samples).then_some(samples)
     }
 }
 
@@ -703,6 +730,25 @@ mod tests {
         assert_eq!(
             body,
             serde_json::json!({"model": "gpt-4o-mini-tts", "input": "Hi.", "voice": "alloy", "response_format": "pcm"})
+        );
+    }
+
+    #[test]
+    fn utterances_keep_the_newest_audio_and_skip_the_too_short() {
+        let ms = Duration::from_millis;
+        // 1 kHz keeps the arithmetic visible: 5 ms = 5 samples.
+        let mut b = UtteranceBuffer::new(1000, ms(5), ms(3));
+        b.push(&[1, 2, 3]);
+        b.push(&[4, 5, 6, 7]);
+        assert_eq!(b.finalize(), Some(vec![3, 4, 5, 6, 7]), "oldest dropped");
+        assert_eq!(b.finalize(), None, "empty after a finalize");
+        b.push(&[8, 9]);
+        assert_eq!(b.finalize(), None, "2 ms is below min_utterance");
+        b.push(&[10, 11, 12]);
+        assert_eq!(
+            b.finalize(),
+            Some(vec![10, 11, 12]),
+            "the short one was dropped"
         );
     }
 
