@@ -122,11 +122,17 @@ pub async fn run<C: WsCodec>(
     codec.handle_connected(now());
     let mut input_closed = false;
     loop {
-        match drain(&mut codec, &events, &meter, Some(&mut sink)).await {
+        let watch = (!input_closed).then_some(&cancel);
+        match drain(&mut codec, &events, &meter, Some((&mut sink, watch))).await {
             Drained::Continue => {}
             Drained::Over => return,
             Drained::SendFailed(e) => {
                 codec.handle_frame(now(), WsIn::Error(e));
+                continue;
+            }
+            Drained::Cancelled => {
+                input_closed = true;
+                codec.handle_input_closed(now());
                 continue;
             }
         }
@@ -175,24 +181,43 @@ enum Drained {
     Over,
     /// Writing a frame failed; the rest of the outputs were dropped.
     SendFailed(String),
+    /// The session dropped the stream while a write waited; the rest of the outputs were
+    /// dropped.
+    Cancelled,
 }
 
+/// Runs the codec's queued outputs. `sink` is `None` before a socket exists; with it comes
+/// the cancel token to watch while a write waits (`None` once the codec knows of the drop),
+/// so a stalled socket cannot delay a barge-in.
 async fn drain<C: WsCodec>(
     codec: &mut C,
     events: &mpsc::Sender<C::Event>,
     meter: &impl Fn(UsageKind, f64),
-    mut sink: Option<&mut WsSink>,
+    mut sink: Option<(&mut WsSink, Option<&CancellationToken>)>,
 ) -> Drained {
     while let Some(out) = codec.poll_output() {
         match out {
             WsOutput::Send(frame) => {
-                let Some(sink) = sink.as_deref_mut() else {
+                let Some((sink, watch)) = sink.as_mut() else {
                     continue;
                 };
-                let sent = match frame {
-                    WsFrame::Text(t) => sink.send(Message::Text(t.into())).await,
-                    WsFrame::Binary(b) => sink.send(Message::Binary(b.into())).await,
-                    WsFrame::Close => sink.close().await,
+                let write = async {
+                    match frame {
+                        WsFrame::Text(t) => sink.send(Message::Text(t.into())).await,
+                        WsFrame::Binary(b) => sink.send(Message::Binary(b.into())).await,
+                        WsFrame::Close => sink.close().await,
+                    }
+                };
+                let sent = match watch {
+                    Some(cancel) => tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => {
+                            while codec.poll_output().is_some() {}
+                            return Drained::Cancelled;
+                        }
+                        r = write => r,
+                    },
+                    None => write.await,
                 };
                 if let Err(e) = sent {
                     // What was queued after the failed write belongs to a stream that is gone.
