@@ -6,8 +6,12 @@
 //! `raw-16khz-16bit-mono-pcm`: headerless little-endian PCM) and `User-Agent`; the body is
 //! SSML with one `<voice>`. The response body is the audio, streamed here chunk by chunk. One
 //! request per text chunk, in order.
+//!
+//! The protocol's pure parts are [`AzureTtsConfig::request`] (URL, headers, SSML body as an
+//! [`HttpRequest`]) and the shared [`crate::http::PcmChunkCodec`] (one request per chunk, PCM
+//! decoding, chunk completion); [`crate::http::run_chunked_tts`] is the driver.
 
-use crate::openai::{http_client, spawn_chunked_pcm_tts};
+use crate::http::{HttpRequest, http_client, run_chunked_tts};
 use crate::usage::{Meter, UsageKind};
 use crate::{TextToSpeech, TtsParams, TtsStream};
 
@@ -56,6 +60,19 @@ impl AzureTtsConfig {
             "raw-16khz-16bit-mono-pcm"
         } else {
             "raw-24khz-16bit-mono-pcm"
+        }
+    }
+
+    /// The synthesis request for one chunk: SSML in, headerless PCM out.
+    pub fn request(&self, language: &str, voice: &str, text: &str) -> HttpRequest {
+        HttpRequest {
+            url: self.url(),
+            headers: vec![
+                ("Ocp-Apim-Subscription-Key", self.key.clone()),
+                ("Content-Type", "application/ssml+xml".into()),
+                ("X-Microsoft-OutputFormat", self.output_format().into()),
+            ],
+            body: ssml(language, voice, text).into_bytes(),
         }
     }
 
@@ -119,29 +136,25 @@ impl TextToSpeech for AzureTts {
 
     fn open(&self, params: TtsParams) -> TtsStream {
         let (stream, task) = TtsStream::channel();
-        let this = self.clone();
-        let url = this.config.url();
-        let rate = this.config.rate();
-        let voice = params.voice.clone().unwrap_or(this.config.voice.clone());
-        let language = params
-            .language
-            .clone()
-            .unwrap_or(this.config.language.clone());
-        spawn_chunked_pcm_tts(task, rate, move |text: &str| {
-            this.meter.record(
-                &params.session_id,
-                "azure",
-                "neural",
-                UsageKind::TtsCharacters,
-                text.chars().count() as f64,
-            );
-            this.client
-                .post(&url)
-                .header("Ocp-Apim-Subscription-Key", &this.config.key)
-                .header("Content-Type", "application/ssml+xml")
-                .header("X-Microsoft-OutputFormat", this.config.output_format())
-                .body(ssml(&language, &voice, text))
-        });
+        let config = self.config.clone();
+        let meter = self.meter.clone();
+        let voice = params.voice.clone().unwrap_or(config.voice.clone());
+        let language = params.language.clone().unwrap_or(config.language.clone());
+        run_chunked_tts(
+            task,
+            config.rate(),
+            self.client.clone(),
+            move |text: &str| {
+                meter.record(
+                    &params.session_id,
+                    "azure",
+                    "neural",
+                    UsageKind::TtsCharacters,
+                    text.chars().count() as f64,
+                );
+                config.request(&language, &voice, text)
+            },
+        );
         stream
     }
 }
@@ -166,5 +179,35 @@ mod tests {
             "<speak version=\"1.0\" xmlns=\"http://www.w3.org/2001/10/synthesis\" xml:lang=\"en-US\">\
              <voice name=\"en-US-AvaMultilingualNeural\">Fish &amp; &lt;chips&gt;</voice></speak>"
         );
+    }
+
+    #[test]
+    fn request_carries_key_ssml_and_the_pcm_output_format() {
+        let mut c = AzureTtsConfig::new("az-key", "westeurope");
+        c.sample_rate = 16_000;
+        let r = c.request("en-GB", "en-GB-SoniaNeural", "Hi & bye.");
+        assert_eq!(
+            r.url,
+            "https://westeurope.tts.speech.microsoft.com/cognitiveservices/v1"
+        );
+        assert_eq!(
+            r.headers,
+            [
+                ("Ocp-Apim-Subscription-Key", "az-key".to_owned()),
+                ("Content-Type", "application/ssml+xml".to_owned()),
+                (
+                    "X-Microsoft-OutputFormat",
+                    "raw-16khz-16bit-mono-pcm".to_owned()
+                ),
+            ]
+        );
+        assert_eq!(
+            String::from_utf8(r.body).unwrap(),
+            ssml("en-GB", "en-GB-SoniaNeural", "Hi & bye.")
+        );
+        assert_eq!(c.rate(), 16_000);
+        c.sample_rate = 22_050; // not offered as raw PCM: 24 kHz is asked for instead
+        assert_eq!(c.output_format(), "raw-24khz-16bit-mono-pcm");
+        assert_eq!(c.rate(), 24_000);
     }
 }

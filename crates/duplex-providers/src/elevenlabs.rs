@@ -17,18 +17,19 @@
 //! belongs to. Audio goes to the oldest unfinished chunk, and the non-space characters of
 //! each message's `alignment.chars` are counted down against that chunk's text; when they run
 //! out the chunk is done. Without alignment data every chunk completes at `isFinal`.
+//!
+//! The protocol is [`ElevenLabsCodec`], a sans-IO state machine run by the shared driver in
+//! [`crate::ws`]. It needs no deadline: ElevenLabs keeps a stream-input socket open for 20 s
+//! without text, longer than a reply takes to arrive sentence by sentence.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
-use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::time::timeout;
-use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
-use crate::deepgram::{enc, ws_base, ws_connect_error};
 use crate::usage::{Meter, UsageKind};
+use crate::ws::{self, WsCodec, WsFrame, WsIn, WsOutput, WsRequest, enc, ws_base};
 use crate::{ProviderError, TextToSpeech, TtsEvent, TtsInput, TtsParams, TtsStream};
 
 /// Settings of the ElevenLabs adapter.
@@ -94,18 +95,25 @@ impl TextToSpeech for ElevenLabsTts {
 
     fn open(&self, params: TtsParams) -> TtsStream {
         let (stream, task) = TtsStream::channel();
-        let config = self.config.clone();
+        let voice = params.voice.clone().unwrap_or(self.config.voice_id.clone());
+        let request = WsRequest {
+            vendor: "ElevenLabs",
+            url: self.config.stream_url(&voice),
+            headers: vec![("xi-api-key", self.config.api_key.clone())],
+            connect_timeout: self.config.connect_timeout,
+        };
+        let codec = ElevenLabsCodec::new(&self.config);
         let meter = self.meter.clone();
-        tokio::spawn(async move {
-            let cancel = task.cancel.clone();
-            let events = task.events.clone();
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                r = run(config, meter, params, task) => if let Err(e) = r {
-                    let _ = events.send(TtsEvent::Error(e)).await;
-                }
-            }
-        });
+        let model = self.config.model_id.clone();
+        let session = params.session_id;
+        tokio::spawn(ws::run(
+            codec,
+            request,
+            task.input,
+            task.events,
+            task.cancel,
+            move |kind, amount| meter.record(&session, "elevenlabs", &model, kind, amount),
+        ));
         stream
     }
 }
@@ -131,129 +139,424 @@ fn non_space(s: &str) -> usize {
     s.chars().filter(|c| !c.is_whitespace()).count()
 }
 
-async fn run(
-    config: ElevenLabsConfig,
-    meter: Meter,
-    params: TtsParams,
-    mut task: crate::TtsTask,
-) -> Result<(), ProviderError> {
-    let voice = params.voice.clone().unwrap_or(config.voice_id.clone());
-    let url = config.stream_url(&voice);
-    let mut request = url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| ProviderError::InvalidRequest(format!("bad ElevenLabs URL {url}: {e}")))?;
-    let key = config
-        .api_key
-        .parse()
-        .map_err(|_| ProviderError::InvalidRequest("API key is not a valid header".into()))?;
-    request.headers_mut().insert("xi-api-key", key);
-    let (ws, _) = timeout(
-        config.connect_timeout,
-        tokio_tungstenite::connect_async(request),
-    )
-    .await
-    .map_err(|_| ProviderError::Timeout("ElevenLabs connect".into()))?
-    .map_err(ws_connect_error)?;
-    let (mut sink, mut source) = ws.split();
-    let init = serde_json::json!({
-        "text": " ",
-        "voice_settings": {
-            "stability": config.stability,
-            "similarity_boost": config.similarity_boost,
-        },
-        "xi_api_key": config.api_key,
-    });
-    let send_err = |e: tokio_tungstenite::tungstenite::Error| {
-        ProviderError::Closed(format!("ElevenLabs socket: {e}"))
-    };
-    sink.send(Message::Text(init.to_string().into()))
-        .await
-        .map_err(send_err)?;
-    // Chunks sent and not yet fully voiced: (index, non-space characters left).
-    let mut open_chunks: VecDeque<(u32, usize)> = VecDeque::new();
-    let mut last_index = 0u32;
-    let mut input_done = false;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    loop {
-        tokio::select! {
-            input = task.input.recv(), if !input_done => match input {
-                Some(TtsInput::Text { index, text }) => {
-                    let text = text.trim();
-                    if text.is_empty() {
-                        if task.events.send(TtsEvent::ChunkDone { index }).await.is_err() { return Ok(()); }
-                        continue;
-                    }
-                    meter.record(&params.session_id, "elevenlabs", &config.model_id, UsageKind::TtsCharacters, text.chars().count() as f64);
-                    let msg = serde_json::json!({ "text": format!("{text} "), "flush": true });
-                    sink.send(Message::Text(msg.to_string().into())).await.map_err(send_err)?;
-                    open_chunks.push_back((index, non_space(text)));
-                    last_index = index;
-                }
-                Some(TtsInput::End) => {
-                    input_done = true;
-                    sink.send(Message::Text(r#"{"text":""}"#.into())).await.map_err(send_err)?;
-                }
-                None => return Ok(()),
+/// The ElevenLabs stream-input protocol as a sans-IO state machine; see the module docs.
+#[derive(Debug)]
+pub struct ElevenLabsCodec {
+    /// The first message: a space, voice settings and the key.
+    init: String,
+    sample_rate: u32,
+    /// Chunks sent and not yet fully voiced: (index, non-space characters left).
+    open_chunks: VecDeque<(u32, usize)>,
+    last_index: u32,
+    input_done: bool,
+    done: bool,
+    out: VecDeque<WsOutput<TtsEvent>>,
+}
+
+impl ElevenLabsCodec {
+    pub fn new(config: &ElevenLabsConfig) -> ElevenLabsCodec {
+        let init = serde_json::json!({
+            "text": " ",
+            "voice_settings": {
+                "stability": config.stability,
+                "similarity_boost": config.similarity_boost,
             },
-            msg = source.next() => {
-                let msg = match msg {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => return Err(ProviderError::Closed(format!("ElevenLabs socket: {e}"))),
-                    None => return Err(ProviderError::Closed("ElevenLabs closed the connection".into())),
-                };
-                let text = match msg {
-                    Message::Text(t) => t,
-                    Message::Close(frame) => {
-                        let why = frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)).unwrap_or_default();
-                        return Err(ProviderError::Closed(format!("ElevenLabs closed the stream: {why}")));
-                    }
-                    _ => continue,
-                };
-                let m: Incoming = serde_json::from_str(&text)
-                    .map_err(|e| ProviderError::Protocol(format!("ElevenLabs message: {e}")))?;
-                if let Some(audio) = m.audio.as_deref().filter(|a| !a.is_empty()) {
-                    let bytes = b64.decode(audio)
-                        .map_err(|e| ProviderError::Protocol(format!("ElevenLabs audio is not base64: {e}")))?;
-                    let samples = crate::openai::pcm16_samples(&mut None, &bytes);
-                    let index = open_chunks.front().map_or(last_index, |c| c.0);
-                    let ev = TtsEvent::Audio { index, samples, sample_rate: config.sample_rate };
-                    if task.events.send(ev).await.is_err() { return Ok(()); }
-                    if let Some(al) = &m.alignment {
-                        let mut voiced: usize = al.chars.iter().map(|c| non_space(c)).sum();
-                        while voiced > 0 && let Some(front) = open_chunks.front_mut() {
-                            let used = voiced.min(front.1);
-                            front.1 -= used;
-                            voiced -= used;
-                            if front.1 == 0 {
-                                let index = front.0;
-                                open_chunks.pop_front();
-                                if task.events.send(TtsEvent::ChunkDone { index }).await.is_err() { return Ok(()); }
-                            } else {
-                                break;
-                            }
-                        }
-                    }
-                } else if m.is_final != Some(true) && (m.message.is_some() || m.error.is_some()) {
-                    let why = m.message.or(m.error).unwrap_or_default();
-                    return Err(ProviderError::Protocol(format!("ElevenLabs error: {why}")));
+            "xi_api_key": config.api_key,
+        });
+        ElevenLabsCodec {
+            init: init.to_string(),
+            sample_rate: config.sample_rate,
+            open_chunks: VecDeque::new(),
+            last_index: 0,
+            input_done: false,
+            done: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    fn event(&mut self, event: TtsEvent) {
+        self.out.push_back(WsOutput::Event(event));
+    }
+
+    fn fail(&mut self, error: ProviderError) {
+        self.done = true;
+        self.out.clear();
+        self.event(TtsEvent::Error(error));
+        self.out.push_back(WsOutput::Finished);
+    }
+
+    fn handle_text(&mut self, text: &str) {
+        let m: Incoming = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.fail(ProviderError::Protocol(format!("ElevenLabs message: {e}")));
+            }
+        };
+        if let Some(audio) = m.audio.as_deref().filter(|a| !a.is_empty()) {
+            let bytes = match base64::engine::general_purpose::STANDARD.decode(audio) {
+                Ok(b) => b,
+                Err(e) => {
+                    return self.fail(ProviderError::Protocol(format!(
+                        "ElevenLabs audio is not base64: {e}"
+                    )));
                 }
-                if m.is_final == Some(true) {
-                    for (index, _) in open_chunks.drain(..) {
-                        if task.events.send(TtsEvent::ChunkDone { index }).await.is_err() { return Ok(()); }
+            };
+            let samples = crate::http::pcm16_samples(&mut None, &bytes);
+            let index = self.open_chunks.front().map_or(self.last_index, |c| c.0);
+            let sample_rate = self.sample_rate;
+            self.event(TtsEvent::Audio {
+                index,
+                samples,
+                sample_rate,
+            });
+            if let Some(al) = &m.alignment {
+                let mut voiced: usize = al.chars.iter().map(|c| non_space(c)).sum();
+                while voiced > 0
+                    && let Some(front) = self.open_chunks.front_mut()
+                {
+                    let used = voiced.min(front.1);
+                    front.1 -= used;
+                    voiced -= used;
+                    if front.1 == 0 {
+                        let index = front.0;
+                        self.open_chunks.pop_front();
+                        self.event(TtsEvent::ChunkDone { index });
+                    } else {
+                        break;
                     }
-                    let _ = task.events.send(TtsEvent::Finished).await;
-                    let _ = sink.close().await;
-                    return Ok(());
                 }
             }
+        } else if m.is_final != Some(true) && (m.message.is_some() || m.error.is_some()) {
+            let why = m.message.or(m.error).unwrap_or_default();
+            return self.fail(ProviderError::Protocol(format!("ElevenLabs error: {why}")));
         }
+        if m.is_final == Some(true) {
+            for (index, _) in std::mem::take(&mut self.open_chunks) {
+                self.event(TtsEvent::ChunkDone { index });
+            }
+            self.event(TtsEvent::Finished);
+            self.done = true;
+            self.out.push_back(WsOutput::Send(WsFrame::Close));
+            self.out.push_back(WsOutput::Finished);
+        }
+    }
+}
+
+impl WsCodec for ElevenLabsCodec {
+    type Input = TtsInput;
+    type Event = TtsEvent;
+
+    fn handle_connected(&mut self, _now: Instant) {
+        let init = std::mem::take(&mut self.init);
+        self.out.push_back(WsOutput::Send(WsFrame::Text(init)));
+    }
+
+    fn handle_input(&mut self, _now: Instant, input: TtsInput) {
+        if self.done || self.input_done {
+            return;
+        }
+        match input {
+            TtsInput::Text { index, text } => {
+                let text = text.trim();
+                if text.is_empty() {
+                    self.event(TtsEvent::ChunkDone { index });
+                    return;
+                }
+                let chars = text.chars().count() as f64;
+                self.out
+                    .push_back(WsOutput::Usage(UsageKind::TtsCharacters, chars));
+                // The docs ask for text ending in a space; flush, because our chunks are
+                // whole sentences and waiting for more text gains nothing.
+                let msg = serde_json::json!({ "text": format!("{text} "), "flush": true });
+                self.out
+                    .push_back(WsOutput::Send(WsFrame::Text(msg.to_string())));
+                self.open_chunks.push_back((index, non_space(text)));
+                self.last_index = index;
+            }
+            TtsInput::End => {
+                self.input_done = true;
+                self.out
+                    .push_back(WsOutput::Send(WsFrame::Text(r#"{"text":""}"#.into())));
+            }
+        }
+    }
+
+    fn handle_input_closed(&mut self, _now: Instant) {
+        // A cancelled turn: the audio is unwanted, so the socket is simply dropped.
+        if !self.done {
+            self.done = true;
+            self.out.clear();
+            self.out.push_back(WsOutput::Finished);
+        }
+    }
+
+    fn handle_frame(&mut self, _now: Instant, frame: WsIn) {
+        if self.done {
+            return;
+        }
+        match frame {
+            WsIn::Text(text) => self.handle_text(&text),
+            WsIn::Binary(_) => {}
+            WsIn::Close(frame) => {
+                let why = frame
+                    .map(|(code, reason)| format!("{code} {reason}"))
+                    .unwrap_or_default();
+                self.fail(ProviderError::Closed(format!(
+                    "ElevenLabs closed the stream: {why}"
+                )));
+            }
+            WsIn::Error(e) => self.fail(ProviderError::Closed(format!("ElevenLabs socket: {e}"))),
+            WsIn::Ended => self.fail(ProviderError::Closed(
+                "ElevenLabs closed the connection".into(),
+            )),
+        }
+    }
+
+    fn handle_timeout(&mut self, _now: Instant) {}
+
+    fn handle_failure(&mut self, error: ProviderError) {
+        self.fail(error);
+    }
+
+    fn accepts_input(&self) -> bool {
+        !self.done && !self.input_done
+    }
+
+    fn poll_output(&mut self) -> Option<WsOutput<TtsEvent>> {
+        self.out.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use expect_test::expect;
+    use std::fmt::Write;
+
+    /// An audio message as ElevenLabs sends it (and the fake, byte for byte): `samples` as
+    /// base64 PCM16 LE and the characters it voices.
+    fn audio_message(samples: &[i16], chars: &str) -> String {
+        let pcm: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let chars: Vec<String> = chars.chars().map(|c| c.to_string()).collect();
+        let alignment = serde_json::json!({
+            "chars": chars,
+            "charStartTimesMs": (0..chars.len()).map(|i| i * 40).collect::<Vec<_>>(),
+            "charDurationsMs": chars.iter().map(|_| 40).collect::<Vec<_>>(),
+        });
+        serde_json::json!({
+            "audio": base64::engine::general_purpose::STANDARD.encode(pcm),
+            "isFinal": null,
+            "normalizedAlignment": alignment,
+            "alignment": alignment,
+        })
+        .to_string()
+    }
+
+    enum Step {
+        Connected,
+        Text(u32, &'static str),
+        End,
+        InputClosed,
+        Recv(String),
+        Close(u16, &'static str),
+    }
+
+    fn timeline(script: Vec<Step>) -> String {
+        let now = Instant::now();
+        let mut config = ElevenLabsConfig::new("xi-key", "voice1");
+        config.sample_rate = 16_000;
+        let mut codec = ElevenLabsCodec::new(&config);
+        let mut out = String::new();
+        for step in script {
+            let what = match step {
+                Step::Connected => {
+                    codec.handle_connected(now);
+                    "connected".to_owned()
+                }
+                Step::Text(index, text) => {
+                    codec.handle_input(
+                        now,
+                        TtsInput::Text {
+                            index,
+                            text: text.into(),
+                        },
+                    );
+                    format!("text {index} {text:?}")
+                }
+                Step::End => {
+                    codec.handle_input(now, TtsInput::End);
+                    "end".to_owned()
+                }
+                Step::InputClosed => {
+                    codec.handle_input_closed(now);
+                    "input closed".to_owned()
+                }
+                Step::Recv(m) => {
+                    let shown = if m.len() > 60 {
+                        format!("{}…", &m[..60])
+                    } else {
+                        m.clone()
+                    };
+                    codec.handle_frame(now, WsIn::Text(m));
+                    format!("recv {shown}")
+                }
+                Step::Close(code, reason) => {
+                    codec.handle_frame(now, WsIn::Close(Some((code, reason.into()))));
+                    format!("recv close {code}")
+                }
+            };
+            writeln!(out, "{what}").unwrap();
+            while let Some(o) = codec.poll_output() {
+                writeln!(out, "  -> {o:?}").unwrap();
+            }
+        }
+        assert_eq!(codec.poll_timeout(), None, "the protocol needs no deadline");
+        out
+    }
+
+    #[test]
+    fn chunks_are_sent_flushed_and_completed_by_alignment() {
+        let got = timeline(vec![
+            Step::Connected,
+            Step::Text(0, "Hi there. "),
+            Step::Text(1, "  "),
+            Step::Text(2, "Bye."),
+            Step::Recv(audio_message(&[1, -2], "Hi ")),
+            Step::Recv(audio_message(&[3], "there.")),
+            Step::Recv(audio_message(&[4, 5, 6], "By")),
+            Step::End,
+            Step::Text(3, "too late"),
+            Step::Recv(audio_message(&[7], "e.")),
+            Step::Recv(r#"{"isFinal":true}"#.into()),
+        ]);
+        expect![[r#"
+            connected
+              -> Send(Text("{\"text\":\" \",\"voice_settings\":{\"similarity_boost\":0.800000011920929,\"stability\":0.5},\"xi_api_key\":\"xi-key\"}"))
+            text 0 "Hi there. "
+              -> Usage(TtsCharacters, 9.0)
+              -> Send(Text("{\"flush\":true,\"text\":\"Hi there. \"}"))
+            text 1 "  "
+              -> Event(ChunkDone { index: 1 })
+            text 2 "Bye."
+              -> Usage(TtsCharacters, 4.0)
+              -> Send(Text("{\"flush\":true,\"text\":\"Bye. \"}"))
+            recv {"alignment":{"charDurationsMs":[40,40,40],"charStartTimesMs…
+              -> Event(Audio { index: 0, samples: [1, -2], sample_rate: 16000 })
+            recv {"alignment":{"charDurationsMs":[40,40,40,40,40,40],"charSta…
+              -> Event(Audio { index: 0, samples: [3], sample_rate: 16000 })
+              -> Event(ChunkDone { index: 0 })
+            recv {"alignment":{"charDurationsMs":[40,40],"charStartTimesMs":[…
+              -> Event(Audio { index: 2, samples: [4, 5, 6], sample_rate: 16000 })
+            end
+              -> Send(Text("{\"text\":\"\"}"))
+            text 3 "too late"
+            recv {"alignment":{"charDurationsMs":[40,40],"charStartTimesMs":[…
+              -> Event(Audio { index: 2, samples: [7], sample_rate: 16000 })
+              -> Event(ChunkDone { index: 2 })
+            recv {"isFinal":true}
+              -> Event(Finished)
+              -> Send(Close)
+              -> Finished
+        "#]]
+        .assert_eq(&got);
+    }
+
+    #[test]
+    fn without_alignment_chunks_complete_at_is_final() {
+        let got = timeline(vec![
+            Step::Connected,
+            Step::Text(0, "One."),
+            Step::Text(1, "Two."),
+            Step::Recv(r#"{"audio":"AQACAA==","isFinal":null}"#.into()),
+            Step::End,
+            Step::Recv(r#"{"isFinal":true}"#.into()),
+        ]);
+        expect![[r#"
+            connected
+              -> Send(Text("{\"text\":\" \",\"voice_settings\":{\"similarity_boost\":0.800000011920929,\"stability\":0.5},\"xi_api_key\":\"xi-key\"}"))
+            text 0 "One."
+              -> Usage(TtsCharacters, 4.0)
+              -> Send(Text("{\"flush\":true,\"text\":\"One. \"}"))
+            text 1 "Two."
+              -> Usage(TtsCharacters, 4.0)
+              -> Send(Text("{\"flush\":true,\"text\":\"Two. \"}"))
+            recv {"audio":"AQACAA==","isFinal":null}
+              -> Event(Audio { index: 0, samples: [1, 2], sample_rate: 16000 })
+            end
+              -> Send(Text("{\"text\":\"\"}"))
+            recv {"isFinal":true}
+              -> Event(ChunkDone { index: 0 })
+              -> Event(ChunkDone { index: 1 })
+              -> Event(Finished)
+              -> Send(Close)
+              -> Finished
+        "#]]
+        .assert_eq(&got);
+    }
+
+    #[test]
+    fn errors_closes_and_cancellation_end_the_stream() {
+        let got = timeline(vec![
+            Step::Connected,
+            Step::Text(0, "Hello."),
+            Step::Recv(
+                r#"{"message":"Invalid API key","error":"invalid_api_key","code":1008}"#.into(),
+            ),
+            Step::Text(1, "ignored"),
+        ]);
+        expect![[r#"
+            connected
+              -> Send(Text("{\"text\":\" \",\"voice_settings\":{\"similarity_boost\":0.800000011920929,\"stability\":0.5},\"xi_api_key\":\"xi-key\"}"))
+            text 0 "Hello."
+              -> Usage(TtsCharacters, 6.0)
+              -> Send(Text("{\"flush\":true,\"text\":\"Hello. \"}"))
+            recv {"message":"Invalid API key","error":"invalid_api_key","code…
+              -> Event(Error(Protocol("ElevenLabs error: Invalid API key")))
+              -> Finished
+            text 1 "ignored"
+        "#]]
+        .assert_eq(&got);
+        let got = timeline(vec![Step::Connected, Step::Close(1008, "Invalid API key")]);
+        expect![[r#"
+            connected
+              -> Send(Text("{\"text\":\" \",\"voice_settings\":{\"similarity_boost\":0.800000011920929,\"stability\":0.5},\"xi_api_key\":\"xi-key\"}"))
+            recv close 1008
+              -> Event(Error(Closed("ElevenLabs closed the stream: 1008 Invalid API key")))
+              -> Finished
+        "#]]
+        .assert_eq(&got);
+        let got = timeline(vec![
+            Step::Connected,
+            Step::Recv(r#"{"audio":"not base64!","isFinal":null}"#.into()),
+        ]);
+        expect![[r#"
+            connected
+              -> Send(Text("{\"text\":\" \",\"voice_settings\":{\"similarity_boost\":0.800000011920929,\"stability\":0.5},\"xi_api_key\":\"xi-key\"}"))
+            recv {"audio":"not base64!","isFinal":null}
+              -> Event(Error(Protocol("ElevenLabs audio is not base64: Invalid symbol 32, offset 3.")))
+              -> Finished
+        "#]]
+        .assert_eq(&got);
+        let got = timeline(vec![
+            Step::Connected,
+            Step::Text(0, "Hello."),
+            Step::InputClosed,
+        ]);
+        expect![[r#"
+            connected
+              -> Send(Text("{\"text\":\" \",\"voice_settings\":{\"similarity_boost\":0.800000011920929,\"stability\":0.5},\"xi_api_key\":\"xi-key\"}"))
+            text 0 "Hello."
+              -> Usage(TtsCharacters, 6.0)
+              -> Send(Text("{\"flush\":true,\"text\":\"Hello. \"}"))
+            input closed
+              -> Finished
+        "#]]
+        .assert_eq(&got);
+    }
 
     #[test]
     fn url_names_voice_model_and_pcm_format() {

@@ -14,6 +14,10 @@
 //! over WebSocket) and [`azure`] (REST TTS); the [`router`] (an LLM over named endpoints with
 //! routing, failover, circuit breakers, retries and a cache); and [`usage`] (cost accounting
 //! that every adapter reports to).
+//!
+//! Each cloud vendor's wire protocol is a sans-IO codec in its module, driven by one shared
+//! driver per transport: [`ws`] for the WebSocket vendors, [`http`] for request-per-chunk
+//! synthesis. The drivers own the sockets and the clock; the codecs decide.
 
 use std::fmt;
 use std::pin::Pin;
@@ -26,10 +30,12 @@ use tokio_util::sync::DropGuard;
 pub mod azure;
 pub mod deepgram;
 pub mod elevenlabs;
+pub mod http;
 pub mod openai;
 pub mod router;
 pub mod scripted;
 pub mod usage;
+pub mod ws;
 
 pub use usage::{Meter, PriceTable, UsageKind, UsageRecord, UsageSink};
 

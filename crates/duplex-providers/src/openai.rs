@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
+use async_openai::types::chat::CreateChatCompletionStreamResponse;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
@@ -27,23 +28,21 @@ use async_openai::types::chat::{
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 
+use crate::http::{HttpRequest, http_client, http_error, reqwest_error, run_chunked_tts};
 use crate::router::channel_stream;
 use crate::usage::{Meter, UsageKind};
 use crate::{
     LanguageModel, LlmEvent, LlmRequest, LlmStream, ProviderError, Role, SpeechToText, SttEvent,
-    SttInput, SttParams, SttStream, TextToSpeech, TokenUsage, TtsEvent, TtsInput, TtsParams,
-    TtsStream, TtsTask,
+    SttInput, SttParams, SttStream, TextToSpeech, TokenUsage, TtsParams, TtsStream,
 };
+
+/// Error bodies are logged and shown; a few hundred bytes say what went wrong.
+const MAX_ERROR_BODY: usize = 500;
 
 /// OpenAI's public API.
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 /// Rate of `response_format: "pcm"` speech (OpenAI documents 24 kHz 16-bit mono).
 pub const OPENAI_PCM_RATE: u32 = 24_000;
-/// TCP + TLS setup longer than this means the endpoint is unreachable; failover beats waiting.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Error bodies are logged and shown; a few hundred bytes say what went wrong.
-const MAX_ERROR_BODY: usize = 500;
-
 /// One OpenAI-compatible endpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpenAiEndpoint {
@@ -56,47 +55,8 @@ pub struct OpenAiEndpoint {
     pub model: String,
 }
 
-/// A reqwest client for streaming APIs: a connect timeout, no total timeout (streams are
-/// long), pooled connections.
-pub(crate) fn http_client() -> reqwest::Client {
-    crate::install_crypto_provider();
-    reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .user_agent(concat!("duplex/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .expect("a client with these settings always builds")
-}
-
 fn join_url(base: &str, path: &str) -> String {
     format!("{}/{}", base.trim().trim_end_matches('/'), path)
-}
-
-/// Maps a transport error.
-pub(crate) fn reqwest_error(e: reqwest::Error) -> ProviderError {
-    if e.is_connect() {
-        ProviderError::Connect(e.to_string())
-    } else if e.is_timeout() {
-        ProviderError::Timeout(e.to_string())
-    } else {
-        ProviderError::Closed(e.to_string())
-    }
-}
-
-/// Reads an unsuccessful response into a provider error.
-pub(crate) async fn http_error(resp: reqwest::Response) -> ProviderError {
-    let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let mut body = resp.text().await.unwrap_or_default();
-    body.truncate(MAX_ERROR_BODY);
-    match (status, retry_after) {
-        (429, Some(after)) => ProviderError::RateLimited(format!("retry after {after} s: {body}")),
-        (429, None) => ProviderError::RateLimited(body),
-        _ => ProviderError::Http { status, body },
-    }
 }
 
 fn openai_error(e: OpenAIError) -> ProviderError {
@@ -203,74 +163,168 @@ impl LanguageModel for OpenAiLlm {
         let meter = self.meter.clone();
         let provider = self.endpoint.name.clone();
         Box::pin(channel_stream(move |tx| async move {
-            let result: Result<(), ProviderError> = async {
-                let model = body.model.clone();
-                let mut stream = client
-                    .chat()
-                    .create_stream(body)
-                    .await
-                    .map_err(openai_error)?;
-                let mut finished = false;
-                let mut usage = None;
-                let mut seen_model = model;
-                while let Some(item) = stream.next().await {
-                    let chunk = item.map_err(openai_error)?;
-                    if !chunk.model.is_empty() {
-                        seen_model = chunk.model;
-                    }
-                    if let Some(u) = chunk.usage {
-                        usage = Some(TokenUsage {
-                            prompt_tokens: u.prompt_tokens,
-                            completion_tokens: u.completion_tokens,
-                        });
-                    }
-                    for choice in chunk.choices {
-                        if let Some(text) = choice.delta.content
-                            && !text.is_empty()
-                            && tx.send(Ok(LlmEvent::Delta(text))).await.is_err()
-                        {
-                            return Ok(());
+            let mut codec = ChatCodec::new(body.model.clone());
+            match client.chat().create_stream(body).await {
+                Err(e) => codec.handle_error(e),
+                Ok(mut stream) => {
+                    while !codec.is_over() {
+                        match stream.next().await {
+                            Some(Ok(chunk)) => codec.handle_chunk(chunk),
+                            Some(Err(e)) => codec.handle_error(e),
+                            None => codec.handle_end(),
                         }
-                        finished |= choice.finish_reason.is_some();
+                        // Forwarded per chunk, so each token reaches the session at once.
+                        if !forward(&mut codec, &tx, &meter, &request.session_id, &provider).await {
+                            return;
+                        }
                     }
                 }
-                if !finished {
-                    // async-openai ends the stream quietly when the body ends: without a
-                    // finish_reason the answer was cut.
-                    return Err(ProviderError::Closed(
-                        "stream ended before finish_reason".into(),
-                    ));
-                }
-                if let Some(u) = usage {
-                    let sid = &request.session_id;
-                    meter.record(
-                        sid,
-                        &provider,
-                        &seen_model,
-                        UsageKind::LlmPromptTokens,
-                        f64::from(u.prompt_tokens),
-                    );
-                    meter.record(
-                        sid,
-                        &provider,
-                        &seen_model,
-                        UsageKind::LlmCompletionTokens,
-                        f64::from(u.completion_tokens),
-                    );
-                }
-                let _ = tx
-                    .send(Ok(LlmEvent::Done {
-                        usage,
-                        model: seen_model,
-                    }))
-                    .await;
-                Ok(())
             }
-            .await;
-            if let Err(e) = result {
-                let _ = tx.send(Err(e)).await;
-            }
+            forward(&mut codec, &tx, &meter, &request.session_id, &provider).await;
         }))
+    }
+}
+
+/// Drains a [`ChatCodec`]: events to the stream, usage to the meter. `false` when the
+/// consumer dropped the stream.
+async fn forward(
+    codec: &mut ChatCodec,
+    tx: &tokio::sync::mpsc::Sender<Result<LlmEvent, ProviderError>>,
+    meter: &Meter,
+    session_id: &str,
+    provider: &str,
+) -> bool {
+    while let Some(out) = codec.poll_output() {
+        match out {
+            ChatOutput::Event(ev) => {
+                if tx.send(ev).await.is_err() {
+                    return false;
+                }
+            }
+            ChatOutput::Usage {
+                model,
+                kind,
+                amount,
+            } => meter.record(session_id, provider, &model, kind, amount),
+        }
+    }
+    true
+}
+
+/// What a [`ChatCodec`] yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatOutput {
+    /// An item of the LLM stream; an error is the last item.
+    Event(Result<LlmEvent, ProviderError>),
+    /// Token usage of the answering model, to meter.
+    Usage {
+        model: String,
+        kind: UsageKind,
+        amount: f64,
+    },
+}
+
+/// OpenAI chat streaming as a codec. async-openai already frames the SSE body
+/// (`eventsource-stream`, `data: [DONE]`) and parses each `data:` line into a
+/// `CreateChatCompletionStreamResponse`, so a second SSE parser here would only duplicate it.
+/// What is left of the protocol, and lives here without IO, is the mapping of those chunks
+/// to [`LlmEvent`]s: content deltas in order, the model the endpoint reports, the usage chunk
+/// that `stream_options.include_usage` adds after the `finish_reason` chunk, and the rule that
+/// a body ending without a `finish_reason` is a cut answer, not a finished one.
+#[derive(Debug)]
+pub struct ChatCodec {
+    model: String,
+    usage: Option<TokenUsage>,
+    finished: bool,
+    over: bool,
+    out: VecDeque<ChatOutput>,
+}
+
+impl ChatCodec {
+    /// `model` is the requested model, reported unless the endpoint names another.
+    pub fn new(model: String) -> ChatCodec {
+        ChatCodec {
+            model,
+            usage: None,
+            finished: false,
+            over: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// A parsed `data:` chunk.
+    pub fn handle_chunk(&mut self, chunk: CreateChatCompletionStreamResponse) {
+        if self.over {
+            return;
+        }
+        if !chunk.model.is_empty() {
+            self.model = chunk.model;
+        }
+        if let Some(u) = chunk.usage {
+            self.usage = Some(TokenUsage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            });
+        }
+        for choice in chunk.choices {
+            if let Some(text) = choice.delta.content
+                && !text.is_empty()
+            {
+                self.out
+                    .push_back(ChatOutput::Event(Ok(LlmEvent::Delta(text))));
+            }
+            self.finished |= choice.finish_reason.is_some();
+        }
+    }
+
+    /// The request or the stream failed (HTTP status, transport, malformed JSON).
+    pub fn handle_error(&mut self, e: OpenAIError) {
+        if !self.over {
+            self.over = true;
+            self.out.push_back(ChatOutput::Event(Err(openai_error(e))));
+        }
+    }
+
+    /// The body ended (after `data: [DONE]`, or cut).
+    pub fn handle_end(&mut self) {
+        if self.over {
+            return;
+        }
+        self.over = true;
+        if !self.finished {
+            // async-openai ends the stream quietly when the body ends: without a
+            // finish_reason the answer was cut.
+            self.out
+                .push_back(ChatOutput::Event(Err(ProviderError::Closed(
+                    "stream ended before finish_reason".into(),
+                ))));
+            return;
+        }
+        if let Some(u) = self.usage {
+            for (kind, amount) in [
+                (UsageKind::LlmPromptTokens, u.prompt_tokens),
+                (UsageKind::LlmCompletionTokens, u.completion_tokens),
+            ] {
+                self.out.push_back(ChatOutput::Usage {
+                    model: self.model.clone(),
+                    kind,
+                    amount: f64::from(amount),
+                });
+            }
+        }
+        self.out.push_back(ChatOutput::Event(Ok(LlmEvent::Done {
+            usage: self.usage,
+            model: self.model.clone(),
+        })));
+    }
+
+    /// Whether the stream is over (its last outputs may still be queued).
+    pub fn is_over(&self) -> bool {
+        self.over
+    }
+
+    pub fn poll_output(&mut self) -> Option<ChatOutput> {
+        self.out.pop_front()
     }
 }
 
@@ -324,122 +378,46 @@ impl TextToSpeech for OpenAiTts {
 
     fn open(&self, params: TtsParams) -> TtsStream {
         let (stream, task) = TtsStream::channel();
-        let this = self.clone();
-        let url = join_url(&this.config.base_url, "audio/speech");
-        let voice = params.voice.clone().unwrap_or(this.config.voice.clone());
-        spawn_chunked_pcm_tts(task, OPENAI_PCM_RATE, move |text: &str| {
-            this.meter.record(
-                &params.session_id,
-                "openai",
-                &this.config.model,
-                UsageKind::TtsCharacters,
-                text.chars().count() as f64,
-            );
-            let body = serde_json::json!({
-                "model": this.config.model,
-                "input": text,
-                "voice": voice,
-                "response_format": "pcm",
-            });
-            this.client
-                .post(&url)
-                .bearer_auth(&this.config.api_key)
-                .json(&body)
-        });
+        let config = self.config.clone();
+        let meter = self.meter.clone();
+        let voice = params.voice.clone().unwrap_or(config.voice.clone());
+        run_chunked_tts(
+            task,
+            OPENAI_PCM_RATE,
+            self.client.clone(),
+            move |text: &str| {
+                meter.record(
+                    &params.session_id,
+                    "openai",
+                    &config.model,
+                    UsageKind::TtsCharacters,
+                    text.chars().count() as f64,
+                );
+                config.speech_request(&voice, text)
+            },
+        );
         stream
     }
 }
 
-/// Runs a TTS stream for providers that synthesize each text chunk with one HTTP request
-/// answering raw PCM16 LE at `rate` (OpenAI `/audio/speech`, Azure REST): chunks are
-/// synthesized in order, a non-2xx answer or a network fault ends the stream with
-/// [`TtsEvent::Error`], and dropping the stream cancels the request in flight.
-pub(crate) fn spawn_chunked_pcm_tts<F>(mut task: TtsTask, rate: u32, mut request: F)
-where
-    F: FnMut(&str) -> reqwest::RequestBuilder + Send + 'static,
-{
-    tokio::spawn(async move {
-        let cancel = task.cancel.clone();
-        let events = task.events.clone();
-        let work = async move {
-            while let Some(input) = task.input.recv().await {
-                let (index, text) = match input {
-                    TtsInput::Text { index, text } => (index, text),
-                    TtsInput::End => {
-                        let _ = task.events.send(TtsEvent::Finished).await;
-                        return Ok(());
-                    }
-                };
-                let resp = request(&text).send().await.map_err(reqwest_error)?;
-                if !resp.status().is_success() {
-                    return Err(http_error(resp).await);
-                }
-                if !stream_pcm(resp, index, rate, &task.events).await? {
-                    return Ok(());
-                }
-            }
-            Ok::<(), ProviderError>(())
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            r = work => if let Err(e) = r {
-                let _ = events.send(TtsEvent::Error(e)).await;
-            }
-        }
-    });
-}
-
-/// Forwards a raw PCM16 LE body as audio events of chunk `index`, then `ChunkDone`. Returns
-/// `false` when the session stopped listening.
-pub(crate) async fn stream_pcm(
-    resp: reqwest::Response,
-    index: u32,
-    rate: u32,
-    events: &tokio::sync::mpsc::Sender<TtsEvent>,
-) -> Result<bool, ProviderError> {
-    let mut body = resp.bytes_stream();
-    // A network chunk may split a sample; its first byte waits for the next chunk.
-    let mut carry: Option<u8> = None;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(reqwest_error)?;
-        let samples = pcm16_samples(&mut carry, &chunk);
-        if samples.is_empty() {
-            continue;
-        }
-        let ev = TtsEvent::Audio {
-            index,
-            samples,
-            sample_rate: rate,
-        };
-        if events.send(ev).await.is_err() {
-            return Ok(false);
+impl OpenAiTtsConfig {
+    /// The `/audio/speech` request for one chunk: raw PCM (`response_format: "pcm"`).
+    pub fn speech_request(&self, voice: &str, text: &str) -> HttpRequest {
+        let body = serde_json::json!({
+            "model": self.model,
+            "input": text,
+            "voice": voice,
+            "response_format": "pcm",
+        });
+        HttpRequest {
+            url: join_url(&self.base_url, "audio/speech"),
+            headers: vec![
+                ("Authorization", format!("Bearer {}", self.api_key)),
+                ("Content-Type", "application/json".into()),
+            ],
+            body: body.to_string().into_bytes(),
         }
     }
-    Ok(events.send(TtsEvent::ChunkDone { index }).await.is_ok())
-}
-
-/// Decodes little-endian 16-bit samples, carrying an odd trailing byte to the next call.
-pub(crate) fn pcm16_samples(carry: &mut Option<u8>, bytes: &[u8]) -> Vec<i16> {
-    let mut out = Vec::with_capacity(bytes.len() / 2 + 1);
-    let mut rest = bytes;
-    if let Some(lo) = carry.take() {
-        match rest.split_first() {
-            Some((&hi, tail)) => {
-                out.push(i16::from_le_bytes([lo, hi]));
-                rest = tail;
-            }
-            None => {
-                *carry = Some(lo);
-                return out;
-            }
-        }
-    }
-    let mut pairs = rest.chunks_exact(2);
-    out.extend(pairs.by_ref().map(|p| i16::from_le_bytes([p[0], p[1]])));
-    if let [b] = pairs.remainder() {
-        *carry = Some(*b);
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -527,15 +505,8 @@ impl OpenAiStt {
         if !resp.status().is_success() {
             return Err(http_error(resp).await);
         }
-        #[derive(serde::Deserialize)]
-        struct Transcription {
-            text: String,
-        }
-        let t: Transcription = resp
-            .json()
-            .await
-            .map_err(|e| ProviderError::Protocol(format!("transcription response: {e}")))?;
-        Ok(t.text.trim().to_owned())
+        let body = resp.bytes().await.map_err(reqwest_error)?;
+        parse_transcription(&body)
     }
 }
 
@@ -549,33 +520,24 @@ impl SpeechToText for OpenAiStt {
         let this = self.clone();
         tokio::spawn(async move {
             let rate = params.sample_rate.max(1);
-            let max_samples = (this.config.max_utterance.as_millis() as usize)
-                .saturating_mul(rate as usize)
-                / 1000;
-            let min_samples = this.config.min_utterance.as_millis() as usize * rate as usize / 1000;
-            let mut buffer: VecDeque<i16> = VecDeque::new();
+            let mut buffer =
+                UtteranceBuffer::new(rate, this.config.max_utterance, this.config.min_utterance);
             // Transcriptions run while the next utterance is buffered; answers keep order.
             let mut pending = FuturesOrdered::new();
             loop {
                 tokio::select! {
                     _ = task.cancel.cancelled() => return,
                     input = task.input.recv() => match input {
-                        Some(SttInput::Audio(samples)) => {
-                            buffer.extend(samples);
-                            if buffer.len() > max_samples {
-                                let excess = buffer.len() - max_samples;
-                                buffer.drain(..excess);
-                            }
-                        }
+                        Some(SttInput::Audio(samples)) => buffer.push(&samples),
                         Some(SttInput::Finalize) => {
-                            let samples: Vec<i16> = buffer.drain(..).collect();
+                            let utterance = buffer.finalize();
                             let this = this.clone();
                             let params = params.clone();
                             pending.push_back(async move {
-                                if samples.len() < min_samples {
-                                    return Ok(String::new());
+                                match utterance {
+                                    Some(samples) => this.transcribe(samples, rate, &params).await,
+                                    None => Ok(String::new()),
                                 }
-                                this.transcribe(samples, rate, &params).await
                             });
                         }
                         None => return,
@@ -595,6 +557,53 @@ impl SpeechToText for OpenAiStt {
         });
         stream
     }
+}
+
+/// The audio of the utterance being spoken, for the non-streaming transcription API: bounded
+/// to the newest `max_utterance`, and not worth a request below `min_utterance`.
+#[derive(Debug)]
+pub struct UtteranceBuffer {
+    samples: VecDeque<i16>,
+    max_samples: usize,
+    min_samples: usize,
+}
+
+impl UtteranceBuffer {
+    pub fn new(rate: u32, max_utterance: Duration, min_utterance: Duration) -> UtteranceBuffer {
+        let per_ms = |d: Duration| (d.as_millis() as usize).saturating_mul(rate as usize) / 1000;
+        UtteranceBuffer {
+            samples: VecDeque::new(),
+            max_samples: per_ms(max_utterance),
+            min_samples: per_ms(min_utterance),
+        }
+    }
+
+    /// More audio; the oldest is dropped beyond `max_utterance`.
+    pub fn push(&mut self, samples: &[i16]) {
+        self.samples.extend(samples);
+        if self.samples.len() > self.max_samples {
+            let excess = self.samples.len() - self.max_samples;
+            self.samples.drain(..excess);
+        }
+    }
+
+    /// Ends the utterance: its audio to transcribe, or `None` when it is too short to give
+    /// anything but an empty transcript.
+    pub fn finalize(&mut self) -> Option<Vec<i16>> {
+        let samples: Vec<i16> = self.samples.drain(..).collect();
+        (samples.len() >= self.min_samples).then_some(samples)
+    }
+}
+
+/// The text of a `response_format: "json"` transcription (`{"text": "…"}`), trimmed.
+pub fn parse_transcription(body: &[u8]) -> Result<String, ProviderError> {
+    #[derive(serde::Deserialize)]
+    struct Transcription {
+        text: String,
+    }
+    let t: Transcription = serde_json::from_slice(body)
+        .map_err(|e| ProviderError::Protocol(format!("transcription response: {e}")))?;
+    Ok(t.text.trim().to_owned())
 }
 
 /// A canonical 44-byte-header WAV file of 16-bit mono PCM.
@@ -622,24 +631,137 @@ pub fn wav_bytes(samples: &[i16], rate: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use expect_test::expect;
+    use std::fmt::Write;
+
+    /// The `data:` lines of a streamed answer as OpenAI sends them (and the fake, byte for
+    /// byte): a role chunk, content chunks, the `finish_reason` chunk, the usage chunk.
+    const ROLE: &str = r#"{"choices":[{"delta":{"content":"","refusal":null,"role":"assistant"},"finish_reason":null,"index":0,"logprobs":null}],"created":1750000000,"id":"chatcmpl-fake","model":"gpt-4o-mini-2024-07-18","object":"chat.completion.chunk","system_fingerprint":"fp_fake","usage":null}"#;
+    const PARIS: &str = r#"{"choices":[{"delta":{"content":"Paris "},"finish_reason":null,"index":0,"logprobs":null}],"created":1750000000,"id":"chatcmpl-fake","model":"gpt-4o-mini-2024-07-18","object":"chat.completion.chunk","system_fingerprint":"fp_fake","usage":null}"#;
+    const IS_SUNNY: &str = r#"{"choices":[{"delta":{"content":"is sunny."},"finish_reason":null,"index":0,"logprobs":null}],"created":1750000000,"id":"chatcmpl-fake","model":"gpt-4o-mini-2024-07-18","object":"chat.completion.chunk","system_fingerprint":"fp_fake","usage":null}"#;
+    const STOP: &str = r#"{"choices":[{"delta":{},"finish_reason":"stop","index":0,"logprobs":null}],"created":1750000000,"id":"chatcmpl-fake","model":"gpt-4o-mini-2024-07-18","object":"chat.completion.chunk","system_fingerprint":"fp_fake","usage":null}"#;
+    const USAGE: &str = r#"{"choices":[],"created":1750000000,"id":"chatcmpl-fake","model":"gpt-4o-mini-2024-07-18","object":"chat.completion.chunk","system_fingerprint":"fp_fake","usage":{"completion_tokens":3,"prompt_tokens":12,"total_tokens":15}}"#;
+
+    fn chat_timeline(chunks: &[&str], end: bool) -> String {
+        let mut codec = ChatCodec::new("gpt-4o-mini".into());
+        let mut out = String::new();
+        let drain = |codec: &mut ChatCodec, out: &mut String| {
+            while let Some(o) = codec.poll_output() {
+                writeln!(out, "  -> {o:?}").unwrap();
+            }
+        };
+        for chunk in chunks {
+            match serde_json::from_str::<CreateChatCompletionStreamResponse>(chunk) {
+                Ok(c) => {
+                    writeln!(out, "chunk").unwrap();
+                    codec.handle_chunk(c);
+                }
+                // What async-openai does with a `data:` line it cannot parse.
+                Err(e) => {
+                    writeln!(out, "bad chunk").unwrap();
+                    codec.handle_error(OpenAIError::JSONDeserialize(e, (*chunk).into()));
+                }
+            }
+            drain(&mut codec, &mut out);
+        }
+        if end {
+            writeln!(out, "end").unwrap();
+            codec.handle_end();
+            drain(&mut codec, &mut out);
+        }
+        out
+    }
 
     #[test]
-    fn pcm_decoding_carries_split_samples() {
-        let mut carry = None;
-        let all: Vec<i16> = vec![1, -2, 300, -400, 5];
-        let bytes: Vec<u8> = all.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let mut out = Vec::new();
-        for piece in [
-            &bytes[..1],
-            &bytes[1..4],
-            &bytes[4..4],
-            &bytes[4..9],
-            &bytes[9..],
-        ] {
-            out.extend(pcm16_samples(&mut carry, piece));
-        }
-        assert_eq!(out, all);
-        assert_eq!(carry, None);
+    fn chat_chunks_become_deltas_then_usage_and_done() {
+        let got = chat_timeline(&[ROLE, PARIS, IS_SUNNY, STOP, USAGE], true);
+        expect![[r#"
+            chunk
+            chunk
+              -> Event(Ok(Delta("Paris ")))
+            chunk
+              -> Event(Ok(Delta("is sunny.")))
+            chunk
+            chunk
+            end
+              -> Usage { model: "gpt-4o-mini-2024-07-18", kind: LlmPromptTokens, amount: 12.0 }
+              -> Usage { model: "gpt-4o-mini-2024-07-18", kind: LlmCompletionTokens, amount: 3.0 }
+              -> Event(Ok(Done { usage: Some(TokenUsage { prompt_tokens: 12, completion_tokens: 3 }), model: "gpt-4o-mini-2024-07-18" }))
+        "#]]
+        .assert_eq(&got);
+    }
+
+    #[test]
+    fn a_chat_stream_without_finish_reason_or_with_bad_json_is_an_error() {
+        let got = chat_timeline(&[ROLE, PARIS], true);
+        expect![[r#"
+            chunk
+            chunk
+              -> Event(Ok(Delta("Paris ")))
+            end
+              -> Event(Err(Closed("stream ended before finish_reason")))
+        "#]]
+        .assert_eq(&got);
+        let got = chat_timeline(&[ROLE, r#"{"choices": [oops"#, PARIS], true);
+        expect![[r#"
+            chunk
+            bad chunk
+              -> Event(Err(Protocol("bad JSON from the endpoint: expected value at line 1 column 14: {\"choices\": [oops")))
+            chunk
+            end
+        "#]]
+        .assert_eq(&got);
+    }
+
+    #[test]
+    fn speech_request_asks_for_raw_pcm_with_the_bearer_key() {
+        let mut c = OpenAiTtsConfig::new("sk-test");
+        c.base_url = "http://127.0.0.1:9/v1/".into();
+        let r = c.speech_request("alloy", "Hi.");
+        assert_eq!(r.url, "http://127.0.0.1:9/v1/audio/speech");
+        assert_eq!(
+            r.headers,
+            [
+                ("Authorization", "Bearer sk-test".to_owned()),
+                ("Content-Type", "application/json".to_owned())
+            ]
+        );
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"model": "gpt-4o-mini-tts", "input": "Hi.", "voice": "alloy", "response_format": "pcm"})
+        );
+    }
+
+    #[test]
+    fn utterances_keep_the_newest_audio_and_skip_the_too_short() {
+        let ms = Duration::from_millis;
+        // 1 kHz keeps the arithmetic visible: 5 ms = 5 samples.
+        let mut b = UtteranceBuffer::new(1000, ms(5), ms(3));
+        b.push(&[1, 2, 3]);
+        b.push(&[4, 5, 6, 7]);
+        assert_eq!(b.finalize(), Some(vec![3, 4, 5, 6, 7]), "oldest dropped");
+        assert_eq!(b.finalize(), None, "empty after a finalize");
+        b.push(&[8, 9]);
+        assert_eq!(b.finalize(), None, "2 ms is below min_utterance");
+        b.push(&[10, 11, 12]);
+        assert_eq!(
+            b.finalize(),
+            Some(vec![10, 11, 12]),
+            "the short one was dropped"
+        );
+    }
+
+    #[test]
+    fn transcriptions_are_parsed_and_trimmed() {
+        assert_eq!(
+            parse_transcription(br#"{"text":" What is the weather like? "}"#),
+            Ok("What is the weather like?".into())
+        );
+        assert!(matches!(
+            parse_transcription(b"<html>502</html>"),
+            Err(ProviderError::Protocol(m)) if m.starts_with("transcription response")
+        ));
     }
 
     #[test]

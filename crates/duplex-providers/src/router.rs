@@ -4,8 +4,12 @@
 //! exponential backoff and jitter before the first token; and an optional response cache.
 //!
 //! The decisions live in sans-IO parts that take `now` as an argument and are tested as
-//! timelines: [`CircuitBreaker`], [`RouterCore`] (route choice + breakers), [`ResponseCache`]
-//! and [`backoff`]. [`LlmRouter`] is the async shell that runs attempts.
+//! timelines: [`CircuitBreaker`], [`RouterCore`] (route choice + breakers of all endpoints),
+//! [`Failover`] (one request's attempts: which endpoint to try, until when to wait for its
+//! first token, how long to back off, when to give up), [`ResponseCache`] and [`backoff`].
+//! [`LlmRouter`] is the async shell: it opens the stream `Failover` names, races it against
+//! the deadline it was given, reports what happened and forwards the committed stream. It
+//! decides nothing itself.
 //!
 //! Rules:
 //! - A failure before the first token (connect error, 429, 5xx, 401/403/404, malformed or cut
@@ -476,29 +480,274 @@ impl LlmRouter {
     }
 }
 
-/// Reports `Abandoned` if an attempt is dropped (the session cancelled the turn) before its
-/// outcome was known, so a half-open probe cannot stay claimed forever.
-struct Attempt {
-    core: Arc<Mutex<RouterCore>>,
-    endpoint: usize,
-    settled: bool,
+// ---------------------------------------------------------------------------------------------
+// Failover: one request's attempts (sans-IO)
+// ---------------------------------------------------------------------------------------------
+
+/// What happened to the attempt the [`Failover`] asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailoverInput {
+    /// The endpoint's stream yielded its first token (or finished without one: an empty
+    /// answer is an answer). From here on the attempt is committed.
+    FirstToken,
+    /// The stream failed with this error (before or after the first token).
+    Failed(ProviderError),
+    /// The committed stream ended without finishing (no `Done`).
+    Cut,
+    /// The committed stream finished with `Done`.
+    Finished,
+    /// The caller gave up (the session cancelled the turn).
+    Cancelled,
 }
 
-impl Attempt {
-    fn settle(&mut self, outcome: Outcome) {
-        self.settled = true;
-        self.core
-            .lock()
-            .expect("not poisoned")
-            .report(Instant::now(), self.endpoint, outcome);
+/// What the shell must do next for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailoverOutput {
+    /// Open a stream on endpoint `endpoint`; without a first token by `deadline`, call
+    /// [`Failover::handle_timeout`].
+    Try { endpoint: usize, deadline: Instant },
+    /// Nothing to do before this instant (a first-token deadline or a backoff); then call
+    /// [`Failover::handle_timeout`].
+    WaitUntil(Instant),
+    /// The attempt on `endpoint` produced its first token: forward the stream to the session
+    /// and report how it ends.
+    Commit { endpoint: usize },
+    /// The request is over with this error for the session.
+    GiveUp(ProviderError),
+    /// The request is over (finished, given up or cancelled).
+    Idle,
+}
+
+/// Retry timing of a [`Failover`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub first_token_timeout: Duration,
+    /// Extra passes over the chain after all of it failed before the first token.
+    pub retries: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl From<&RouterConfig> for RetryPolicy {
+    fn from(c: &RouterConfig) -> RetryPolicy {
+        RetryPolicy {
+            first_token_timeout: c.first_token_timeout,
+            retries: c.retries,
+            backoff_base: c.backoff_base,
+            backoff_max: c.backoff_max,
+        }
     }
 }
 
-impl Drop for Attempt {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.settle(Outcome::Abandoned);
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Pick the next endpoint of the chain at the next poll.
+    Next,
+    /// Waiting for the first token of `endpoint` until `deadline`.
+    Trying {
+        endpoint: usize,
+        deadline: Instant,
+        announced: bool,
+    },
+    /// Waiting out the backoff before the next pass.
+    Backoff { until: Instant, announced: bool },
+    /// Forwarding the committed stream of `endpoint`.
+    Streaming { endpoint: usize, announced: bool },
+    /// Over; `GiveUp` is emitted once if there is an error.
+    Over,
+}
+
+/// The attempts of one request, str0m-style: [`Failover::poll_output`] says what to try or
+/// how long to wait, the shell reports what happened with [`Failover::handle_input`] and
+/// [`Failover::handle_timeout`]. The breakers are shared by all requests, so they live in the
+/// [`RouterCore`] passed to every call; the shell holds its lock only for the call.
+///
+/// It walks the chain (skipping endpoints whose breaker refuses), fails over on any failure
+/// before the first token except a request error (400/413/422/invalid request: another
+/// endpoint would reject it too), walks the chain again after a [`backoff`] `retries` times,
+/// and after the first token never tries anything again: a failure is given up.
+pub struct Failover {
+    chain: Vec<usize>,
+    policy: RetryPolicy,
+    /// Uniform in [0, 1) per backoff; injected so a timeline is deterministic.
+    jitter: Box<dyn FnMut() -> f64 + Send>,
+    pass: u32,
+    position: usize,
+    phase: Phase,
+    failures: Vec<String>,
+    give_up: Option<ProviderError>,
+}
+
+impl std::fmt::Debug for Failover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failover")
+            .field("chain", &self.chain)
+            .field("pass", &self.pass)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Failover {
+    pub fn new(
+        chain: Vec<usize>,
+        policy: RetryPolicy,
+        jitter: Box<dyn FnMut() -> f64 + Send>,
+    ) -> Failover {
+        Failover {
+            chain,
+            policy,
+            jitter,
+            pass: 0,
+            position: 0,
+            phase: Phase::Next,
+            failures: Vec::new(),
+            give_up: None,
         }
+    }
+
+    /// What to do next.
+    pub fn poll_output(&mut self, now: Instant, core: &mut RouterCore) -> FailoverOutput {
+        loop {
+            match &mut self.phase {
+                Phase::Next => {
+                    if let Some(&endpoint) = self.chain.get(self.position) {
+                        self.position += 1;
+                        if core.try_acquire(now, endpoint) {
+                            self.phase = Phase::Trying {
+                                endpoint,
+                                deadline: now + self.policy.first_token_timeout,
+                                announced: false,
+                            };
+                        } else {
+                            let name = &core.names()[endpoint];
+                            self.failures.push(format!("{name}: circuit open"));
+                        }
+                    } else if self.pass < self.policy.retries {
+                        self.pass += 1;
+                        self.position = 0;
+                        let delay = backoff(
+                            self.pass,
+                            self.policy.backoff_base,
+                            self.policy.backoff_max,
+                            (self.jitter)(),
+                        );
+                        self.phase = Phase::Backoff {
+                            until: now + delay,
+                            announced: false,
+                        };
+                    } else {
+                        self.phase = Phase::Over;
+                        self.give_up = Some(ProviderError::Connect(format!(
+                            "all LLM endpoints failed: {}",
+                            self.failures.join("; ")
+                        )));
+                    }
+                }
+                Phase::Trying {
+                    endpoint,
+                    deadline,
+                    announced,
+                } => {
+                    if *announced {
+                        return FailoverOutput::WaitUntil(*deadline);
+                    }
+                    *announced = true;
+                    return FailoverOutput::Try {
+                        endpoint: *endpoint,
+                        deadline: *deadline,
+                    };
+                }
+                Phase::Backoff { until, announced } => {
+                    *announced = true;
+                    return FailoverOutput::WaitUntil(*until);
+                }
+                Phase::Streaming {
+                    endpoint,
+                    announced,
+                } => {
+                    if *announced {
+                        return FailoverOutput::Idle;
+                    }
+                    *announced = true;
+                    return FailoverOutput::Commit {
+                        endpoint: *endpoint,
+                    };
+                }
+                Phase::Over => {
+                    return match self.give_up.take() {
+                        Some(e) => FailoverOutput::GiveUp(e),
+                        None => FailoverOutput::Idle,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Reports what happened to the current attempt.
+    pub fn handle_input(&mut self, now: Instant, core: &mut RouterCore, input: FailoverInput) {
+        match (self.phase, input) {
+            (Phase::Trying { endpoint, .. }, FailoverInput::FirstToken) => {
+                core.report(now, endpoint, Outcome::Success);
+                self.phase = Phase::Streaming {
+                    endpoint,
+                    announced: false,
+                };
+            }
+            (Phase::Trying { endpoint, .. }, FailoverInput::Failed(e)) if is_request_error(&e) => {
+                core.report(now, endpoint, Outcome::Abandoned);
+                self.give_up(e);
+            }
+            (Phase::Trying { endpoint, .. }, FailoverInput::Failed(e)) => {
+                let name = &core.names()[endpoint];
+                tracing::warn!(endpoint = %name, error = %e, "LLM endpoint failed before the first token; failing over");
+                self.failures.push(format!("{name}: {e}"));
+                core.report(now, endpoint, Outcome::Failure);
+                self.phase = Phase::Next;
+            }
+            (Phase::Trying { endpoint, .. }, FailoverInput::Cancelled) => {
+                // Neither success nor failure, but a half-open probe must not stay claimed.
+                core.report(now, endpoint, Outcome::Abandoned);
+                self.phase = Phase::Over;
+            }
+            (Phase::Streaming { endpoint, .. }, FailoverInput::Failed(e)) => {
+                // The user heard the start: no failover, the error goes to the session.
+                core.report(now, endpoint, Outcome::Failure);
+                self.give_up(e);
+            }
+            (Phase::Streaming { endpoint, .. }, FailoverInput::Cut) => {
+                let name = &core.names()[endpoint];
+                self.give_up(ProviderError::Closed(format!(
+                    "{name}: stream ended without finishing"
+                )));
+            }
+            (Phase::Streaming { .. }, FailoverInput::Finished) | (_, FailoverInput::Cancelled) => {
+                self.phase = Phase::Over
+            }
+            (phase, input) => {
+                tracing::debug!(?phase, ?input, "failover input ignored in this phase");
+            }
+        }
+    }
+
+    /// Call when `now` reached the deadline of the last `Try` or `WaitUntil`.
+    pub fn handle_timeout(&mut self, now: Instant, core: &mut RouterCore) {
+        match self.phase {
+            Phase::Trying { deadline, .. } if now >= deadline => {
+                let e = ProviderError::Timeout(format!(
+                    "no first token within {} ms",
+                    self.policy.first_token_timeout.as_millis()
+                ));
+                self.handle_input(now, core, FailoverInput::Failed(e));
+            }
+            Phase::Backoff { until, .. } if now >= until => self.phase = Phase::Next,
+            _ => {}
+        }
+    }
+
+    fn give_up(&mut self, e: ProviderError) {
+        self.phase = Phase::Over;
+        self.give_up = Some(e);
     }
 }
 
@@ -514,9 +763,35 @@ fn is_request_error(e: &ProviderError) -> bool {
     )
 }
 
-enum First {
-    Delta(String),
-    Done(LlmEvent),
+/// The shell's side of a [`Failover`]: reports `Cancelled` if the request is dropped (the
+/// session cancelled the turn) while an attempt is open, so a half-open probe cannot stay
+/// claimed forever.
+struct Attempts {
+    core: Arc<Mutex<RouterCore>>,
+    failover: Failover,
+}
+
+impl Attempts {
+    fn poll(&mut self) -> FailoverOutput {
+        let mut core = self.core.lock().expect("not poisoned");
+        self.failover.poll_output(Instant::now(), &mut core)
+    }
+
+    fn input(&mut self, input: FailoverInput) {
+        let mut core = self.core.lock().expect("not poisoned");
+        self.failover.handle_input(Instant::now(), &mut core, input);
+    }
+
+    fn timeout(&mut self) {
+        let mut core = self.core.lock().expect("not poisoned");
+        self.failover.handle_timeout(Instant::now(), &mut core);
+    }
+}
+
+impl Drop for Attempts {
+    fn drop(&mut self) {
+        self.input(FailoverInput::Cancelled);
+    }
 }
 
 impl LanguageModel for LlmRouter {
@@ -560,133 +835,98 @@ impl LanguageModel for LlmRouter {
                 }
             }
 
-            let mut failures: Vec<String> = Vec::new();
-            for pass in 0..=this.config.retries {
-                if pass > 0 {
-                    let delay = backoff(
-                        pass,
-                        this.config.backoff_base,
-                        this.config.backoff_max,
-                        rand::random::<f64>(),
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                for &idx in &chain {
-                    let endpoint = &this.endpoints[idx];
-                    let name = endpoint.name().to_owned();
-                    if !this
-                        .core
-                        .lock()
-                        .expect("not poisoned")
-                        .try_acquire(Instant::now(), idx)
-                    {
-                        failures.push(format!("{name}: circuit open"));
-                        continue;
-                    }
-                    let mut attempt = Attempt {
-                        core: this.core.clone(),
-                        endpoint: idx,
-                        settled: false,
-                    };
-                    let mut stream = endpoint.stream(upstream.clone());
-                    let first = tokio::time::timeout(this.config.first_token_timeout, async {
-                        loop {
-                            match stream.next().await {
-                                Some(Ok(LlmEvent::Delta(t))) if t.is_empty() => continue,
-                                Some(Ok(LlmEvent::Delta(t))) => return Ok(First::Delta(t)),
-                                Some(Ok(done @ LlmEvent::Done { .. })) => {
-                                    return Ok(First::Done(done));
-                                }
-                                Some(Err(e)) => return Err(e),
-                                None => {
-                                    return Err(ProviderError::Closed(
-                                        "stream ended without an answer".into(),
-                                    ));
-                                }
-                            }
-                        }
-                    })
-                    .await;
-                    let first = match first {
-                        Err(_) => Err(ProviderError::Timeout(format!(
-                            "no first token within {} ms",
-                            this.config.first_token_timeout.as_millis()
-                        ))),
-                        Ok(r) => r,
-                    };
-                    let first = match first {
-                        Ok(f) => f,
-                        Err(e) if is_request_error(&e) => {
-                            attempt.settle(Outcome::Abandoned);
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(endpoint = %name, error = %e, "LLM endpoint failed before the first token; failing over");
-                            attempt.settle(Outcome::Failure);
-                            failures.push(format!("{name}: {e}"));
-                            continue;
-                        }
-                    };
-                    attempt.settle(Outcome::Success);
-                    let mut text = String::new();
-                    let done = match first {
-                        First::Done(done) => done,
-                        First::Delta(t) => {
-                            text.push_str(&t);
-                            if tx.send(Ok(LlmEvent::Delta(t))).await.is_err() {
-                                return;
-                            }
+            let mut attempts = Attempts {
+                core: this.core.clone(),
+                failover: Failover::new(
+                    chain,
+                    RetryPolicy::from(&this.config),
+                    Box::new(rand::random::<f64>),
+                ),
+            };
+            // The attempt's stream and its first item, once an endpoint produced one.
+            let mut committed: Option<(LlmStream, LlmEvent)> = None;
+            loop {
+                match attempts.poll() {
+                    FailoverOutput::Try { endpoint, deadline } => {
+                        let mut s = this.endpoints[endpoint].stream(upstream.clone());
+                        let got = tokio::time::timeout_at(deadline.into(), async {
                             loop {
-                                match stream.next().await {
-                                    Some(Ok(LlmEvent::Delta(t))) => {
-                                        text.push_str(&t);
-                                        if tx.send(Ok(LlmEvent::Delta(t))).await.is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Some(Ok(done)) => break done,
-                                    Some(Err(e)) => {
-                                        this.core.lock().expect("not poisoned").report(
-                                            Instant::now(),
-                                            idx,
-                                            Outcome::Failure,
-                                        );
-                                        let _ = tx.send(Err(e)).await;
-                                        return;
-                                    }
+                                match s.next().await {
+                                    Some(Ok(LlmEvent::Delta(t))) if t.is_empty() => continue,
+                                    Some(Ok(ev)) => return Ok(ev),
+                                    Some(Err(e)) => return Err(e),
                                     None => {
-                                        let _ = tx
-                                            .send(Err(ProviderError::Closed(format!(
-                                                "{name}: stream ended without finishing"
-                                            ))))
-                                            .await;
-                                        return;
+                                        return Err(ProviderError::Closed(
+                                            "stream ended without an answer".into(),
+                                        ));
                                     }
                                 }
                             }
+                        })
+                        .await;
+                        match got {
+                            Err(_) => attempts.timeout(),
+                            Ok(Err(e)) => attempts.input(FailoverInput::Failed(e)),
+                            Ok(Ok(ev)) => {
+                                committed = Some((s, ev));
+                                attempts.input(FailoverInput::FirstToken);
+                            }
                         }
-                    };
-                    if let (Some(cache), Some(key), LlmEvent::Done { model, .. }) =
-                        (&this.cache, cache_key, &done)
-                    {
-                        cache.lock().expect("not poisoned").insert(
-                            Instant::now(),
-                            key,
-                            text,
-                            model.clone(),
-                        );
                     }
-                    let _ = tx.send(Ok(done)).await;
-                    return;
+                    FailoverOutput::WaitUntil(at) => {
+                        tokio::time::sleep_until(at.into()).await;
+                        attempts.timeout();
+                    }
+                    FailoverOutput::GiveUp(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    FailoverOutput::Idle => return,
+                    FailoverOutput::Commit { .. } => break,
                 }
             }
-            let _ = tx
-                .send(Err(ProviderError::Connect(format!(
-                    "all LLM endpoints failed: {}",
-                    failures.join("; ")
-                ))))
-                .await;
+            let (mut stream, first) = committed.expect("Commit follows a first token");
+            let mut text = String::new();
+            let done = match first {
+                done @ LlmEvent::Done { .. } => done,
+                LlmEvent::Delta(t) => {
+                    text.push_str(&t);
+                    if tx.send(Ok(LlmEvent::Delta(t))).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        let end = match stream.next().await {
+                            Some(Ok(LlmEvent::Delta(t))) => {
+                                text.push_str(&t);
+                                if tx.send(Ok(LlmEvent::Delta(t))).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                            Some(Ok(done)) => break done,
+                            Some(Err(e)) => FailoverInput::Failed(e),
+                            None => FailoverInput::Cut,
+                        };
+                        attempts.input(end);
+                        if let FailoverOutput::GiveUp(e) = attempts.poll() {
+                            let _ = tx.send(Err(e)).await;
+                        }
+                        return;
+                    }
+                }
+            };
+            attempts.input(FailoverInput::Finished);
+            if let (Some(cache), Some(key), LlmEvent::Done { model, .. }) =
+                (&this.cache, cache_key, &done)
+            {
+                cache.lock().expect("not poisoned").insert(
+                    Instant::now(),
+                    key,
+                    text,
+                    model.clone(),
+                );
+            }
+            let _ = tx.send(Ok(done)).await;
         }))
     }
 }
@@ -810,6 +1050,201 @@ mod tests {
             t=2260  try     allowed=true  -> HalfOpen
             t=2300  ok                    -> Closed
             t=2310  try     allowed=true  -> Closed
+        "#]]
+        .assert_eq(&got);
+    }
+
+    /// Runs a script of `(at_ms, action)` against one request's [`Failover`] over endpoints
+    /// `a`, `b` (chain `a,b`, one retry, first-token timeout 500 ms, backoff 100 ms at full
+    /// jitter, breakers open after 2 failures for 1 s) and prints each output with the breaker
+    /// states. `core` may carry state from earlier requests.
+    fn failover_timeline(core: &mut RouterCore, t0: Instant, script: &[(u64, &str)]) -> String {
+        let policy = RetryPolicy {
+            first_token_timeout: ms(500),
+            retries: 1,
+            backoff_base: ms(100),
+            backoff_max: ms(1000),
+        };
+        let mut f = Failover::new(vec![0, 1], policy, Box::new(|| 1.0));
+        let mut out = String::new();
+        let show = |o: FailoverOutput, core: &RouterCore| match o {
+            FailoverOutput::Try { endpoint, deadline } => format!(
+                "try {} until t={}",
+                core.names()[endpoint],
+                (deadline - t0).as_millis()
+            ),
+            FailoverOutput::WaitUntil(at) => format!("wait until t={}", (at - t0).as_millis()),
+            FailoverOutput::Commit { endpoint } => format!("commit {}", core.names()[endpoint]),
+            FailoverOutput::GiveUp(e) => format!("give up: {e}"),
+            FailoverOutput::Idle => "idle".into(),
+        };
+        for &(at, action) in script {
+            let now = t0 + ms(at);
+            match action {
+                "start" => {}
+                "first" => f.handle_input(now, core, FailoverInput::FirstToken),
+                "500" => f.handle_input(
+                    now,
+                    core,
+                    FailoverInput::Failed(ProviderError::Http {
+                        status: 500,
+                        body: "boom".into(),
+                    }),
+                ),
+                "400" => f.handle_input(
+                    now,
+                    core,
+                    FailoverInput::Failed(ProviderError::Http {
+                        status: 400,
+                        body: "bad".into(),
+                    }),
+                ),
+                "timeout" => f.handle_timeout(now, core),
+                "cut" => f.handle_input(now, core, FailoverInput::Cut),
+                "finished" => f.handle_input(now, core, FailoverInput::Finished),
+                "cancel" => f.handle_input(now, core, FailoverInput::Cancelled),
+                other => unreachable!("{other}"),
+            }
+            let o = f.poll_output(now, core);
+            writeln!(
+                out,
+                "t={at:<5} {action:<8} -> {:<40} a={:?} b={:?}",
+                show(o, core),
+                core.state(now, 0),
+                core.state(now, 1)
+            )
+            .unwrap();
+        }
+        out
+    }
+
+    fn two_endpoints() -> RouterCore {
+        let breaker = BreakerConfig {
+            failure_threshold: 2,
+            cool_down: ms(1000),
+        };
+        RouterCore::new(vec!["a".into(), "b".into()], vec![], breaker).unwrap()
+    }
+
+    #[test]
+    fn failover_walks_the_chain_backs_off_and_commits_at_the_first_token() {
+        let t0 = Instant::now();
+        let mut core = two_endpoints();
+        let got = failover_timeline(
+            &mut core,
+            t0,
+            &[
+                (0, "start"),
+                (10, "500"),       // a fails: b next, at once
+                (200, "timeout"),  // too early for b's deadline: nothing changes
+                (510, "timeout"),  // b never answered: the chain is exhausted, back off
+                (560, "timeout"),  // still backing off
+                (610, "timeout"),  // second pass from the top
+                (650, "first"),    // a answers: committed, its breaker's count resets
+                (700, "timeout"),  // deadlines no longer matter
+                (900, "finished"), // the stream ended with Done
+            ],
+        );
+        expect![[r#"
+            t=0     start    -> try a until t=500                        a=Closed b=Closed
+            t=10    500      -> try b until t=510                        a=Closed b=Closed
+            t=200   timeout  -> wait until t=510                         a=Closed b=Closed
+            t=510   timeout  -> wait until t=610                         a=Closed b=Closed
+            t=560   timeout  -> wait until t=610                         a=Closed b=Closed
+            t=610   timeout  -> try a until t=1110                       a=Closed b=Closed
+            t=650   first    -> commit a                                 a=Closed b=Closed
+            t=700   timeout  -> idle                                     a=Closed b=Closed
+            t=900   finished -> idle                                     a=Closed b=Closed
+        "#]]
+        .assert_eq(&got);
+    }
+
+    #[test]
+    fn after_the_first_token_a_failure_is_given_up_never_failed_over() {
+        let t0 = Instant::now();
+        let mut core = two_endpoints();
+        let got = failover_timeline(&mut core, t0, &[(0, "start"), (100, "first"), (300, "500")]);
+        expect![[r#"
+            t=0     start    -> try a until t=500                        a=Closed b=Closed
+            t=100   first    -> commit a                                 a=Closed b=Closed
+            t=300   500      -> give up: HTTP 500: boom                  a=Closed b=Closed
+        "#]]
+        .assert_eq(&got);
+        let got = failover_timeline(&mut core, t0, &[(0, "start"), (100, "first"), (300, "cut")]);
+        expect![[r#"
+            t=0     start    -> try a until t=500                        a=Closed b=Closed
+            t=100   first    -> commit a                                 a=Closed b=Closed
+            t=300   cut      -> give up: stream closed early: a: stream ended without finishing a=Closed b=Closed
+        "#]]
+        .assert_eq(&got);
+    }
+
+    #[test]
+    fn failover_gives_up_naming_every_endpoint_and_skips_open_breakers() {
+        let t0 = Instant::now();
+        let mut core = two_endpoints();
+        let got = failover_timeline(
+            &mut core,
+            t0,
+            &[
+                (0, "start"),
+                (10, "500"),
+                (20, "500"),
+                (120, "timeout"),
+                (130, "500"), // a's second failure opens its breaker
+                (140, "500"), // and b's
+            ],
+        );
+        expect![[r#"
+            t=0     start    -> try a until t=500                        a=Closed b=Closed
+            t=10    500      -> try b until t=510                        a=Closed b=Closed
+            t=20    500      -> wait until t=120                         a=Closed b=Closed
+            t=120   timeout  -> try a until t=620                        a=Closed b=Closed
+            t=130   500      -> try b until t=630                        a=Open b=Closed
+            t=140   500      -> give up: connect failed: all LLM endpoints failed: a: HTTP 500: boom; b: HTTP 500: boom; a: HTTP 500: boom; b: HTTP 500: boom a=Open b=Open
+        "#]]
+        .assert_eq(&got);
+        // The next request finds both breakers open and gives up without trying; after the
+        // cool-down one probe passes, and a request error is returned at once (another
+        // endpoint would reject it too) without counting against the breaker.
+        let got = failover_timeline(
+            &mut core,
+            t0,
+            &[(500, "start"), (600, "timeout"), (601, "timeout")],
+        );
+        expect![[r#"
+            t=500   start    -> wait until t=600                         a=Open b=Open
+            t=600   timeout  -> give up: connect failed: all LLM endpoints failed: a: circuit open; b: circuit open; a: circuit open; b: circuit open a=Open b=Open
+            t=601   timeout  -> idle                                     a=Open b=Open
+        "#]]
+        .assert_eq(&got);
+        let got = failover_timeline(&mut core, t0, &[(1130, "start"), (1140, "400")]);
+        expect![[r#"
+            t=1130  start    -> try a until t=1630                       a=HalfOpen b=Open
+            t=1140  400      -> give up: HTTP 400: bad                   a=HalfOpen b=HalfOpen
+        "#]]
+        .assert_eq(&got);
+    }
+
+    #[test]
+    fn a_cancelled_probe_releases_the_half_open_breaker() {
+        let t0 = Instant::now();
+        let mut core = two_endpoints();
+        for at in [0, 10] {
+            core.report(t0 + ms(at), 0, Outcome::Failure);
+        }
+        // After a's cool-down the first request probes it and is cancelled mid-attempt.
+        let got = failover_timeline(&mut core, t0, &[(1010, "start"), (1020, "cancel")]);
+        expect![[r#"
+            t=1010  start    -> try a until t=1510                       a=HalfOpen b=Closed
+            t=1020  cancel   -> idle                                     a=HalfOpen b=Closed
+        "#]]
+        .assert_eq(&got);
+        // So the next request may probe a again.
+        let got = failover_timeline(&mut core, t0, &[(1030, "start"), (1040, "first")]);
+        expect![[r#"
+            t=1030  start    -> try a until t=1530                       a=HalfOpen b=Closed
+            t=1040  first    -> commit a                                 a=Closed b=Closed
         "#]]
         .assert_eq(&got);
     }

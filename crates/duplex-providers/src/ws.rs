@@ -1,0 +1,318 @@
+//! The one WebSocket driver of the streaming vendors (Deepgram live, ElevenLabs stream-input).
+//!
+//! A vendor's protocol is a [`WsCodec`]: a plain `&mut self` state machine, quinn-proto /
+//! h2-codec style, that takes the session's inputs, the socket's frames and `now`, and yields
+//! [`WsOutput`]s (frames to write, events for the session, usage to meter, the end) plus the
+//! next deadline it needs ([`WsCodec::poll_timeout`]: KeepAlive due, finalize answer overdue,
+//! close handshake over). The codecs know nothing of tokio or tungstenite and are tested on
+//! recorded message sequences without sockets.
+//!
+//! [`run`] is the only code that owns a vendor socket: it connects (with a timeout, abandoned
+//! on cancel), then loops — drain the codec's outputs, then wait for whichever comes first of
+//! a session input, a frame, the codec's deadline or cancellation, and hand it to the codec.
+//! It decides nothing about the protocol.
+
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+
+use crate::usage::UsageKind;
+use crate::{CancellationToken, ProviderError};
+
+/// A frame from the socket, or what happened to it, as a codec sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WsIn {
+    Text(String),
+    Binary(Vec<u8>),
+    /// The peer's close frame: code and reason, if it sent them.
+    Close(Option<(u16, String)>),
+    /// Reading or writing failed (the transport's message).
+    Error(String),
+    /// The stream ended without a close frame.
+    Ended,
+}
+
+/// A frame a codec wants written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WsFrame {
+    Text(String),
+    Binary(Vec<u8>),
+    /// A normal close (1000).
+    Close,
+}
+
+/// What a codec asks its driver to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WsOutput<E> {
+    /// Write this frame.
+    Send(WsFrame),
+    /// Deliver this event to the session.
+    Event(E),
+    /// Meter this much usage of this kind (the driver knows session, provider and model).
+    Usage(UsageKind, f64),
+    /// The stream is over: the driver drops the socket and ends.
+    Finished,
+}
+
+/// A vendor's WebSocket protocol as a sans-IO state machine. Every `handle_*` may queue
+/// outputs; the driver drains [`WsCodec::poll_output`] after each.
+pub trait WsCodec: Send + 'static {
+    /// What the session sends (e.g. [`crate::SttInput`]).
+    type Input: Send + 'static;
+    /// What the session receives (e.g. [`crate::SttEvent`]).
+    type Event: Send + 'static;
+
+    /// The socket is open.
+    fn handle_connected(&mut self, now: Instant);
+    /// The session sent an input.
+    fn handle_input(&mut self, now: Instant, input: Self::Input);
+    /// The session dropped the stream (cancelled, or its input channel closed).
+    fn handle_input_closed(&mut self, now: Instant);
+    /// A frame arrived, or the socket failed or ended.
+    fn handle_frame(&mut self, now: Instant, frame: WsIn);
+    /// `now` reached the deadline of [`WsCodec::poll_timeout`].
+    fn handle_timeout(&mut self, now: Instant);
+    /// The stream failed outside the protocol (connect, handshake, bad URL).
+    fn handle_failure(&mut self, error: ProviderError);
+    /// Whether the driver should read session inputs now (a codec that got its last input
+    /// stops reading them, so a dropped stream is noticed by cancellation only).
+    fn accepts_input(&self) -> bool;
+    fn poll_output(&mut self) -> Option<WsOutput<Self::Event>>;
+    /// The next instant the codec needs [`WsCodec::handle_timeout`], if any.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
+
+/// How to open a vendor's socket.
+#[derive(Debug, Clone)]
+pub struct WsRequest {
+    /// Vendor name for error messages (`Deepgram`, `ElevenLabs`).
+    pub vendor: &'static str,
+    pub url: String,
+    /// Extra handshake headers (authentication).
+    pub headers: Vec<(&'static str, String)>,
+    pub connect_timeout: Duration,
+}
+
+/// Runs `codec` over a socket opened with `request` until the codec finishes, the session
+/// stops listening, or the connect fails. `meter` records the codec's usage outputs.
+pub async fn run<C: WsCodec>(
+    mut codec: C,
+    request: WsRequest,
+    mut input: mpsc::Receiver<C::Input>,
+    events: mpsc::Sender<C::Event>,
+    cancel: CancellationToken,
+    meter: impl Fn(UsageKind, f64) + Send,
+) {
+    let ws = tokio::select! {
+        // Nobody waits for a stream that was dropped while connecting.
+        _ = cancel.cancelled() => return,
+        ws = connect(&request) => ws,
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            codec.handle_failure(e);
+            let _ = drain(&mut codec, &events, &meter, None).await;
+            return;
+        }
+    };
+    let (mut sink, mut source) = ws.split();
+    codec.handle_connected(now());
+    let mut input_closed = false;
+    loop {
+        let watch = (!input_closed).then_some(&cancel);
+        match drain(&mut codec, &events, &meter, Some((&mut sink, watch))).await {
+            Drained::Continue => {}
+            Drained::Over => return,
+            Drained::SendFailed(e) => {
+                codec.handle_frame(now(), WsIn::Error(e));
+                continue;
+            }
+            Drained::Cancelled => {
+                input_closed = true;
+                codec.handle_input_closed(now());
+                continue;
+            }
+        }
+        let deadline = codec.poll_timeout();
+        let reading = codec.accepts_input() && !input_closed;
+        tokio::select! {
+            // Cancellation is checked first so a dropped stream never sends more input.
+            biased;
+            _ = cancel.cancelled(), if !input_closed => {
+                input_closed = true;
+                codec.handle_input_closed(now());
+            }
+            i = input.recv(), if reading => match i {
+                Some(i) => codec.handle_input(now(), i),
+                None => {
+                    input_closed = true;
+                    codec.handle_input_closed(now());
+                }
+            },
+            _ = sleep_until_opt(deadline) => codec.handle_timeout(now()),
+            m = source.next() => {
+                let frame = match m {
+                    Some(Ok(Message::Text(t))) => WsIn::Text(t.to_string()),
+                    Some(Ok(Message::Binary(b))) => WsIn::Binary(b.to_vec()),
+                    Some(Ok(Message::Close(f))) => {
+                        WsIn::Close(f.map(|f| (u16::from(f.code), f.reason.to_string())))
+                    }
+                    // tungstenite answers pings itself.
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => WsIn::Error(e.to_string()),
+                    None => WsIn::Ended,
+                };
+                codec.handle_frame(now(), frame);
+            }
+        }
+    }
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsSink = futures::stream::SplitSink<WsStream, Message>;
+
+enum Drained {
+    Continue,
+    /// The codec finished or the session stopped listening.
+    Over,
+    /// Writing a frame failed; the rest of the outputs were dropped.
+    SendFailed(String),
+    /// The session dropped the stream while a write waited; the rest of the outputs were
+    /// dropped.
+    Cancelled,
+}
+
+/// Runs the codec's queued outputs. `sink` is `None` before a socket exists; with it comes
+/// the cancel token to watch while a write waits (`None` once the codec knows of the drop),
+/// so a stalled socket cannot delay a barge-in.
+async fn drain<C: WsCodec>(
+    codec: &mut C,
+    events: &mpsc::Sender<C::Event>,
+    meter: &impl Fn(UsageKind, f64),
+    mut sink: Option<(&mut WsSink, Option<&CancellationToken>)>,
+) -> Drained {
+    while let Some(out) = codec.poll_output() {
+        match out {
+            WsOutput::Send(frame) => {
+                let Some((sink, watch)) = sink.as_mut() else {
+                    continue;
+                };
+                let write = async {
+                    match frame {
+                        WsFrame::Text(t) => sink.send(Message::Text(t.into())).await,
+                        WsFrame::Binary(b) => sink.send(Message::Binary(b.into())).await,
+                        WsFrame::Close => sink.close().await,
+                    }
+                };
+                let sent = match watch {
+                    Some(cancel) => tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => {
+                            while codec.poll_output().is_some() {}
+                            return Drained::Cancelled;
+                        }
+                        r = write => r,
+                    },
+                    None => write.await,
+                };
+                if let Err(e) = sent {
+                    // What was queued after the failed write belongs to a stream that is gone.
+                    while codec.poll_output().is_some() {}
+                    return Drained::SendFailed(e.to_string());
+                }
+            }
+            WsOutput::Event(ev) => {
+                if events.send(ev).await.is_err() {
+                    return Drained::Over;
+                }
+            }
+            WsOutput::Usage(kind, amount) => meter(kind, amount),
+            WsOutput::Finished => return Drained::Over,
+        }
+    }
+    Drained::Continue
+}
+
+async fn connect(request: &WsRequest) -> Result<WsStream, ProviderError> {
+    let vendor = request.vendor;
+    let url = &request.url;
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ProviderError::InvalidRequest(format!("bad {vendor} URL {url}: {e}")))?;
+    for (name, value) in &request.headers {
+        let value = value
+            .parse()
+            .map_err(|_| ProviderError::InvalidRequest("API key is not a valid header".into()))?;
+        req.headers_mut().insert(*name, value);
+    }
+    let (ws, _) = tokio::time::timeout(
+        request.connect_timeout,
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .map_err(|_| ProviderError::Timeout(format!("{vendor} connect")))?
+    .map_err(connect_error)?;
+    Ok(ws)
+}
+
+fn now() -> Instant {
+    // tokio's clock, so that a paused test clock also pauses the codecs' deadlines.
+    tokio::time::Instant::now().into_std()
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Maps a WebSocket handshake failure to a provider error.
+pub(crate) fn connect_error(e: tungstenite::Error) -> ProviderError {
+    match e {
+        tungstenite::Error::Http(resp) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            if status == 429 {
+                ProviderError::RateLimited(body)
+            } else {
+                ProviderError::Http { status, body }
+            }
+        }
+        other => ProviderError::Connect(other.to_string()),
+    }
+}
+
+/// `http(s)://` → `ws(s)://`, without a trailing slash.
+pub(crate) fn ws_base(base: &str) -> String {
+    let base = base.trim().trim_end_matches('/');
+    if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        base.to_owned()
+    }
+}
+
+/// Percent-encodes a query value (model and language names are plain ASCII in practice).
+pub(crate) fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
