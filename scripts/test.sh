@@ -17,13 +17,28 @@ command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 command -v cmake >/dev/null || need_apt+=(cmake)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v clang >/dev/null || need_apt+=(clang)
-PG_BIN=/usr/lib/postgresql/15/bin   # Debian 12's PostgreSQL (shared/FACTS.md)
-if [ -z "${DATABASE_URL_POSTGRES:-}" ] && [ ! -x "$PG_BIN/initdb" ]; then need_apt+=(postgresql); fi
+# PostgreSQL's server programs (initdb, pg_ctl): Debian keeps them off the PATH in
+# /usr/lib/postgresql/<version>/bin; take the newest installed version, else initdb's directory
+# on the PATH (other distributions).
+find_pg_bin() {
+  local d
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    if [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
+  done
+  if command -v initdb >/dev/null; then dirname "$(readlink -f "$(command -v initdb)")"; fi
+}
+PG_BIN="$(find_pg_bin)"
+if [ -z "${DATABASE_URL_POSTGRES:-}" ] && [ -z "$PG_BIN" ]; then need_apt+=(postgresql); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} (apt)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ -z "${DATABASE_URL_POSTGRES:-}" ] && [ -z "$PG_BIN" ]; then
+  PG_BIN="$(find_pg_bin)"
+  [ -n "$PG_BIN" ] || { echo "PostgreSQL's initdb not found after installing postgresql" >&2; exit 1; }
 fi
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
