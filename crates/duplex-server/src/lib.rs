@@ -8,6 +8,7 @@
 //! The server opens its [`Store`] (`DATABASE_URL`, applying pending migrations) before it
 //! binds the port: a database it cannot use stops it at startup, not at the first session.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 mod http;

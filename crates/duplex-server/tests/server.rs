@@ -12,6 +12,7 @@ use duplex_replay::client::{Client, EventKind};
 use duplex_replay::{Mode, SessionConfig, TurnOutcome, Wav, run_session};
 use duplex_server::{Config, Metrics, ProviderMode, Server};
 
+mod admin;
 mod auth;
 mod billing;
 mod cloud;
