@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of duplex on a fresh Debian machine: installs what the tests need (espeak-ng
 # to synthesize test speech, PostgreSQL for the store tests, cmake and libclang to build
-# llama.cpp), starts a throwaway PostgreSQL cluster (stopped and deleted on exit, also when
+# llama.cpp, promtool for the alert rules), starts a throwaway PostgreSQL cluster (stopped and deleted on exit, also when
 # tests fail), then builds and runs the whole workspace's tests. Set DATABASE_URL_POSTGRES to
 # use an existing server instead.
 # Usage: scripts/test.sh [extra cargo test args]
@@ -17,6 +17,8 @@ command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 command -v cmake >/dev/null || need_apt+=(cmake)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v clang >/dev/null || need_apt+=(clang)
+# promtool (Debian's prometheus package) checks deploy/prometheus/alerts.yaml offline.
+command -v promtool >/dev/null || need_apt+=(prometheus)
 # PostgreSQL's server programs (initdb, pg_ctl): Debian keeps them off the PATH in
 # /usr/lib/postgresql/<version>/bin; take the newest installed version, else initdb's directory
 # on the PATH (other distributions).
@@ -88,6 +90,9 @@ export DUPLEX_MODELS_DIR="${DUPLEX_MODELS_DIR:-$PWD/models}"
 scripts/setup-models.sh --test-data
 export DUPLEX_TEST_LOCAL=1
 # --- end local engines
+
+log "checking the Prometheus alert rules (promtool)"
+promtool check rules deploy/prometheus/alerts.yaml
 
 log "building and running all tests"
 cargo test --workspace --locked "$@"

@@ -415,6 +415,17 @@ impl Default for RouterConfig {
     }
 }
 
+/// Where the router reports what operators watch (the server's metrics): failovers and
+/// breaker states. Called from the router's tasks; must not block.
+pub trait RouterObserver: Send + Sync {
+    /// The router's endpoints, once, when the observer is attached.
+    fn endpoints(&self, names: &[String]);
+    /// `endpoint` failed before its first token; the router moves on down the chain.
+    fn failover(&self, endpoint: &str);
+    /// `endpoint`'s breaker after an outcome: open (or half-open) or closed.
+    fn breaker(&self, endpoint: &str, open: bool);
+}
+
 /// An LLM over named endpoints; see the module docs.
 #[derive(Clone)]
 pub struct LlmRouter {
@@ -423,6 +434,7 @@ pub struct LlmRouter {
     core: Arc<Mutex<RouterCore>>,
     cache: Option<Arc<Mutex<ResponseCache>>>,
     config: RouterConfig,
+    observer: Option<Arc<dyn RouterObserver>>,
 }
 
 impl std::fmt::Debug for LlmRouter {
@@ -465,7 +477,32 @@ impl LlmRouter {
             core: Arc::new(Mutex::new(core)),
             cache,
             config,
+            observer: None,
         })
+    }
+
+    /// Reports failovers and breaker states to `observer` from now on.
+    pub fn with_observer(mut self, observer: Arc<dyn RouterObserver>) -> LlmRouter {
+        observer.endpoints(self.core.lock().expect("not poisoned").names());
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Tells the observer about endpoint `idx` after an outcome was reported.
+    fn observe(&self, idx: usize, failover: bool) {
+        let Some(observer) = &self.observer else {
+            return;
+        };
+        let name = self.endpoints[idx].name();
+        if failover {
+            observer.failover(name);
+        }
+        let state = self
+            .core
+            .lock()
+            .expect("not poisoned")
+            .state(Instant::now(), idx);
+        observer.breaker(name, state != BreakerState::Closed);
     }
 
     /// The breaker state of an endpoint, by name (for tests and diagnostics).
@@ -624,11 +661,13 @@ impl LanguageModel for LlmRouter {
                         Err(e) => {
                             tracing::warn!(endpoint = %name, error = %e, "LLM endpoint failed before the first token; failing over");
                             attempt.settle(Outcome::Failure);
+                            this.observe(idx, true);
                             failures.push(format!("{name}: {e}"));
                             continue;
                         }
                     };
                     attempt.settle(Outcome::Success);
+                    this.observe(idx, false);
                     let mut text = String::new();
                     let done = match first {
                         First::Done(done) => done,
@@ -652,6 +691,7 @@ impl LanguageModel for LlmRouter {
                                             idx,
                                             Outcome::Failure,
                                         );
+                                        this.observe(idx, false);
                                         let _ = tx.send(Err(e)).await;
                                         return;
                                     }

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use duplex_audio::{EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, Resampler, VadMode};
-use duplex_core::conversation::{Conversation, ConversationConfig, Input, Output, Speaker, TurnId};
+use duplex_core::conversation::{
+    Conversation, ConversationConfig, Input, Output, Speaker, Stage, TurnId,
+};
 use duplex_proto::{
     self as proto, AudioEndReason, AudioFormat, ClientMessage, Encoding, ErrorCode, ServerMessage,
     SessionStart, close_code,
@@ -369,6 +371,8 @@ struct Running {
     language: Option<String>,
     model: Option<String>,
     deadline: Option<Instant>,
+    /// The engines of this session, for the per-provider latency metric.
+    names: proto::ProviderNames,
 }
 
 enum Phase {
@@ -607,6 +611,13 @@ impl Session {
     }
 
     fn send(&mut self, msg: &ServerMessage) {
+        if let ServerMessage::LimitExceeded(l) = msg {
+            self.ctx
+                .metrics
+                .limit_exceeded_total
+                .with_label_values(&[l.limit.as_str()])
+                .inc();
+        }
         if let ServerMessage::Error(e) = msg {
             self.ctx
                 .metrics
@@ -1030,6 +1041,7 @@ impl Session {
             language: s.language.clone(),
             model: s.model.clone(),
             deadline: None,
+            names: names.clone(),
         }));
         let ready = ServerMessage::SessionReady(proto::SessionReady {
             session_id: self.id.clone(),
@@ -1451,6 +1463,19 @@ impl Session {
                         .stage_latency
                         .with_label_values(&[stage.as_str()])
                         .observe(value.as_secs_f64());
+                    let provider = match stage {
+                        Stage::SttFinal => Some(&r.names.stt),
+                        Stage::LlmFirstToken => Some(&r.names.llm),
+                        Stage::TtsFirstAudio => Some(&r.names.tts),
+                        Stage::VoiceToVoice => None,
+                    };
+                    if let Some(provider) = provider {
+                        self.ctx
+                            .metrics
+                            .provider_latency
+                            .with_label_values(&[stage.as_str(), provider.as_str()])
+                            .observe(value.as_secs_f64());
+                    }
                 }
                 Output::Timeout(at) => {
                     r.deadline = Some(Instant::from_std(at));

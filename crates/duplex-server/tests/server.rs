@@ -18,6 +18,7 @@ mod billing;
 mod cloud;
 mod local;
 mod metering;
+mod ops;
 
 const WAIT: Duration = Duration::from_secs(10);
 
