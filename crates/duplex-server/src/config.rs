@@ -480,11 +480,9 @@ pub const VARS: &[Var] = &[
     },
 ];
 
-/// Variables that deployments (`render.yaml`, `deploy/`) already declare as secrets or
-/// settings for features that are not built yet: this version's [`Config`] does not read
-/// them. `RUST_LOG` is the one exception that is read, by `tracing-subscriber`'s `EnvFilter`
-/// in `main.rs`, outside `Config`. A test checks that deploy files name only [`VARS`] and
-/// these.
+/// Variables that deployments (`render.yaml`, `deploy/`) may declare besides [`VARS`]: read
+/// outside [`Config`]. Today only `RUST_LOG` (`tracing-subscriber`'s `EnvFilter` in
+/// `main.rs`). A test checks that deploy files name only [`VARS`] and these.
 pub const RESERVED_VARS: &[&str] = &["RUST_LOG"];
 
 /// A URL with the password of its user-info part replaced by `***`.
