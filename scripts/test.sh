@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of duplex on a fresh Debian machine: installs what the tests need (espeak-ng
 # to synthesize test speech, PostgreSQL for the store tests, cmake and libclang to build
-# llama.cpp), starts a throwaway PostgreSQL cluster (stopped and deleted on exit, also when
+# llama.cpp, promtool for the alert rules), starts a throwaway PostgreSQL cluster (stopped and deleted on exit, also when
 # tests fail), then builds and runs the whole workspace's tests. Set DATABASE_URL_POSTGRES to
 # use an existing server instead.
 # Usage: scripts/test.sh [extra cargo test args]
@@ -21,13 +21,30 @@ command -v clang >/dev/null || need_apt+=(clang)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
-PG_BIN=/usr/lib/postgresql/15/bin   # Debian 12's PostgreSQL (shared/FACTS.md)
-if [ -z "${DATABASE_URL_POSTGRES:-}" ] && [ ! -x "$PG_BIN/initdb" ]; then need_apt+=(postgresql); fi
+# promtool (Debian's prometheus package) checks deploy/prometheus/alerts.yaml offline.
+command -v promtool >/dev/null || need_apt+=(prometheus)
+# PostgreSQL's server programs (initdb, pg_ctl): Debian keeps them off the PATH in
+# /usr/lib/postgresql/<version>/bin; take the newest installed version, else initdb's directory
+# on the PATH (other distributions).
+find_pg_bin() {
+  local d
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    if [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
+  done
+  if command -v initdb >/dev/null; then dirname "$(readlink -f "$(command -v initdb)")"; fi
+}
+PG_BIN="$(find_pg_bin)"
+if [ -z "${DATABASE_URL_POSTGRES:-}" ] && [ -z "$PG_BIN" ]; then need_apt+=(postgresql); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} (apt)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ -z "${DATABASE_URL_POSTGRES:-}" ] && [ -z "$PG_BIN" ]; then
+  PG_BIN="$(find_pg_bin)"
+  [ -n "$PG_BIN" ] || { echo "PostgreSQL's initdb not found after installing postgresql" >&2; exit 1; }
 fi
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
@@ -84,6 +101,9 @@ log "installing the browser test driver (npm playwright-core)"
 npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error >/dev/null
 export DUPLEX_TEST_BROWSER=1
 # --- end browser client
+
+log "checking the Prometheus alert rules (promtool)"
+promtool check rules deploy/prometheus/alerts.yaml
 
 log "building and running all tests"
 cargo test --workspace --locked "$@"

@@ -148,7 +148,11 @@ impl OutputStage {
         }
         self.pending.drain(..offset);
         // Keep the mark the remaining samples start in (moved to 0) and those after it.
-        let first = self.marks.iter().rposition(|&(pos, _)| pos <= offset).unwrap_or(0);
+        let first = self
+            .marks
+            .iter()
+            .rposition(|&(pos, _)| pos <= offset)
+            .unwrap_or(0);
         self.marks.drain(..first);
         for m in &mut self.marks {
             m.0 = m.0.saturating_sub(offset);

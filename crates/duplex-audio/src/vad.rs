@@ -1,8 +1,8 @@
 //! Voice activity detection on 16 kHz frames: a `Send` wrapper around `webrtc_vad::Vad`.
 //!
-//! The wrapper exists for three pitfalls of webrtc-vad 0.4 (shared/FACTS.md): its `Vad` is not
-//! `Send`, so a session actor could not own it; an empty slice panics and a frame that is not
-//! 10, 20 or 30 ms is rejected; and `reset()` silently switches it to 8 kHz. Here the rate is
+//! The wrapper exists for three pitfalls of webrtc-vad 0.4 (docs/dependencies.md): its `Vad`
+//! is not `Send`, so a session actor could not own it; an empty slice panics and a frame that is
+//! not 10, 20 or 30 ms is rejected; and `reset()` silently switches it to 8 kHz. Here the rate is
 //! fixed at 16 kHz, lengths are checked before the C code sees them, and "reset" builds a new
 //! instance instead of calling `reset()`.
 

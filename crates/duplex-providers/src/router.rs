@@ -419,6 +419,17 @@ impl Default for RouterConfig {
     }
 }
 
+/// Where the router reports what operators watch (the server's metrics): failovers and
+/// breaker states. Called from the router's tasks; must not block.
+pub trait RouterObserver: Send + Sync {
+    /// The router's endpoints, once, when the observer is attached.
+    fn endpoints(&self, names: &[String]);
+    /// `endpoint` failed before its first token; the router moves on down the chain.
+    fn failover(&self, endpoint: &str);
+    /// `endpoint`'s breaker after an outcome: open (or half-open) or closed.
+    fn breaker(&self, endpoint: &str, open: bool);
+}
+
 /// An LLM over named endpoints; see the module docs.
 #[derive(Clone)]
 pub struct LlmRouter {
@@ -427,6 +438,7 @@ pub struct LlmRouter {
     core: Arc<Mutex<RouterCore>>,
     cache: Option<Arc<Mutex<ResponseCache>>>,
     config: RouterConfig,
+    observer: Option<Arc<dyn RouterObserver>>,
 }
 
 impl std::fmt::Debug for LlmRouter {
@@ -469,7 +481,32 @@ impl LlmRouter {
             core: Arc::new(Mutex::new(core)),
             cache,
             config,
+            observer: None,
         })
+    }
+
+    /// Reports failovers and breaker states to `observer` from now on.
+    pub fn with_observer(mut self, observer: Arc<dyn RouterObserver>) -> LlmRouter {
+        observer.endpoints(self.core.lock().expect("not poisoned").names());
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Tells the observer about endpoint `idx` after an outcome was reported.
+    fn observe(&self, idx: usize, failover: bool) {
+        let Some(observer) = &self.observer else {
+            return;
+        };
+        let name = self.endpoints[idx].name();
+        if failover {
+            observer.failover(name);
+        }
+        let state = self
+            .core
+            .lock()
+            .expect("not poisoned")
+            .state(Instant::now(), idx);
+        observer.breaker(name, state != BreakerState::Closed);
     }
 
     /// The breaker state of an endpoint, by name (for tests and diagnostics).
@@ -844,7 +881,7 @@ impl LanguageModel for LlmRouter {
                 ),
             };
             // The attempt's stream and its first item, once an endpoint produced one.
-            let mut committed: Option<(LlmStream, LlmEvent)> = None;
+            let mut committed: Option<(LlmStream, LlmEvent, usize)> = None;
             loop {
                 match attempts.poll() {
                     FailoverOutput::Try { endpoint, deadline } => {
@@ -865,11 +902,19 @@ impl LanguageModel for LlmRouter {
                         })
                         .await;
                         match got {
-                            Err(_) => attempts.timeout(),
-                            Ok(Err(e)) => attempts.input(FailoverInput::Failed(e)),
+                            Err(_) => {
+                                attempts.timeout();
+                                this.observe(endpoint, true);
+                            }
+                            Ok(Err(e)) => {
+                                let request_error = is_request_error(&e);
+                                attempts.input(FailoverInput::Failed(e));
+                                this.observe(endpoint, !request_error);
+                            }
                             Ok(Ok(ev)) => {
-                                committed = Some((s, ev));
+                                committed = Some((s, ev, endpoint));
                                 attempts.input(FailoverInput::FirstToken);
+                                this.observe(endpoint, false);
                             }
                         }
                     }
@@ -885,7 +930,7 @@ impl LanguageModel for LlmRouter {
                     FailoverOutput::Commit { .. } => break,
                 }
             }
-            let (mut stream, first) = committed.expect("Commit follows a first token");
+            let (mut stream, first, endpoint) = committed.expect("Commit follows a first token");
             let mut text = String::new();
             let done = match first {
                 done @ LlmEvent::Done { .. } => done,
@@ -908,6 +953,7 @@ impl LanguageModel for LlmRouter {
                             None => FailoverInput::Cut,
                         };
                         attempts.input(end);
+                        this.observe(endpoint, false);
                         if let FailoverOutput::GiveUp(e) = attempts.poll() {
                             let _ = tx.send(Err(e)).await;
                         }

@@ -1,13 +1,14 @@
 //! Authentication and admission at the HTTP edge, before a WebSocket upgrade: who is calling
 //! ([`Authenticator`]: bearer JWTs, HS256 with `JWT_SECRET` or RS256 with keys from
-//! `JWT_JWKS_URL`), how often an address may try ([`ConnectLimiter`], a token bucket per IP),
+//! `JWT_JWKS_URL`, or from Clerk's Backend API `GET /v1/jwks` with `CLERK_SECRET_KEY` as the
+//! bearer), how often an address may try ([`ConnectLimiter`], a token bucket per IP),
 //! and from which web pages ([`origin_allowed`], the `ALLOWED_ORIGINS` list).
 //!
 //! The token may come in three places, tried in this order: an `Authorization: Bearer` header,
 //! a `bearer.<token>` entry of `Sec-WebSocket-Protocol` (browsers cannot set headers on a
 //! WebSocket; they offer `["duplex.v1", "bearer.<token>"]` and the server selects only
 //! `duplex.v1`), or the `token` query parameter. Anonymous dev mode (user `anonymous`) is on
-//! only when neither `JWT_SECRET` nor `JWT_JWKS_URL` is set.
+//! only when none of `JWT_SECRET`, `JWT_JWKS_URL` and `CLERK_SECRET_KEY` is set.
 //!
 //! Checked: signature, `exp` (required) and `nbf` with [`LEEWAY_SECS`] of clock skew, `iss`
 //! against `JWT_ISSUER` and `aud` against `JWT_AUDIENCE` (each required when configured), and a
@@ -178,7 +179,16 @@ impl Authenticator {
                 .jwt_secret
                 .as_ref()
                 .map(|s| DecodingKey::from_secret(s.0.as_bytes())),
-            jwks: config.jwt_jwks_url.as_ref().map(|u| Jwks::new(u.clone())),
+            jwks: match (&config.jwt_jwks_url, &config.clerk_secret_key) {
+                (Some(url), _) => Some(Jwks::new(url.clone(), None)),
+                // Clerk's Backend API serves the instance's JWKS to holders of the secret key
+                // (the public Frontend API copy would need the instance's domain too).
+                (None, Some(key)) => Some(Jwks::new(
+                    format!("{}/v1/jwks", config.clerk_api_url),
+                    Some(key.clone()),
+                )),
+                (None, None) => None,
+            },
             rs256_validation: Validation {
                 algorithms: vec![Algorithm::RS256],
                 ..v.clone()
@@ -238,6 +248,8 @@ fn map_error(kind: &ErrorKind) -> AuthError {
 /// The RS256 keys of an identity provider, fetched lazily and cached by `kid`.
 struct Jwks {
     url: String,
+    /// Sent as `Authorization: Bearer` (Clerk's Backend API needs the secret key).
+    bearer: Option<Secret>,
     /// [`JWKS_MIN_REFRESH`]; shorter in tests.
     min_refresh: Duration,
     client: reqwest::Client,
@@ -254,13 +266,14 @@ struct JwksState {
 }
 
 impl Jwks {
-    fn new(url: String) -> Jwks {
+    fn new(url: String, bearer: Option<Secret>) -> Jwks {
         let client = reqwest::Client::builder()
             .timeout(JWKS_TIMEOUT)
             .build()
             .expect("a client with a timeout always builds");
         Jwks {
             url,
+            bearer,
             min_refresh: JWKS_MIN_REFRESH,
             client,
             state: tokio::sync::Mutex::new(JwksState::default()),
@@ -321,12 +334,11 @@ impl Jwks {
     }
 
     async fn fetch(&self) -> Result<JwkSet, String> {
-        let resp = self
-            .client
-            .get(&self.url)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut req = self.client.get(&self.url);
+        if let Some(key) = &self.bearer {
+            req = req.bearer_auth(&key.0);
+        }
+        let resp = req.send().await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
             return Err(format!("HTTP {}", resp.status()));
         }

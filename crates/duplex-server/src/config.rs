@@ -83,6 +83,10 @@ pub struct Config {
     pub jwt_secret: Option<crate::auth::Secret>,
     /// JWKS of an identity provider, for RS256 tokens.
     pub jwt_jwks_url: Option<String>,
+    /// Clerk secret key: the JWKS comes from Clerk's Backend API (`clerk_api_url`) with it.
+    pub clerk_secret_key: Option<crate::auth::Secret>,
+    /// Base URL of Clerk's Backend API, without the `/v1` prefix.
+    pub clerk_api_url: String,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     /// WebSocket connection attempts per minute per client IP; 0 = no limit.
@@ -383,12 +387,22 @@ pub const VARS: &[Var] = &[
     Var {
         name: "JWT_SECRET",
         default: "",
-        help: "HS256 secret of bearer JWTs (self-hosting). Setting it or JWT_JWKS_URL turns anonymous dev mode off.",
+        help: "HS256 secret of bearer JWTs (self-hosting). Setting it, JWT_JWKS_URL or CLERK_SECRET_KEY turns anonymous dev mode off.",
     },
     Var {
         name: "JWT_JWKS_URL",
         default: "",
         help: "JWKS URL of an identity provider (Clerk, Auth0, ...) for RS256 JWTs; keys cached, refetched on an unknown `kid` (at most every 30 s) and every 10 min.",
+    },
+    Var {
+        name: "CLERK_SECRET_KEY",
+        default: "",
+        help: "Clerk secret key (`sk_live_…`/`sk_test_…`): session tokens are verified against the instance's JWKS, fetched from Clerk's Backend API with this key (unless JWT_JWKS_URL is set). Turns anonymous dev mode off.",
+    },
+    Var {
+        name: "CLERK_API_URL",
+        default: "https://api.clerk.com",
+        help: "Base URL of Clerk's Backend API (the JWKS is `{base}/v1/jwks`); for tests or a proxy.",
     },
     Var {
         name: "JWT_ISSUER",
@@ -487,11 +501,9 @@ pub const VARS: &[Var] = &[
     },
 ];
 
-/// Variables that deployments (`render.yaml`, `deploy/`) already declare as secrets or
-/// settings for features that are not built yet: this version's [`Config`] does not read
-/// them. `RUST_LOG` is the one exception that is read, by `tracing-subscriber`'s `EnvFilter`
-/// in `main.rs`, outside `Config`. A test checks that deploy files name only [`VARS`] and
-/// these.
+/// Variables that deployments (`render.yaml`, `deploy/`) may declare besides [`VARS`]: read
+/// outside [`Config`]. Today only `RUST_LOG` (`tracing-subscriber`'s `EnvFilter` in
+/// `main.rs`). A test checks that deploy files name only [`VARS`] and these.
 pub const RESERVED_VARS: &[&str] = &["RUST_LOG"];
 
 /// A URL with the password of its user-info part replaced by `***`.
@@ -679,6 +691,15 @@ impl Config {
         Ok(Config {
             jwt_secret: opt("JWT_SECRET").map(crate::auth::Secret),
             jwt_jwks_url: opt("JWT_JWKS_URL"),
+            clerk_secret_key: opt("CLERK_SECRET_KEY").map(crate::auth::Secret),
+            clerk_api_url: {
+                let (n, v) = get("CLERK_API_URL");
+                let url = v.trim().trim_end_matches('/').to_owned();
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(bad(n, v, "expected an http(s) URL"));
+                }
+                url
+            },
             jwt_issuer: opt("JWT_ISSUER"),
             jwt_audience: opt("JWT_AUDIENCE"),
             connect_rate_per_min,

@@ -8,6 +8,7 @@
 //! The server opens its [`Store`] (`DATABASE_URL`, applying pending migrations) before it
 //! binds the port: a database it cannot use stops it at startup, not at the first session.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 mod http;
@@ -54,11 +55,13 @@ impl Server {
         let sink = duplex_providers::usage::FanOut(sinks);
         // Local engines read hundreds of MB of models: off the async runtime.
         let build_config = config.clone();
-        let providers =
-            tokio::task::spawn_blocking(move || providers::build(&build_config, Arc::new(sink)))
-                .await
-                .map_err(std::io::Error::other)?
-                .map_err(std::io::Error::other)?;
+        let observer = Arc::new(metrics.clone());
+        let providers = tokio::task::spawn_blocking(move || {
+            providers::build(&build_config, Arc::new(sink), observer)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?;
         Server::bind_inner(config, metrics, providers, routes).await
     }
 
@@ -105,7 +108,34 @@ impl Server {
             config.switches_file.clone(),
             shutdown.clone(),
         );
-        let spend_cache = metering::SpendCache::new(config.usage_heartbeat);
+        let spend_cache = metering::SpendCache::new(config.usage_heartbeat, metrics.clone());
+        if let Some(p) = &providers {
+            metrics.init_providers(p.stt.name(), p.llm.name(), p.tts.name());
+        }
+        // `duplex_ready` mirrors /readyz; `duplex_max_daily_spend_usd` the switches in force.
+        metrics.ready.set(1);
+        {
+            let metrics = metrics.clone();
+            let stop = shutdown.clone();
+            let mut switches = switches.clone();
+            tokio::spawn(async move {
+                loop {
+                    let cap = switches.borrow_and_update().max_daily_spend_micros;
+                    metrics
+                        .max_daily_spend_usd
+                        .set(cap.map_or(0.0, |m| m as f64 / 1e6));
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        changed = switches.changed() => if changed.is_err() {
+                            // No switches file: the cap never changes again.
+                            stop.cancelled().await;
+                            break;
+                        },
+                    }
+                }
+                metrics.ready.set(0);
+            });
+        }
         let state = Arc::new(http::AppState {
             auth: auth::Authenticator::new(&config),
             connect_limiter: auth::ConnectLimiter::new(config.connect_rate_per_min),

@@ -1,6 +1,7 @@
 //! `duplex`: the server binary. Reads the configuration (environment, overridden by flags),
 //! sets up logging and metrics, serves until SIGTERM/SIGINT, then drains. `duplex migrate`
-//! applies the database migrations and exits (the server also applies them at startup).
+//! applies the database migrations and exits (the server also applies them at startup);
+//! `duplex admin …` answers operators' questions from the store (`admin.rs`).
 
 use clap::Parser;
 use duplex_server::config::LogFormat;
@@ -30,6 +31,9 @@ enum Command {
     /// Apply pending database migrations to DATABASE_URL (or the SQLite file in
     /// DUPLEX_DATA_DIR) and exit.
     Migrate,
+    /// Operator commands on the store: top users, one user's history, set a plan, close stale
+    /// sessions, export usage as CSV (`duplex admin --help`).
+    Admin(duplex_server::admin::AdminArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,9 +54,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
-    if let Some(Command::Migrate) = cli.command {
+    let command = match cli.command {
+        Some(Command::Admin(args)) => {
+            // Output is the command's answer; errors are one line on stderr.
+            let now = time::OffsetDateTime::now_utc();
+            let mut out = std::io::stdout().lock();
+            return match runtime.block_on(duplex_server::admin::run(&config, args, now, &mut out)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("duplex admin: {e}");
+                    std::process::ExitCode::from(1)
+                }
+            };
+        }
+        other => other,
+    };
+    init_logging(config.log_format);
+    if let Some(Command::Migrate) = command {
         return runtime.block_on(migrate(&config));
     }
     runtime.block_on(async move {

@@ -99,24 +99,32 @@ pub(crate) async fn persist(
             .add_trial_ms(user_id, (delta.trial_seconds * 1000) as i64)
             .await?;
     }
-    totals(store, spend, user_id, delta.day).await
+    let totals = totals(store, spend, user_id, delta.day).await?;
+    spend
+        .metrics
+        .observe_user_day(totals.day.days_since_epoch(), totals.seconds_today);
+    Ok(totals)
 }
 
 /// The day's provider spend across all users, read from the store at most once per `ttl` for
 /// the whole server: every session's heartbeat needs it (for `MAX_DAILY_SPEND_USD`), and it
 /// sums a row per user, so per-session reads would grow with sessions x users. The meter
 /// already works on totals up to a heartbeat old, so a `ttl` of one heartbeat changes nothing.
+/// What it reads, and each user's day totals that usage writes return, also go to the
+/// metrics (`duplex_daily_spend_usd`, `duplex_busiest_user_seconds_today`).
 #[derive(Clone)]
 pub(crate) struct SpendCache {
     ttl: std::time::Duration,
     last: Arc<Mutex<Option<(UtcDate, std::time::Instant, u64)>>>,
+    metrics: crate::Metrics,
 }
 
 impl SpendCache {
-    pub fn new(ttl: std::time::Duration) -> SpendCache {
+    pub fn new(ttl: std::time::Duration, metrics: crate::Metrics) -> SpendCache {
         SpendCache {
             ttl,
             last: Arc::default(),
+            metrics,
         }
     }
 
@@ -133,6 +141,7 @@ impl SpendCache {
             return Ok(micros);
         }
         let micros = store.spend_for_day_micros(store_day(day)).await?.max(0) as u64;
+        self.metrics.daily_spend_usd.set(micros as f64 / 1e6);
         *self
             .last
             .lock()

@@ -1,10 +1,73 @@
 //! Prometheus metrics of the server. The registry is built once in [`Metrics::new`] (from
 //! `main` or a test) and passed down; nothing registers globally.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Stages of `duplex_stage_latency_seconds` (`duplex_core::Stage` plus the endpointer's
+/// trailing silence), created at startup so that every series exists before the first turn.
+pub const STAGES: &[&str] = &[
+    "endpointing",
+    "stt_final",
+    "llm_first_token",
+    "tts_first_audio",
+    "voice_to_voice",
+];
+/// Reasons of `duplex_connections_rejected_total` (the `reject` calls in `http.rs` and
+/// `AuthError::label`).
+pub const REJECT_REASONS: &[&str] = &[
+    "shutting_down",
+    "bad_version",
+    "no_version",
+    "connect_rate",
+    "origin",
+    "unauthorized",
+    "auth_unavailable",
+    "capacity",
+    "per_ip",
+];
+/// Codes of `duplex_errors_total` created at startup: every `duplex_proto::ErrorCode` (a code
+/// added later appears at its first use; a test checks that these are codes).
+pub const ERROR_CODES: &[&str] = &[
+    "malformed_json",
+    "unknown_message_type",
+    "invalid_message",
+    "session_not_started",
+    "audio_before_session_start",
+    "session_already_started",
+    "unsupported_sample_rate",
+    "unsupported_encoding",
+    "odd_frame_length",
+    "message_too_large",
+    "session_ended",
+    "slow_consumer",
+    "idle_timeout",
+    "stt_error",
+    "llm_error",
+    "tts_error",
+    "server_shutting_down",
+    "generation_disabled",
+    "limit_exceeded",
+    "rate_limited",
+    "internal",
+];
+/// Limits of `duplex_limit_exceeded_total` (`LimitExceeded::limit` in the protocol).
+pub const LIMITS: &[&str] = &[
+    "daily_seconds",
+    "trial_seconds",
+    "monthly_tts_characters",
+    "turns_per_minute",
+    "daily_spend",
+    "generation_disabled",
+];
+/// Linux reports process CPU time in clock ticks of `USER_HZ`, which is 100 on every
+/// architecture Linux runs on (the kernel ABI fixes it, unlike `HZ`).
+const USER_HZ: f64 = 100.0;
 
 /// Every metric the server exports.
 #[derive(Clone)]
@@ -27,6 +90,31 @@ pub struct Metrics {
     /// The server's resident memory, read at each scrape (the local engines' models are most
     /// of it).
     pub resident_memory_bytes: IntGauge,
+    /// CPU time of the process (user + system), read at each scrape.
+    pub cpu_seconds_total: Counter,
+    /// Serialises scrapes' updates of `cpu_seconds_total` (a counter moves by deltas).
+    cpu_lock: Arc<Mutex<()>>,
+    /// Per-stage latency by the provider that caused it (STT final, LLM first token, TTS first
+    /// audio), to tell a slow vendor from a slow server.
+    pub provider_latency: HistogramVec,
+    /// `limit_exceeded` events sent to clients, by limit.
+    pub limit_exceeded_total: IntCounterVec,
+    /// LLM failovers: an endpoint failed before its first token and the router moved on.
+    pub llm_failovers_total: IntCounterVec,
+    /// 1 while an LLM endpoint's circuit breaker is open (or half-open), else 0.
+    pub llm_breaker_open: IntGaugeVec,
+    /// 1 while `/readyz` answers 200, 0 once draining began.
+    pub ready: IntGauge,
+    /// The UTC day's recorded provider spend across all users and servers, as last read from
+    /// the store (by a session's heartbeat: it does not move while no session runs).
+    pub daily_spend_usd: Gauge,
+    /// `MAX_DAILY_SPEND_USD` as currently in force (switches file included); 0 when unset.
+    pub max_daily_spend_usd: Gauge,
+    /// The highest conversation seconds of one user on the current UTC day, among the users
+    /// whose usage this server wrote today (abuse detection without a per-user label).
+    pub busiest_user_seconds_today: IntGauge,
+    /// The day `busiest_user_seconds_today` belongs to (days since the epoch).
+    busiest_day: Arc<AtomicI64>,
 }
 
 /// Latency buckets in seconds: 1 ms to 10 s, dense where voice latency lives (0.1-1.5 s);
@@ -112,8 +200,88 @@ impl Metrics {
             "Resident memory of the server process (VmRSS), read at each scrape",
         )
         .expect("valid metric");
+        let cpu_seconds_total = Counter::new(
+            "duplex_process_cpu_seconds_total",
+            "CPU time of the server process (user + system) in seconds, read at each scrape",
+        )
+        .expect("valid metric");
+        let provider_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "duplex_provider_latency_seconds",
+                "Time to first byte of a provider within a turn: stt_final (end of speech to \
+                 final transcript), llm_first_token, tts_first_audio; by provider",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["stage", "provider"],
+        )
+        .expect("valid metric");
+        let limit_exceeded_total = IntCounterVec::new(
+            Opts::new(
+                "duplex_limit_exceeded_total",
+                "limit_exceeded events sent to clients, by limit",
+            ),
+            &["limit"],
+        )
+        .expect("valid metric");
+        let llm_failovers_total = IntCounterVec::new(
+            Opts::new(
+                "duplex_llm_failovers_total",
+                "LLM endpoints that failed before the first token (the router tried the next)",
+            ),
+            &["endpoint"],
+        )
+        .expect("valid metric");
+        let llm_breaker_open = IntGaugeVec::new(
+            Opts::new(
+                "duplex_llm_breaker_open",
+                "1 while the LLM endpoint's circuit breaker is open or half-open",
+            ),
+            &["endpoint"],
+        )
+        .expect("valid metric");
+        let ready = IntGauge::new(
+            "duplex_ready",
+            "1 while /readyz answers 200, 0 once draining began",
+        )
+        .expect("valid metric");
+        let daily_spend_usd = Gauge::new(
+            "duplex_daily_spend_usd",
+            "Recorded provider spend of the UTC day across all users, as last read from the store",
+        )
+        .expect("valid metric");
+        let max_daily_spend_usd = Gauge::new(
+            "duplex_max_daily_spend_usd",
+            "MAX_DAILY_SPEND_USD in force (0: unset)",
+        )
+        .expect("valid metric");
+        let busiest_user_seconds_today = IntGauge::new(
+            "duplex_busiest_user_seconds_today",
+            "Most conversation seconds of one user on the UTC day, among users this server metered today",
+        )
+        .expect("valid metric");
+        for stage in STAGES {
+            stage_latency.with_label_values(&[stage]);
+        }
+        for reason in REJECT_REASONS {
+            connections_rejected.with_label_values(&[reason]);
+        }
+        for code in ERROR_CODES {
+            errors_total.with_label_values(&[code]);
+        }
+        for limit in LIMITS {
+            limit_exceeded_total.with_label_values(&[limit]);
+        }
         for c in [
-            Box::new(active_sessions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cpu_seconds_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(provider_latency.clone()),
+            Box::new(limit_exceeded_total.clone()),
+            Box::new(llm_failovers_total.clone()),
+            Box::new(llm_breaker_open.clone()),
+            Box::new(ready.clone()),
+            Box::new(daily_spend_usd.clone()),
+            Box::new(max_daily_spend_usd.clone()),
+            Box::new(busiest_user_seconds_today.clone()),
+            Box::new(active_sessions.clone()),
             Box::new(resident_memory_bytes.clone()),
             Box::new(provider_usage_total.clone()),
             Box::new(provider_cost_usd_total.clone()),
@@ -144,6 +312,44 @@ impl Metrics {
             provider_usage_total,
             provider_cost_usd_total,
             resident_memory_bytes,
+            cpu_seconds_total,
+            cpu_lock: Arc::default(),
+            provider_latency,
+            limit_exceeded_total,
+            llm_failovers_total,
+            llm_breaker_open,
+            ready,
+            daily_spend_usd,
+            max_daily_spend_usd,
+            busiest_user_seconds_today,
+            busiest_day: Arc::new(AtomicI64::new(i64::MIN)),
+        }
+    }
+
+    /// Creates the per-provider series of a provider set (so that they exist before the
+    /// first turn).
+    pub fn init_providers(&self, stt: &str, llm: &str, tts: &str) {
+        for (stage, provider) in [
+            ("stt_final", stt),
+            ("llm_first_token", llm),
+            ("tts_first_audio", tts),
+        ] {
+            self.provider_latency.with_label_values(&[stage, provider]);
+        }
+    }
+
+    /// A user's conversation seconds on `day` (days since the epoch), as a usage write
+    /// returned them: raises the busiest-user gauge, or restarts it on a new day.
+    pub fn observe_user_day(&self, day: i64, seconds: u64) {
+        let seconds = i64::try_from(seconds).unwrap_or(i64::MAX);
+        let current = self.busiest_day.load(Ordering::Relaxed);
+        if day > current {
+            // A new day: the first write of the day sets the gauge (a race between two
+            // sessions here costs at most one heartbeat of accuracy).
+            self.busiest_day.store(day, Ordering::Relaxed);
+            self.busiest_user_seconds_today.set(seconds);
+        } else if day == current && seconds > self.busiest_user_seconds_today.get() {
+            self.busiest_user_seconds_today.set(seconds);
         }
     }
 
@@ -159,11 +365,54 @@ impl Metrics {
         {
             self.resident_memory_bytes.set(kib * 1024);
         }
+        // Fields 14 and 15 of /proc/self/stat (utime, stime), counted after the command
+        // name's closing parenthesis, which may itself contain spaces.
+        if let Some(ticks) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+            })
+        {
+            let _guard = self
+                .cpu_lock
+                .lock()
+                .expect("never poisoned: no panics while held");
+            let delta = ticks / USER_HZ - self.cpu_seconds_total.get();
+            if delta > 0.0 {
+                self.cpu_seconds_total.inc_by(delta);
+            }
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("Prometheus text is UTF-8")
+    }
+}
+
+/// The LLM router's failovers and breaker states as Prometheus series.
+impl duplex_providers::router::RouterObserver for Metrics {
+    fn endpoints(&self, names: &[String]) {
+        for n in names {
+            self.llm_failovers_total.with_label_values(&[n.as_str()]);
+            self.llm_breaker_open
+                .with_label_values(&[n.as_str()])
+                .set(0);
+        }
+    }
+
+    fn failover(&self, endpoint: &str) {
+        self.llm_failovers_total
+            .with_label_values(&[endpoint])
+            .inc();
+    }
+
+    fn breaker(&self, endpoint: &str, open: bool) {
+        self.llm_breaker_open
+            .with_label_values(&[endpoint])
+            .set(i64::from(open));
     }
 }
 
@@ -174,16 +423,63 @@ impl duplex_providers::UsageSink for Metrics {
         self.provider_usage_total
             .with_label_values(&[r.provider.as_str(), r.model.as_str(), r.kind.as_str()])
             .inc_by(r.quantity);
-        if r.cost_usd > 0.0 {
-            self.provider_cost_usd_total
-                .with_label_values(&[r.provider.as_str(), r.model.as_str()])
-                .inc_by(r.cost_usd);
-        }
+        // Also free engines (local, scripted): their series shows $0 instead of nothing.
+        self.provider_cost_usd_total
+            .with_label_values(&[r.provider.as_str(), r.model.as_str()])
+            .inc_by(r.cost_usd.max(0.0));
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preset_error_codes_are_protocol_codes() {
+        for code in ERROR_CODES {
+            let parsed: Result<duplex_proto::ErrorCode, _> =
+                serde_json::from_value(serde_json::Value::String((*code).to_owned()));
+            assert_eq!(parsed.map(|c| c.as_str()).ok(), Some(*code));
+        }
+    }
+
+    #[test]
+    fn every_family_is_exported_before_any_traffic() {
+        let text = Metrics::new().render();
+        for family in [
+            "duplex_stage_latency_seconds",
+            "duplex_errors_total",
+            "duplex_connections_rejected_total",
+            "duplex_limit_exceeded_total",
+            "duplex_process_cpu_seconds_total",
+            "duplex_process_resident_memory_bytes",
+            "duplex_ready",
+            "duplex_daily_spend_usd",
+            "duplex_busiest_user_seconds_today",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{family} in {text}"
+            );
+        }
+        assert!(text.contains("duplex_process_cpu_seconds_total "), "{text}");
+    }
+
+    #[test]
+    fn the_busiest_user_gauge_restarts_each_day() {
+        let m = Metrics::new();
+        m.observe_user_day(100, 50);
+        m.observe_user_day(100, 30);
+        assert_eq!(m.busiest_user_seconds_today.get(), 50);
+        m.observe_user_day(101, 10);
+        assert_eq!(m.busiest_user_seconds_today.get(), 10);
+        m.observe_user_day(100, 500); // a late write for yesterday
+        assert_eq!(m.busiest_user_seconds_today.get(), 10);
     }
 }

@@ -29,9 +29,11 @@ pub struct BuildError {
 }
 
 /// The engines of every session; `None` in echo mode (no providers at all).
+/// The LLM router reports its failovers and breakers to `router_observer` (the metrics).
 pub fn build(
     config: &Config,
     usage: Arc<dyn UsageSink>,
+    router_observer: Arc<dyn duplex_providers::router::RouterObserver>,
 ) -> Result<Option<ProviderSet>, BuildError> {
     if config.providers == ProviderMode::Echo {
         return Ok(None);
@@ -141,7 +143,8 @@ pub fn build(
             };
             Arc::new(
                 LlmRouter::new(endpoints, cloud.llm_routes.clone(), router)
-                    .expect("config.rs validated endpoints and routes"),
+                    .expect("config.rs validated endpoints and routes")
+                    .with_observer(router_observer),
             )
         }
     };
@@ -194,15 +197,19 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let config = Config::from_lookup(|k| map.get(k).cloned()).expect("valid");
-        build(&config, Arc::new(duplex_providers::usage::NullSink))
-            .expect("no local engine is asked for")
-            .map(|p| {
-                [
-                    p.stt.name().to_owned(),
-                    p.llm.name().to_owned(),
-                    p.tts.name().to_owned(),
-                ]
-            })
+        build(
+            &config,
+            Arc::new(duplex_providers::usage::NullSink),
+            Arc::new(crate::Metrics::new()),
+        )
+        .expect("no local engine is asked for")
+        .map(|p| {
+            [
+                p.stt.name().to_owned(),
+                p.llm.name().to_owned(),
+                p.tts.name().to_owned(),
+            ]
+        })
     }
 
     #[tokio::test]

@@ -21,7 +21,9 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use duplex_audio::{
     EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, OutputFrame, OutputStage, VadMode,
 };
-use duplex_core::conversation::{Conversation, ConversationConfig, Input, Output, Speaker, TurnId};
+use duplex_core::conversation::{
+    Conversation, ConversationConfig, Input, Output, Speaker, Stage, TurnId,
+};
 use duplex_proto::{
     self as proto, AudioEndReason, AudioFormat, ClientMessage, Encoding, ErrorCode, ServerMessage,
     SessionStart, close_code,
@@ -334,6 +336,8 @@ struct Running {
     /// stream is reopened.
     stt_failures: u32,
     stt_reopen_at: Option<Instant>,
+    /// The engines of this session, for the per-provider latency metric.
+    names: proto::ProviderNames,
 }
 
 enum Phase {
@@ -604,6 +608,13 @@ impl Session {
     }
 
     fn send(&mut self, msg: &ServerMessage) {
+        if let ServerMessage::LimitExceeded(l) = msg {
+            self.ctx
+                .metrics
+                .limit_exceeded_total
+                .with_label_values(&[l.limit.as_str()])
+                .inc();
+        }
         if let ServerMessage::Error(e) = msg {
             self.ctx
                 .metrics
@@ -1030,6 +1041,7 @@ impl Session {
             finalize_retry: None,
             stt_failures: 0,
             stt_reopen_at: None,
+            names: names.clone(),
         }));
         let ready = ServerMessage::SessionReady(proto::SessionReady {
             session_id: self.id.clone(),
@@ -1521,6 +1533,19 @@ impl Session {
                         .stage_latency
                         .with_label_values(&[stage.as_str()])
                         .observe(value.as_secs_f64());
+                    let provider = match stage {
+                        Stage::SttFinal => Some(&r.names.stt),
+                        Stage::LlmFirstToken => Some(&r.names.llm),
+                        Stage::TtsFirstAudio => Some(&r.names.tts),
+                        Stage::VoiceToVoice => None,
+                    };
+                    if let Some(provider) = provider {
+                        self.ctx
+                            .metrics
+                            .provider_latency
+                            .with_label_values(&[stage.as_str(), provider.as_str()])
+                            .observe(value.as_secs_f64());
+                    }
                 }
                 Output::Timeout(at) => {
                     r.deadline = Some(Instant::from_std(at));

@@ -12,12 +12,14 @@ use duplex_replay::client::{Client, EventKind};
 use duplex_replay::{Mode, SessionConfig, TurnOutcome, Wav, run_session};
 use duplex_server::{Config, Metrics, ProviderMode, Server};
 
+mod admin;
 mod auth;
 mod billing;
 mod browser;
 mod cloud;
 mod local;
 mod metering;
+mod ops;
 
 const WAIT: Duration = Duration::from_secs(10);
 

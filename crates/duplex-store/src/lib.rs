@@ -596,6 +596,206 @@ impl Store {
     }
 }
 
+/// What [`Store::top_users`] ranks by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopBy {
+    /// Recorded provider cost.
+    Cost,
+    /// Metered conversation time.
+    Seconds,
+}
+
+/// One user's usage on one day, with who they are (operator reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserDayUsage {
+    pub day: Date,
+    pub user_id: i64,
+    pub external_id: String,
+    pub plan: String,
+    pub usage: DailyUsage,
+}
+
+/// A session that never recorded its end, closed by [`Store::close_stale_sessions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleSession {
+    pub session_id: String,
+    pub external_id: String,
+    pub started_at: OffsetDateTime,
+}
+
+/// Operator queries and repairs (`duplex admin`). Read-only unless the name says otherwise.
+impl Store {
+    /// The `limit` users with the most cost (or seconds) on `day`, most first; ties by user.
+    pub async fn top_users(&self, day: Date, by: TopBy, limit: u32) -> Result<Vec<UserDayUsage>> {
+        // Two fixed statements: the ORDER BY never comes from input.
+        let sql = match by {
+            TopBy::Cost => {
+                "SELECT u.day, u.user_id, users.external_id, users.plan, u.conversation_ms,
+                     u.stt_ms, u.llm_prompt_tokens, u.llm_completion_tokens, u.tts_chars,
+                     u.cost_micro_usd
+                 FROM usage_daily u JOIN users ON users.id = u.user_id
+                 WHERE u.day = $1
+                 ORDER BY u.cost_micro_usd DESC, u.conversation_ms DESC, users.external_id
+                 LIMIT $2"
+            }
+            TopBy::Seconds => {
+                "SELECT u.day, u.user_id, users.external_id, users.plan, u.conversation_ms,
+                     u.stt_ms, u.llm_prompt_tokens, u.llm_completion_tokens, u.tts_chars,
+                     u.cost_micro_usd
+                 FROM usage_daily u JOIN users ON users.id = u.user_id
+                 WHERE u.day = $1
+                 ORDER BY u.conversation_ms DESC, u.cost_micro_usd DESC, users.external_id
+                 LIMIT $2"
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(day_key(day))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(user_day_usage).collect()
+    }
+
+    /// Every user's usage of every day in `from..=to`, by day then user (the CSV export).
+    pub async fn usage_between(&self, from: Date, to: Date) -> Result<Vec<UserDayUsage>> {
+        let rows = sqlx::query(
+            "SELECT u.day, u.user_id, users.external_id, users.plan, u.conversation_ms, u.stt_ms,
+                 u.llm_prompt_tokens, u.llm_completion_tokens, u.tts_chars, u.cost_micro_usd
+             FROM usage_daily u JOIN users ON users.id = u.user_id
+             WHERE u.day >= $1 AND u.day <= $2 ORDER BY u.day, users.external_id",
+        )
+        .bind(day_key(from))
+        .bind(day_key(to))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(user_day_usage).collect()
+    }
+
+    /// One user's usage per day in `from..=to`, oldest first (days without usage are absent).
+    pub async fn user_usage_between(
+        &self,
+        user_id: i64,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<UserDayUsage>> {
+        let rows = sqlx::query(
+            "SELECT u.day, u.user_id, users.external_id, users.plan, u.conversation_ms, u.stt_ms,
+                 u.llm_prompt_tokens, u.llm_completion_tokens, u.tts_chars, u.cost_micro_usd
+             FROM usage_daily u JOIN users ON users.id = u.user_id
+             WHERE u.user_id = $1 AND u.day >= $2 AND u.day <= $3 ORDER BY u.day",
+        )
+        .bind(user_id)
+        .bind(day_key(from))
+        .bind(day_key(to))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(user_day_usage).collect()
+    }
+
+    /// Every subscription linked to a user, newest event first.
+    pub async fn subscriptions_for_user(&self, user_id: i64) -> Result<Vec<Subscription>> {
+        let mut tx = self.begin().await?;
+        let subs = tx.subscriptions_for_user(user_id).await?;
+        tx.rollback().await?;
+        Ok(subs)
+    }
+
+    /// Sessions of a user that are still open (no end recorded), oldest first.
+    pub async fn open_sessions(&self, user_id: i64) -> Result<Vec<StaleSession>> {
+        let rows = sqlx::query(
+            "SELECT s.id, users.external_id, s.started_at FROM sessions s
+             JOIN users ON users.id = s.user_id
+             WHERE s.user_id = $1 AND s.ended_at IS NULL ORDER BY s.started_at, s.id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(stale_session).collect()
+    }
+
+    /// Sessions without an end that started before `started_before`, oldest first.
+    pub async fn stale_sessions(
+        &self,
+        started_before: OffsetDateTime,
+    ) -> Result<Vec<StaleSession>> {
+        let rows = sqlx::query(
+            "SELECT s.id, users.external_id, s.started_at FROM sessions s
+             JOIN users ON users.id = s.user_id
+             WHERE s.ended_at IS NULL AND s.started_at < $1 ORDER BY s.started_at, s.id",
+        )
+        .bind(to_ms(started_before))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(stale_session).collect()
+    }
+
+    /// Writes an end (`now`, `reason`) to every session started before `started_before` that
+    /// has none: sessions of a server that crashed or was killed. Returns what it closed.
+    /// Usage is not touched: it was written by the session's heartbeats.
+    pub async fn close_stale_sessions(
+        &self,
+        started_before: OffsetDateTime,
+        now: OffsetDateTime,
+        reason: &str,
+    ) -> Result<Vec<StaleSession>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "SELECT s.id, users.external_id, s.started_at FROM sessions s
+             JOIN users ON users.id = s.user_id
+             WHERE s.ended_at IS NULL AND s.started_at < $1 ORDER BY s.started_at, s.id",
+        )
+        .bind(to_ms(started_before))
+        .fetch_all(&mut *tx.tx)
+        .await?;
+        let stale = rows.iter().map(stale_session).collect::<Result<Vec<_>>>()?;
+        for s in &stale {
+            sqlx::query(
+                "UPDATE sessions SET ended_at = $2, close_reason = $3
+                 WHERE id = $1 AND ended_at IS NULL",
+            )
+            .bind(&s.session_id)
+            .bind(to_ms(now))
+            .bind(reason)
+            .execute(&mut *tx.tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(stale)
+    }
+}
+
+fn user_day_usage(r: &AnyRow) -> Result<UserDayUsage> {
+    let day: String = r.try_get("day")?;
+    Ok(UserDayUsage {
+        day: parse_day_key(&day)?,
+        user_id: r.try_get("user_id")?,
+        external_id: r.try_get("external_id")?,
+        plan: r.try_get("plan")?,
+        usage: daily_usage(r)?,
+    })
+}
+
+fn stale_session(r: &AnyRow) -> Result<StaleSession> {
+    Ok(StaleSession {
+        session_id: r.try_get("id")?,
+        external_id: r.try_get("external_id")?,
+        started_at: from_ms(r.try_get("started_at")?)?,
+    })
+}
+
+/// The day a ledger key (`YYYY-MM-DD`) names.
+pub fn parse_day_key(key: &str) -> Result<Date> {
+    let corrupt = || StoreError::Corrupt(format!("day {key:?}"));
+    let mut parts = key.splitn(3, '-');
+    let mut next = || parts.next().ok_or_else(corrupt);
+    let (y, m, d) = (next()?, next()?, next()?);
+    let y: i32 = y.parse().map_err(|_| corrupt())?;
+    let m: u8 = m.parse().map_err(|_| corrupt())?;
+    let d: u8 = d.parse().map_err(|_| corrupt())?;
+    let month = Month::try_from(m).map_err(|_| corrupt())?;
+    Date::from_calendar_date(y, month, d).map_err(|_| corrupt())
+}
+
 /// A write transaction: the operations whose effects must commit together (a webhook event
 /// and what it changes). Rolls back when dropped without [`Tx::commit`].
 pub struct Tx {
@@ -946,6 +1146,9 @@ mod tests {
     fn days_and_money() {
         let d = Date::from_calendar_date(2025, Month::March, 7).unwrap();
         assert_eq!(day_key(d), "2025-03-07");
+        assert_eq!(parse_day_key("2025-03-07").unwrap(), d);
+        assert!(parse_day_key("2025-13-07").is_err());
+        assert!(parse_day_key("yesterday").is_err());
         assert_eq!(usd_to_micros(0.0123456), 12346);
         assert_eq!(micros_to_usd(2_500_000), 2.5);
     }

@@ -199,3 +199,135 @@ async fn anonymous_mode_without_auth_config() {
         .expect("anonymous mode accepts");
     self::ready(&mut ws).await;
 }
+
+/// A stand-in for Clerk's Backend API on loopback: `GET /v1/jwks` answers the instance's JWKS
+/// (the test RSA key, `kid` `ins_test`) to `Authorization: Bearer <secret key>` and 401
+/// otherwise, as Clerk does. Returns its base URL and the number of JWKS requests.
+async fn fake_clerk(
+    secret_key: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let key = EncodingKey::from_rsa_pem(TEST_RSA_PEM.as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some("ins_test".into());
+    let jwks = serde_json::json!({ "keys": [jwk] }).to_string();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().route(
+        "/v1/jwks",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let (jwks, counter) = (jwks.clone(), counter.clone());
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let expected = format!("Bearer {secret_key}");
+                if headers.get("authorization").and_then(|v| v.to_str().ok())
+                    == Some(expected.as_str())
+                {
+                    (axum::http::StatusCode::OK, jwks)
+                } else {
+                    (
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        r#"{"errors":[{"code":"authentication_invalid"}]}"#.to_owned(),
+                    )
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), hits)
+}
+
+/// The throwaway key of these tests (see the module docs).
+const TEST_RSA_PEM: &str = include_str!("test_rsa_key.pem");
+
+/// A token shaped like a Clerk session token: RS256, the instance's `kid`, `sub` the Clerk
+/// user id, `iss` the Frontend API, `azp` the page's origin, `sid` the session.
+fn clerk_token(sub: &str) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = serde_json::json!({
+        "sub": sub, "iss": "https://clerk.example.accounts.dev", "azp": "http://localhost:3000",
+        "sid": "sess_test", "iat": now, "nbf": now - 5, "exp": now + 60,
+    });
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("ins_test".into());
+    let key = EncodingKey::from_rsa_pem(TEST_RSA_PEM.as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+fn clerk_config(api_url: &str, secret_key: &str) -> Config {
+    let vars = [
+        ("CLERK_SECRET_KEY", secret_key.to_owned()),
+        ("CLERK_API_URL", api_url.to_owned()),
+        (
+            "JWT_ISSUER",
+            "https://clerk.example.accounts.dev".to_owned(),
+        ),
+    ];
+    let parsed =
+        Config::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
+            .expect("valid config");
+    let mut c = test_config();
+    c.clerk_secret_key = parsed.clerk_secret_key;
+    c.clerk_api_url = parsed.clerk_api_url;
+    c.jwt_issuer = parsed.jwt_issuer;
+    c
+}
+
+#[tokio::test]
+async fn clerk_session_tokens_are_verified_with_the_jwks_of_the_backend_api() {
+    use std::sync::atomic::Ordering;
+    let (api, hits) = fake_clerk("sk_test_duplex").await;
+    let ts = TestServer::start(clerk_config(&api, "sk_test_duplex")).await;
+
+    // No token: Clerk mode is not anonymous.
+    let (status, _) = handshake(&ts.url(), &[("sec-websocket-protocol", "duplex.v1")])
+        .await
+        .expect_err("refused");
+    assert_eq!(status, 401);
+
+    // A Clerk session token in the browser's subprotocol list opens a session as its user.
+    let offer = format!("duplex.v1, bearer.{}", clerk_token("user_2clerk"));
+    let (mut ws, _) = handshake(&ts.url(), &[("sec-websocket-protocol", &offer)])
+        .await
+        .expect("Clerk token accepted");
+    ready(&mut ws).await;
+    let user = ts
+        .server
+        .store()
+        .user_by_external_id("user_2clerk")
+        .await
+        .unwrap();
+    assert!(user.is_some(), "the session's user is the token's sub");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "one JWKS fetch, then cached"
+    );
+
+    // A token signed with HS256 (e.g. forged with a guessed secret) is not accepted.
+    let forged = token("sk_test_duplex", "user_2clerk");
+    let bearer = format!("Bearer {forged}");
+    let url = format!("{}?v=1", ts.url());
+    let (status, body) = handshake(&url, &[("authorization", &bearer)])
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        (status, body.trim()),
+        (401, "token algorithm HS256 not accepted")
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_clerk_secret_key_makes_the_keys_unavailable() {
+    let (api, _) = fake_clerk("sk_test_duplex").await;
+    let ts = TestServer::start(clerk_config(&api, "sk_test_wrong")).await;
+    let bearer = format!("Bearer {}", clerk_token("user_2clerk"));
+    let (status, body) = handshake(&format!("{}?v=1", ts.url()), &[("authorization", &bearer)])
+        .await
+        .expect_err("refused");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("HTTP 401"), "{body}");
+}

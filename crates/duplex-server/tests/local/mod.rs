@@ -9,7 +9,7 @@ use duplex_replay::wer::wer;
 
 /// The question in the Piper voice at 16 kHz, 300 ms of silence before (espeak-ng's voice is
 /// too robotic for Whisper tiny.en: it hears "the capital and friends").
-pub(super) fn piper_speech(text: &str) -> Wav {
+pub(crate) fn piper_speech(text: &str) -> Wav {
     let dir = duplex_local::ModelDir::from_env();
     let mut voice = duplex_local::piper::PiperVoice::load(
         &dir.piper_voice(),
