@@ -446,9 +446,16 @@ async fn a_spoken_conversation_in_chromium_on_the_local_engines() {
     let talked = snapshot(&result, "talked");
     let heard = transcript(talked, "user");
     assert!(heard.len() >= 3, "{talked:#}");
+    // Whisper tiny.en on audio through the browser's echo canceller, noise suppressor and
+    // AGC: judged over all three questions (one slip such as "sky" -> "guy" is 0.33 of one
+    // question's nine words), and each question must still be mostly understood.
+    let said = questions.join(" ");
+    let understood = heard[..questions.len()].join(" ");
+    let total = duplex_replay::wer::wer(&said, &understood);
+    assert!(total <= 0.25, "word error rate {total:.2}: heard {heard:?}");
     for (q, h) in questions.iter().zip(&heard) {
         assert!(
-            duplex_replay::wer::wer(q, h) <= 0.3,
+            duplex_replay::wer::wer(q, h) <= 0.5,
             "Whisper heard {h:?} for {q:?}"
         );
     }
@@ -474,11 +481,13 @@ async fn a_spoken_conversation_in_chromium_on_the_local_engines() {
             continue; // interrupted (by the next question) before any of it played
         };
         // The question it answers: the last one that ended before its first sample played
-        // (the file loops, so loops are folded back onto the first pass).
-        let at = (first - origin).rem_euclid(mic.duration) + origin;
-        let end = ends.iter().rev().find(|&&e| e < at);
-        let end = end.unwrap_or_else(|| panic!("turn {turn:#} played before any question ended"));
-        latencies.push(at - end);
+        // (the file loops: the k-th pass's questions end k file lengths later).
+        let end = (0..4)
+            .flat_map(|k| ends.iter().map(move |e| e + k as f64 * mic.duration))
+            .filter(|&e| e < first)
+            .max_by(f64::total_cmp)
+            .unwrap_or_else(|| panic!("turn {turn:#} played before any question ended"));
+        latencies.push(first - end);
     }
     // Real audio of the answers was played, by the page's own counters.
     let played = turns
@@ -486,6 +495,25 @@ async fn a_spoken_conversation_in_chromium_on_the_local_engines() {
         .filter(|t| t["playedMs"].as_u64().unwrap_or(0) > 500)
         .count();
     assert!(played >= 2, "turns: {:#}", stats["turns"]);
+    // Where the time goes, per question: arrival of each event on the page after the end of
+    // speech (page clock), for the note and for whoever makes it faster.
+    let events = stats["events"].as_array().unwrap();
+    for (i, end) in ends.iter().enumerate() {
+        let after = |kind: &str, pred: &dyn Fn(&Value) -> bool| {
+            events
+                .iter()
+                .find(|e| e["type"] == kind && e["t"].as_f64().unwrap() > *end && pred(e))
+                .map(|e| ((e["t"].as_f64().unwrap() - end) * 1000.0).round())
+        };
+        eprintln!(
+            "question {}: speech_stopped {:?} ms, final transcript {:?} ms, first text {:?} ms, audio.start {:?} ms",
+            i + 1,
+            after("vad.speech_stopped", &|_| true),
+            after("user_transcript", &|e| e["is_final"] == true),
+            after("assistant_message", &|_| true),
+            after("assistant_audio.start", &|_| true),
+        );
+    }
     latencies.sort_by(f64::total_cmp);
     eprintln!(
         "browser, local engines: end of speech -> first assistant sample played: p50 {:.0} ms, max {:.0} ms over {} turns ({:?})",
