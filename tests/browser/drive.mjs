@@ -90,7 +90,9 @@ try {
           const stats = await page.evaluate(() => window.duplexStats());
           if (until(stats)) break;
           if (Date.now() > deadline) throw new Error(`timed out after ${t} ms waiting for ${step.until}`);
-          await page.waitForTimeout(50);
+          // Each poll serialises the page's counters (seconds of level log): not too often, or
+          // the test itself takes the CPU the engines need.
+          await page.waitForTimeout(250);
         }
         break;
       }
