@@ -40,4 +40,5 @@ log "building duplex (release; the first build compiles llama.cpp and takes seve
 cargo build --release --locked -p duplex-server
 log "starting duplex (port: --port, else \$PORT, else 10000; Ctrl-C stops it)"
 export LOG_FORMAT="${LOG_FORMAT:-pretty}"
-exec ./target/release/duplex "$@"
+# Where cargo put it: a CARGO_TARGET_DIR of the user's, else the clone's target/.
+exec "${CARGO_TARGET_DIR:-target}/release/duplex" "$@"
