@@ -93,6 +93,8 @@ pub struct Config {
     pub connect_rate_per_min: u32,
     /// `Origin`s allowed to open sessions; empty = all.
     pub allowed_origins: Vec<String>,
+    /// `METRICS_TOKEN`: the bearer token `/metrics` requires, if any.
+    pub metrics_token: Option<crate::auth::Secret>,
     /// Whether `GET /` serves the browser client (`WEB_CLIENT`).
     pub web_client: bool,
     /// Plan of anonymous dev-mode sessions.
@@ -425,6 +427,11 @@ pub const VARS: &[Var] = &[
         help: "Serve the browser voice client at `/` (`true`/`false`); the WebSocket API does not depend on it.",
     },
     Var {
+        name: "METRICS_TOKEN",
+        default: "",
+        help: "Bearer token `GET /metrics` requires (`Authorization: Bearer <token>`, 401 otherwise); empty: /metrics is open.",
+    },
+    Var {
         name: "ALLOWED_ORIGINS",
         default: "",
         help: "Comma-separated `Origin`s (e.g. `https://app.example.com`) allowed to open sessions, 403 otherwise; empty = all. Requests without `Origin` (non-browser clients) are allowed.",
@@ -638,6 +645,9 @@ impl Config {
                 "a path other than / and /assets/… (the browser client's), or WEB_CLIENT=false",
             ));
         }
+        let metrics_token = Some(get("METRICS_TOKEN").1.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .map(crate::auth::Secret);
         let allowed_origins = get("ALLOWED_ORIGINS")
             .1
             .split(',')
@@ -704,6 +714,7 @@ impl Config {
             jwt_audience: opt("JWT_AUDIENCE"),
             connect_rate_per_min,
             allowed_origins,
+            metrics_token,
             web_client,
             anonymous_plan: anonymous_plan.trim().to_owned(),
             plans,

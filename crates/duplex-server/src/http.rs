@@ -19,7 +19,8 @@
 //! - `GET /healthz` — liveness: 200 while the process serves requests.
 //! - `GET /readyz` — readiness: 200 when providers are ready and the server is not draining,
 //!   503 otherwise (load balancers stop routing new sessions during shutdown).
-//! - `GET /metrics` — Prometheus text format.
+//! - `GET /metrics` — Prometheus text format; with `METRICS_TOKEN` set, only for requests with
+//!   `Authorization: Bearer <METRICS_TOKEN>` (401 otherwise).
 //! - `POST /webhooks/stripe` (path: `STRIPE_WEBHOOK_PATH`) — Stripe events, verified against
 //!   `Stripe-Signature` on the raw body (at most [`STRIPE_BODY_LIMIT`] bytes) and applied to the
 //!   store by `duplex-billing`: 200 when applied, already processed, stale or ignored; 400 with
@@ -128,7 +129,22 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.session.config.metrics_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !crate::auth::constant_time_eq(given.as_bytes(), token.0.as_bytes()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "metrics need `Authorization: Bearer <METRICS_TOKEN>`\n",
+            )
+                .into_response();
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -374,6 +374,27 @@ async fn a_plain_get_tells_why_an_upgrade_would_be_refused() {
     assert_eq!(status, 426, "{body}");
 }
 
+/// `/metrics` can be closed to everyone without the operator's token (it is on the session
+/// port, which faces the internet).
+#[tokio::test]
+async fn metrics_need_the_token_when_one_is_set() {
+    let mut config = test_config();
+    config.metrics_token = Some(duplex_server::auth::Secret("scrape-me".into()));
+    let ts = TestServer::start(config).await;
+    let addr = ts.server.local_addr();
+    let (status, h, _) = get(addr, "/metrics", &[]).await;
+    assert_eq!(status, 401);
+    assert_eq!(header(&h, "www-authenticate"), Some("Bearer"));
+    let (status, _, _) = get(addr, "/metrics", &[("Authorization", "Bearer scrape-mE")]).await;
+    assert_eq!(status, 401);
+    let (status, _, body) = get(addr, "/metrics", &[("Authorization", "Bearer scrape-me")]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("duplex_active_sessions"), "{body}");
+    // Without a token configured, /metrics stays open (the default).
+    let open = TestServer::start(test_config()).await;
+    assert_eq!(get(open.server.local_addr(), "/metrics", &[]).await.0, 200);
+}
+
 fn jwt(secret: &str, sub: &str) -> String {
     let exp = jsonwebtoken::get_current_timestamp() + 600;
     jsonwebtoken::encode(
