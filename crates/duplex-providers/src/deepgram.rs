@@ -358,18 +358,11 @@ impl WsCodec for DeepgramCodec {
             State::Streaming => match frame {
                 WsIn::Text(text) => self.handle_text(&text),
                 WsIn::Binary(_) => {}
-                WsIn::Close(frame) => {
-                    let why = frame
-                        .map(|(code, reason)| format!("{code} {reason}"))
-                        .unwrap_or_default();
-                    self.fail(ProviderError::Closed(format!(
-                        "Deepgram closed the stream: {why}"
-                    )));
+                end => {
+                    if let Some(e) = end.unexpected_end("Deepgram") {
+                        self.fail(e);
+                    }
                 }
-                WsIn::Error(e) => self.fail(ProviderError::Closed(format!("Deepgram socket: {e}"))),
-                WsIn::Ended => self.fail(ProviderError::Closed(
-                    "Deepgram closed the connection".into(),
-                )),
             },
         }
     }

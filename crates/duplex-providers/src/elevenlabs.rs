@@ -297,18 +297,11 @@ impl WsCodec for ElevenLabsCodec {
         match frame {
             WsIn::Text(text) => self.handle_text(&text),
             WsIn::Binary(_) => {}
-            WsIn::Close(frame) => {
-                let why = frame
-                    .map(|(code, reason)| format!("{code} {reason}"))
-                    .unwrap_or_default();
-                self.fail(ProviderError::Closed(format!(
-                    "ElevenLabs closed the stream: {why}"
-                )));
+            end => {
+                if let Some(e) = end.unexpected_end("ElevenLabs") {
+                    self.fail(e);
+                }
             }
-            WsIn::Error(e) => self.fail(ProviderError::Closed(format!("ElevenLabs socket: {e}"))),
-            WsIn::Ended => self.fail(ProviderError::Closed(
-                "ElevenLabs closed the connection".into(),
-            )),
         }
     }
 

@@ -34,6 +34,26 @@ pub enum WsIn {
     Ended,
 }
 
+impl WsIn {
+    /// For a stream that was not supposed to end yet: the error that ends it, if this input
+    /// is a close, a transport error or the end of the stream (`vendor` names the peer).
+    pub fn unexpected_end(&self, vendor: &str) -> Option<crate::ProviderError> {
+        let why = match self {
+            WsIn::Close(frame) => {
+                let why = frame
+                    .as_ref()
+                    .map(|(code, reason)| format!("{code} {reason}"))
+                    .unwrap_or_default();
+                format!("{vendor} closed the stream: {why}")
+            }
+            WsIn::Error(e) => format!("{vendor} socket: {e}"),
+            WsIn::Ended => format!("{vendor} closed the connection"),
+            WsIn::Text(_) | WsIn::Binary(_) => return None,
+        };
+        Some(crate::ProviderError::Closed(why))
+    }
+}
+
 /// A frame a codec wants written.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WsFrame {
