@@ -84,6 +84,7 @@
 //! assert_eq!(delta.seconds, 5);
 //! ```
 
+mod limiter;
 mod meter;
 mod plan;
 mod switches;
@@ -94,6 +95,7 @@ pub use meter::{
     MeterOutput, MeterStart, ProviderUsage, SessionMeter, TurnDecision, UsageDelta, UsageTotals,
     admission,
 };
+pub use limiter::UserTurnLimiter;
 pub use plan::{DEFAULT_FREE_DAILY_SECONDS, DEFAULT_PLAN_LIMITS, FREE, Plan, PlanTable, UNMETERED};
 pub use switches::{SWITCH_VARS, Switches};
 pub use time::{UnixMs, UtcDate};
