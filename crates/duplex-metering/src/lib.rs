@@ -90,12 +90,12 @@ mod plan;
 mod switches;
 mod time;
 
+pub use limiter::UserTurnLimiter;
 pub use meter::{
     Admission, DEFAULT_HEARTBEAT, DEFAULT_LIMIT_GRACE, Denial, MeterConfig, MeterInput,
     MeterOutput, MeterStart, ProviderUsage, SessionMeter, TurnDecision, UsageDelta, UsageTotals,
     admission,
 };
-pub use limiter::UserTurnLimiter;
 pub use plan::{DEFAULT_FREE_DAILY_SECONDS, DEFAULT_PLAN_LIMITS, FREE, Plan, PlanTable, UNMETERED};
 pub use switches::{SWITCH_VARS, Switches};
 pub use time::{UnixMs, UtcDate};

@@ -22,7 +22,12 @@ pub struct UserTurnLimiter {
 impl UserTurnLimiter {
     /// Records a turn of `user_id` at `now` if fewer than `limit` happened in the last minute;
     /// otherwise returns how many did and when the oldest of them leaves the window.
-    pub fn try_acquire(&self, user_id: i64, limit: u32, now: Instant) -> Result<(), (u64, Instant)> {
+    pub fn try_acquire(
+        &self,
+        user_id: i64,
+        limit: u32,
+        now: Instant,
+    ) -> Result<(), (u64, Instant)> {
         // A panic while the lock is held cannot leave the map inconsistent (every update is
         // one push or pop), so a poisoned lock is taken over rather than propagated.
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());

@@ -151,7 +151,7 @@ impl Server {
                 shutdown: shutdown.clone(),
                 store: store.clone(),
                 usage_routes,
-                turn_limiter: metering::UserTurnLimiter::default(),
+                turn_limiter: duplex_metering::UserTurnLimiter::default(),
                 spend_cache,
             },
         });

@@ -35,7 +35,9 @@ use std::time::Duration;
 
 pub use duplex_audio::VadMode;
 pub use duplex_core::conversation::{HistoryEntry, Speaker, Stage, TurnId};
-pub use duplex_metering::{Plan, ProviderUsage, Switches, UnixMs, UsageDelta, UsageTotals, UserTurnLimiter};
+pub use duplex_metering::{
+    Plan, ProviderUsage, Switches, UnixMs, UsageDelta, UsageTotals, UserTurnLimiter,
+};
 pub use machine::Session;
 
 /// Outbound audio frames are 20 ms, like the inbound analysis frames.
@@ -139,7 +141,9 @@ pub enum SttIn {
 pub enum LlmIn {
     Delta(String),
     /// The answer is complete; `tokens` = prompt + completion tokens when the provider says.
-    Done { tokens: Option<u64> },
+    Done {
+        tokens: Option<u64>,
+    },
     Error(String),
     /// The stream ended without `Done`.
     Ended,
@@ -149,8 +153,14 @@ pub enum LlmIn {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TtsIn {
     /// Synthesized audio of text chunk `index`, mono PCM at `sample_rate`.
-    Audio { index: u32, samples: Vec<i16>, sample_rate: u32 },
-    ChunkDone { index: u32 },
+    Audio {
+        index: u32,
+        samples: Vec<i16>,
+        sample_rate: u32,
+    },
+    ChunkDone {
+        index: u32,
+    },
     Finished,
     Error(String),
     /// The stream ended without `Finished`.
@@ -169,10 +179,19 @@ pub enum Input {
     Stt(SttIn),
     /// A [`Command::FinalizeStt`] did not fit in the recognizer's full input queue.
     SttFinalizeDeferred,
-    Llm { turn: TurnId, event: LlmIn },
-    Tts { turn: TurnId, event: TtsIn },
+    Llm {
+        turn: TurnId,
+        event: LlmIn,
+    },
+    Tts {
+        turn: TurnId,
+        event: TtsIn,
+    },
     /// A [`Command::Persist`] finished: the user's new totals, or why it failed.
-    Persisted { seq: u64, result: Result<UsageTotals, String> },
+    Persisted {
+        seq: u64,
+        result: Result<UsageTotals, String>,
+    },
     Switches(Switches),
     /// Usage a provider reported for this session (cost, STT seconds).
     ProviderUsage(ProviderUsage),
@@ -180,7 +199,9 @@ pub enum Input {
     Shutdown,
     /// The writer is gone: the client stopped reading (`slow`, the shell already told it
     /// `slow_consumer`) or the socket failed. Nothing more reaches the client.
-    WriterGone { slow: bool },
+    WriterGone {
+        slow: bool,
+    },
 }
 
 /// What the session asks the shell to do.
@@ -211,7 +232,11 @@ pub enum Command {
         preferred_sample_rate: u32,
     },
     /// Speak this text chunk in `turn`.
-    TtsText { turn: TurnId, index: u32, text: String },
+    TtsText {
+        turn: TurnId,
+        index: u32,
+        text: String,
+    },
     /// No more text in `turn`.
     TtsEnd { turn: TurnId },
     /// Drop the LLM and TTS streams of `turn` now (barge-in, limit, end).
@@ -251,7 +276,11 @@ pub struct TurnRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observation {
     /// A stage's latency; `provider` is the engine measured, when the stage has one.
-    Latency { stage: Stage, provider: Option<String>, value: Duration },
+    Latency {
+        stage: Stage,
+        provider: Option<String>,
+        value: Duration,
+    },
     /// Silence between the end of speech and the endpointer's decision.
     Endpointing(Duration),
     /// An assistant turn started (admitted by the plan).

@@ -4,13 +4,15 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use duplex_audio::{EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, OutputFrame, OutputStage};
+use duplex_audio::{
+    EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, OutputFrame, OutputStage,
+};
 use duplex_core::conversation::{
     Conversation, ConversationConfig, Input as CoreInput, Output as CoreOutput, Stage, TurnId,
 };
 use duplex_metering::{
-    Admission, Denial, MeterConfig, MeterInput, MeterOutput, MeterStart, SessionMeter,
-    Switches, TurnDecision, UnixMs, UsageTotals, UserTurnLimiter,
+    Admission, Denial, MeterConfig, MeterInput, MeterOutput, MeterStart, SessionMeter, Switches,
+    TurnDecision, UnixMs, UsageTotals, UserTurnLimiter,
 };
 use duplex_proto::{
     self as proto, AudioEndReason, AudioFormat, ClientMessage, Encoding, ErrorCode, ServerMessage,
@@ -21,8 +23,8 @@ use tracing::{debug, info, warn};
 use crate::rng::Jitter;
 use crate::{
     Account, Admitted, ClientIn, Command, END_LINGER, FINALIZE_RETRY, Input, LlmIn,
-    MAX_PING_ID_BYTES, OUT_FRAME_MS, Observation, STT_REOPEN_FIRST, STT_REOPEN_MAX,
-    SessionConfig, SttIn, TtsIn, TurnRequest,
+    MAX_PING_ID_BYTES, OUT_FRAME_MS, Observation, STT_REOPEN_FIRST, STT_REOPEN_MAX, SessionConfig,
+    SttIn, TtsIn, TurnRequest,
 };
 
 /// Where the connection is in its life.
@@ -148,7 +150,12 @@ pub struct Session {
 impl Session {
     /// A connection upgraded at `now` (when the wall clock read `wall`). Feed
     /// [`Input::Admission`] first.
-    pub fn new(config: SessionConfig, limiter: UserTurnLimiter, now: Instant, wall: UnixMs) -> Session {
+    pub fn new(
+        config: SessionConfig,
+        limiter: UserTurnLimiter,
+        now: Instant,
+        wall: UnixMs,
+    ) -> Session {
         let meter = SessionMeter::new(MeterConfig {
             heartbeat: config.usage_heartbeat,
             ..MeterConfig::default()
@@ -295,7 +302,12 @@ impl Session {
         }
         if due(self.drain_deadline, now) {
             self.drain_deadline = None;
-            self.close_soon(now, close_code::GOING_AWAY, "server shutting down", Duration::ZERO);
+            self.close_soon(
+                now,
+                close_code::GOING_AWAY,
+                "server shutting down",
+                Duration::ZERO,
+            );
         }
         if due(self.metering.deadline, now) {
             self.meter_input(now, MeterInput::Tick);
@@ -327,7 +339,12 @@ impl Session {
                     "no message from the client within the idle timeout",
                     true,
                 );
-                self.close_soon(now, close_code::IDLE_TIMEOUT, "idle timeout", Duration::ZERO);
+                self.close_soon(
+                    now,
+                    close_code::IDLE_TIMEOUT,
+                    "idle timeout",
+                    Duration::ZERO,
+                );
             } else if matches!(self.phase, Phase::AwaitingStart | Phase::Admitting)
                 && now >= self.connected_at + self.config.pre_start_timeout
             {
@@ -338,7 +355,12 @@ impl Session {
                     format!("no session started within {secs} s of connecting"),
                     true,
                 );
-                self.close_soon(now, close_code::IDLE_TIMEOUT, "no session.start", Duration::ZERO);
+                self.close_soon(
+                    now,
+                    close_code::IDLE_TIMEOUT,
+                    "no session.start",
+                    Duration::ZERO,
+                );
             }
         }
         self.drive(now);
@@ -448,7 +470,12 @@ impl Session {
                     "the usage store is unavailable; try again shortly",
                     true,
                 );
-                self.close_soon(now, close_code::INTERNAL_ERROR, "usage store unavailable", Duration::ZERO);
+                self.close_soon(
+                    now,
+                    close_code::INTERNAL_ERROR,
+                    "usage store unavailable",
+                    Duration::ZERO,
+                );
                 return;
             }
         };
@@ -458,7 +485,12 @@ impl Session {
         {
             info!(user = a.account.user_id, limit = %limit.limit, "connection refused: limit");
             self.send(ServerMessage::LimitExceeded(limit));
-            self.close_soon(now, close_code::LIMIT_EXCEEDED, "limit exceeded", Duration::ZERO);
+            self.close_soon(
+                now,
+                close_code::LIMIT_EXCEEDED,
+                "limit exceeded",
+                Duration::ZERO,
+            );
             return;
         }
         debug!(user = a.account.user_id, plan = %a.account.plan.name, "admitted");
@@ -479,7 +511,10 @@ impl Session {
         if !rates.contains(&s.sample_rate) {
             return Err((
                 ErrorCode::UnsupportedSampleRate,
-                format!("sample_rate {} is not supported; use one of {rates:?}", s.sample_rate),
+                format!(
+                    "sample_rate {} is not supported; use one of {rates:?}",
+                    s.sample_rate
+                ),
             ));
         }
         let out_rate = s.output_sample_rate.unwrap_or(s.sample_rate);
@@ -514,7 +549,10 @@ impl Session {
         let (core, names) = match &cfg.engines {
             Some(names) => {
                 let core = Conversation::new(ConversationConfig {
-                    system_prompt: s.system_prompt.clone().unwrap_or_else(|| cfg.system_prompt.clone()),
+                    system_prompt: s
+                        .system_prompt
+                        .clone()
+                        .unwrap_or_else(|| cfg.system_prompt.clone()),
                     audio_lead: cfg.audio_lead,
                     frame: Duration::from_millis(u64::from(OUT_FRAME_MS)),
                     output_format: output,
@@ -594,7 +632,8 @@ impl Session {
         };
         let user_id = account.user_id;
         m.meter.handle_input(now, MeterInput::Start(start));
-        self.commands.push_back(Command::MeteringStarted { user_id });
+        self.commands
+            .push_back(Command::MeteringStarted { user_id });
     }
 
     fn meter_input(&mut self, now: Instant, input: MeterInput) {
@@ -637,7 +676,10 @@ impl Session {
         // The meter limits this session's turns; the plan's rate is per user, across sessions.
         let account = self.metering.account.as_ref()?;
         let limit = account.plan.turns_per_minute?;
-        let (used, resets) = self.limiter.try_acquire(account.user_id, limit, now).err()?;
+        let (used, resets) = self
+            .limiter
+            .try_acquire(account.user_id, limit, now)
+            .err()?;
         let upgrade_hint = account.plan.upgrade_hint.clone();
         // The meter counted the turn as started: tell it the turn is over.
         self.meter_input(now, MeterInput::TurnEnded { turn });
@@ -717,12 +759,21 @@ impl Session {
         }
         self.shutting_down = true;
         let busy = matches!(&self.phase, Phase::Running(r) if r.core.as_ref().is_some_and(|c| c.current_turn().is_some()));
-        self.send_error(ErrorCode::ServerShuttingDown, "the server is shutting down", true);
+        self.send_error(
+            ErrorCode::ServerShuttingDown,
+            "the server is shutting down",
+            true,
+        );
         if busy {
             info!("shutdown: letting the current turn finish");
             self.drain_deadline = Some(now + self.config.shutdown_grace);
         } else {
-            self.close_soon(now, close_code::GOING_AWAY, "server shutting down", Duration::ZERO);
+            self.close_soon(
+                now,
+                close_code::GOING_AWAY,
+                "server shutting down",
+                Duration::ZERO,
+            );
         }
     }
 
@@ -754,7 +805,12 @@ impl Session {
                     format!("message larger than the {limit}-byte limit"),
                     true,
                 );
-                self.close_soon(now, close_code::MESSAGE_TOO_BIG, "message too big", Duration::ZERO);
+                self.close_soon(
+                    now,
+                    close_code::MESSAGE_TOO_BIG,
+                    "message too big",
+                    Duration::ZERO,
+                );
                 self.ended = true;
             }
             ClientIn::Text(text) => match proto::parse_client_message(&text) {
@@ -800,7 +856,11 @@ impl Session {
                 self.close_soon(now, close_code::NORMAL, "session ended", END_LINGER);
             }
             _ if !running => {
-                self.send_error(ErrorCode::SessionNotStarted, "send session.start first", false);
+                self.send_error(
+                    ErrorCode::SessionNotStarted,
+                    "send session.start first",
+                    false,
+                );
             }
             ClientMessage::InputText(t) => {
                 let max = self.config.max_input_text_chars;
@@ -853,19 +913,26 @@ impl Session {
                 }
                 FrontEndEvent::SpeechStarted { audio_ms } => match r.core.as_mut() {
                     Some(core) => core.handle_input(now, CoreInput::SpeechStarted { audio_ms }),
-                    None => self.commands.push_back(Command::Send(ServerMessage::SpeechStarted(
-                        proto::SpeechStarted { audio_ms },
-                    ))),
+                    None => self
+                        .commands
+                        .push_back(Command::Send(ServerMessage::SpeechStarted(
+                            proto::SpeechStarted { audio_ms },
+                        ))),
                 },
                 FrontEndEvent::SpeechStopped { audio_ms } => {
                     let silence = r.frontend.audio_ms().saturating_sub(audio_ms);
                     self.commands
-                        .push_back(Command::Observe(Observation::Endpointing(Duration::from_millis(silence))));
+                        .push_back(Command::Observe(Observation::Endpointing(
+                            Duration::from_millis(silence),
+                        )));
                     match r.core.as_mut() {
                         Some(core) => core.handle_input(now, CoreInput::SpeechStopped { audio_ms }),
-                        None => self.commands.push_back(Command::Send(ServerMessage::SpeechStopped(
-                            proto::SpeechStopped { audio_ms },
-                        ))),
+                        None => {
+                            self.commands
+                                .push_back(Command::Send(ServerMessage::SpeechStopped(
+                                    proto::SpeechStopped { audio_ms },
+                                )))
+                        }
                     }
                 }
             }
@@ -907,7 +974,10 @@ impl Session {
             }
             SttIn::Ended => {
                 let retry = self.stt_failed(now);
-                warn!(retry_in_ms = retry.as_millis() as u64, "STT stream ended unexpectedly");
+                warn!(
+                    retry_in_ms = retry.as_millis() as u64,
+                    "STT stream ended unexpectedly"
+                );
                 CoreInput::SttError {
                     message: format!(
                         "speech recognition stream ended; reconnecting in {} ms",
@@ -932,7 +1002,9 @@ impl Session {
         r.stt.failures = r.stt.failures.saturating_add(1);
         // Half to all of the exponential delay: sessions that failed together (a provider
         // outage) do not all reconnect in the same instant.
-        let delay = exp.min(STT_REOPEN_MAX).mul_f64(0.5 + self.jitter.next_unit() * 0.5);
+        let delay = exp
+            .min(STT_REOPEN_MAX)
+            .mul_f64(0.5 + self.jitter.next_unit() * 0.5);
         r.stt.reopen_at = Some(now + delay);
         delay
     }
@@ -1005,7 +1077,10 @@ impl Session {
                 samples,
                 sample_rate,
             } => {
-                if let Err(e) = tts.stage.push(index, &samples, sample_rate, &mut tts.frames) {
+                if let Err(e) = tts
+                    .stage
+                    .push(index, &samples, sample_rate, &mut tts.frames)
+                {
                     warn!(rate = sample_rate, error = %e, "TTS audio at an unsupported rate, dropped");
                 }
                 tts.deliver(core, now);
@@ -1079,7 +1154,11 @@ impl Session {
                     history,
                 } => {
                     if let Some(denial) = self.request_turn(now, turn) {
-                        info!(turn, code = denial.code.as_str(), "turn refused by the plan");
+                        info!(
+                            turn,
+                            code = denial.code.as_str(),
+                            "turn refused by the plan"
+                        );
                         self.send_error(denial.code, denial.message, false);
                         self.send(ServerMessage::LimitExceeded(denial.limit));
                         self.core_input(now, CoreInput::RejectTurn { turn });
@@ -1091,7 +1170,8 @@ impl Session {
                 CoreOutput::TtsText { turn, index, text } => {
                     let chars = text.chars().count() as u64;
                     if r.tts.as_ref().is_some_and(|t| t.turn == turn) {
-                        self.commands.push_back(Command::TtsText { turn, index, text });
+                        self.commands
+                            .push_back(Command::TtsText { turn, index, text });
                     }
                     self.meter_input(
                         now,
@@ -1119,7 +1199,12 @@ impl Session {
                     }
                     self.cancel_turn(turn);
                     if self.drain_deadline.is_some() {
-                        self.close_soon(now, close_code::GOING_AWAY, "server shutting down", Duration::ZERO);
+                        self.close_soon(
+                            now,
+                            close_code::GOING_AWAY,
+                            "server shutting down",
+                            Duration::ZERO,
+                        );
                     }
                 }
                 CoreOutput::Latency { stage, value } => {
@@ -1130,7 +1215,11 @@ impl Session {
                         Stage::TtsFirstAudio => names.map(|n| n.tts.clone()),
                         Stage::VoiceToVoice => None,
                     };
-                    self.observe(Observation::Latency { stage, provider, value });
+                    self.observe(Observation::Latency {
+                        stage,
+                        provider,
+                        value,
+                    });
                 }
                 CoreOutput::Timeout(at) => {
                     r.core_deadline = Some(at);
@@ -1161,7 +1250,13 @@ impl Session {
         }
     }
 
-    fn start_turn(&mut self, now: Instant, turn: TurnId, system_prompt: String, history: Vec<duplex_core::conversation::HistoryEntry>) {
+    fn start_turn(
+        &mut self,
+        now: Instant,
+        turn: TurnId,
+        system_prompt: String,
+        history: Vec<duplex_core::conversation::HistoryEntry>,
+    ) {
         // What the LLM router's policy sees: the user's plan, and what is left of the
         // service's daily spending cap (`MAX_DAILY_SPEND_USD`) when one is set.
         let plan = self.metering.account.as_ref().map(|a| a.plan.name.clone());
@@ -1173,10 +1268,15 @@ impl Session {
         let Phase::Running(r) = &mut self.phase else {
             return;
         };
-        let Ok(stage) = OutputStage::new(r.output.sample_rate, r.output.encoding, OUT_FRAME_MS) else {
+        let Ok(stage) = OutputStage::new(r.output.sample_rate, r.output.encoding, OUT_FRAME_MS)
+        else {
             // The output format was validated at session.start; a stage that cannot be built
             // is a bug, reported to the client as such rather than a panic.
-            self.send_error(ErrorCode::Internal, "cannot convert speech to the output format", false);
+            self.send_error(
+                ErrorCode::Internal,
+                "cannot convert speech to the output format",
+                false,
+            );
             self.core_input(now, CoreInput::RejectTurn { turn });
             return;
         };

@@ -88,7 +88,7 @@ impl T {
     fn collect(&mut self) {
         let ms = self.ms();
         while let Some(c) = self.s.poll_command() {
-            writeln!(self.log, "{ms:>6} {}", render(&c)).unwrap();
+            writeln!(self.log, "{ms:<6} {}", render(&c)).unwrap();
             if let Command::Persist { delta, .. } = &c {
                 self.writes.push((delta.seq, delta.seconds));
             }
@@ -192,6 +192,14 @@ impl T {
     }
 }
 
+/// Whether `log` has a line `text` at `ms`.
+fn logged(log: &str, ms: u64, text: &str) -> bool {
+    log.lines().any(|l| {
+        let (t, rest) = l.split_once(' ').unwrap_or((l, ""));
+        t.parse() == Ok(ms) && rest.trim_start() == text
+    })
+}
+
 /// One line per command; audio frames and STT feeds show their size only.
 fn render(c: &Command) -> String {
     match c {
@@ -206,7 +214,10 @@ fn render(c: &Command) -> String {
                     e.message
                 ),
                 ServerMessage::LimitExceeded(l) => {
-                    format!("send limit_exceeded {} used={} allowed={}", l.limit, l.used, l.allowed)
+                    format!(
+                        "send limit_exceeded {} used={} allowed={}",
+                        l.limit, l.used, l.allowed
+                    )
                 }
                 ServerMessage::UsageUpdate(u) => format!(
                     "send usage_update seconds_today={} session_seconds={}",
@@ -232,7 +243,11 @@ fn render(c: &Command) -> String {
             request.model,
             request.plan
         ),
-        Command::OpenTts { turn, preferred_sample_rate, .. } => {
+        Command::OpenTts {
+            turn,
+            preferred_sample_rate,
+            ..
+        } => {
             format!("open_tts turn={turn} rate={preferred_sample_rate}")
         }
         Command::TtsText { turn, index, text } => format!("tts_text turn={turn} #{index} {text:?}"),
@@ -247,7 +262,11 @@ fn render(c: &Command) -> String {
         Command::RecordEnd { reason } => format!("record_end {reason}"),
         Command::Done => "done".into(),
         Command::Observe(o) => match o {
-            Observation::Latency { stage, provider, value } => format!(
+            Observation::Latency {
+                stage,
+                provider,
+                value,
+            } => format!(
                 "observe latency {} {} {}ms",
                 stage.as_str(),
                 provider.as_deref().unwrap_or("-"),
@@ -298,19 +317,19 @@ fn a_ping_only_connection_is_closed_at_the_pre_start_deadline() {
     }
     t.advance(2 * SECOND);
     t.check(expect![[r#"
-          1000 send pong
-          2000 send pong
-          3000 send pong
-          4000 send pong
-          5000 send pong
-          6000 send pong
-          7000 send pong
-          8000 send pong
-          9000 send pong
-         10000 send error start_timeout (fatal): no session started within 10 s of connecting
-         10000 close 4000 no session.start
-         10000 release
-         10000 done
+        1000   send pong
+        2000   send pong
+        3000   send pong
+        4000   send pong
+        5000   send pong
+        6000   send pong
+        7000   send pong
+        8000   send pong
+        9000   send pong
+        10000  send error start_timeout (fatal): no session started within 10 s of connecting
+        10000  close 4000 no session.start
+        10000  release
+        10000  done
     "#]]);
     assert!(t.s.is_done());
     assert_eq!(t.s.poll_timeout(), None);
@@ -320,14 +339,22 @@ fn a_ping_only_connection_is_closed_at_the_pre_start_deadline() {
 fn a_silent_running_session_is_closed_at_the_idle_deadline_and_its_usage_written() {
     let mut t = T::new(true);
     t.admit(plan(None, None), 0).start();
-    t.advance_acking(Duration::from_secs(29)).text(r#"{"type":"ping"}"#);
+    t.advance_acking(Duration::from_secs(29))
+        .text(r#"{"type":"ping"}"#);
     t.advance_acking(Duration::from_secs(31));
     let log = std::mem::take(&mut t.log);
     let lines: Vec<&str> = log.lines().map(|l| l.trim()).collect();
     // Still open at 30 s (the ping at 29 s counts), closed at 59 s.
-    assert!(lines.contains(&"59000 send error idle_timeout (fatal): no message from the client within the idle timeout"), "{log}");
-    assert!(lines.contains(&"59000 close 4000 idle timeout"), "{log}");
-    assert!(!log.contains("30000 close"), "{log}");
+    assert!(
+        logged(
+            &log,
+            59000,
+            "send error idle_timeout (fatal): no message from the client within the idle timeout"
+        ),
+        "{log}"
+    );
+    assert!(logged(&log, 59000, "close 4000 idle timeout"), "{log}");
+    assert_eq!(log.matches("close ").count(), 1, "{log}");
     // Every second up to the close is written: heartbeats of 5 s, then the last delta.
     let persisted: u64 = lines
         .iter()
@@ -336,7 +363,7 @@ fn a_silent_running_session_is_closed_at_the_idle_deadline_and_its_usage_written
         .map(|s| s.split(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(persisted, 59, "{log}");
-    assert!(log.ends_with("record_end closed\n 59000 done\n"), "{log}");
+    assert!(log.ends_with("record_end closed\n59000  done\n"), "{log}");
 }
 
 #[test]
@@ -344,10 +371,10 @@ fn the_store_being_down_refuses_the_connection_with_a_clear_error() {
     let mut t = T::new(true);
     t.input(Input::Admission(Err("connection refused".into())));
     t.check(expect![[r#"
-             0 send error internal (fatal): the usage store is unavailable; try again shortly
-             0 close 1011 usage store unavailable
-             0 release
-             0 done
+        0      send error internal (fatal): the usage store is unavailable; try again shortly
+        0      close 1011 usage store unavailable
+        0      release
+        0      done
     "#]]);
 }
 
@@ -356,10 +383,10 @@ fn a_user_without_time_left_is_refused_at_admission() {
     let mut t = T::new(true);
     t.admit(plan(Some(60), None), 60);
     t.check(expect![[r#"
-             0 send limit_exceeded daily_seconds used=60 allowed=60
-             0 close 4029 limit exceeded
-             0 release
-             0 done
+        0      send limit_exceeded daily_seconds used=60 allowed=60
+        0      close 4029 limit exceeded
+        0      release
+        0      done
     "#]]);
 }
 
@@ -395,17 +422,20 @@ fn bad_inputs_get_precise_errors_and_the_session_goes_on() {
     t.start();
     t.text(r#"{"type":"session.start","sample_rate":16000}"#);
     t.binary(vec![0; 641]);
-    t.text(&format!(r#"{{"type":"input.text","text":"{}"}}"#, "y".repeat(101)));
+    t.text(&format!(
+        r#"{{"type":"input.text","text":"{}"}}"#,
+        "y".repeat(101)
+    ));
     t.text(r#"{"type":"ping","id":"still here"}"#);
     t.check(expect![[r#"
-             0 open_stt None
-             0 send session.ready
-             0 metering_started user=7
-             0 send usage_update seconds_today=0 session_seconds=0
-             0 send error session_already_started: the session has already started
-             0 send error odd_frame_length: pcm16 frame has an odd length of 641 bytes
-             0 send error invalid_message: input.text longer than 100 characters (MAX_INPUT_TEXT_CHARS)
-             0 send pong
+        0      open_stt None
+        0      send session.ready
+        0      metering_started user=7
+        0      send usage_update seconds_today=0 session_seconds=0
+        0      send error session_already_started: the session has already started
+        0      send error odd_frame_length: pcm16 frame has an odd length of 641 bytes
+        0      send error invalid_message: input.text longer than 100 characters (MAX_INPUT_TEXT_CHARS)
+        0      send pong
     "#]]);
 }
 
@@ -414,10 +444,10 @@ fn an_oversized_message_is_fatal_and_later_messages_get_session_ended() {
     let mut t = T::new(true);
     t.admit(plan(None, None), 0).start();
     t.check(expect![[r#"
-             0 open_stt None
-             0 send session.ready
-             0 metering_started user=7
-             0 send usage_update seconds_today=0 session_seconds=0
+        0      open_stt None
+        0      send session.ready
+        0      metering_started user=7
+        0      send usage_update seconds_today=0 session_seconds=0
     "#]]);
     t.advance(Duration::from_millis(1500));
     t.input(Input::Client(ClientIn::TooLarge));
@@ -425,12 +455,12 @@ fn an_oversized_message_is_fatal_and_later_messages_get_session_ended() {
     t.input(Input::Client(ClientIn::Closed));
     t.ack_persists();
     t.check(expect![[r#"
-          1500 send error message_too_large (fatal): message larger than the 65536-byte limit
-          1500 close 1009 message too big
-          1500 release
-          1500 persist user=7 seq=1 seconds=2 tts_chars=0 last=true
-          1500 record_end closed
-          1500 done
+        1500   send error message_too_large (fatal): message larger than the 65536-byte limit
+        1500   close 1009 message too big
+        1500   release
+        1500   persist user=7 seq=1 seconds=2 tts_chars=0 last=true
+        1500   record_end closed
+        1500   done
     "#]]);
 }
 
@@ -454,41 +484,41 @@ fn barge_in_during_a_metered_turn_cancels_the_streams_and_metering_goes_on() {
     let mut t = T::new(true);
     t.admit(plan(Some(3600), None), 0).start();
     t.check(expect![[r#"
-             0 open_stt None
-             0 send session.ready
-             0 metering_started user=7
-             0 send usage_update seconds_today=0 session_seconds=0
+        0      open_stt None
+        0      send session.ready
+        0      metering_started user=7
+        0      send usage_update seconds_today=0 session_seconds=0
     "#]]);
     t.advance(Duration::from_millis(1000));
     speak(&mut t, 1);
     t.advance(Duration::from_millis(100));
     t.text(r#"{"type":"response.interrupt"}"#);
     t.check(expect![[r#"
-          1000 send {"type":"user_transcript","text":"tell me a story","is_final":true}
-          1000 observe turn_started
-          1000 start_llm turn=1 history=["tell me a story"] model=None plan=Some("free")
-          1000 open_tts turn=1 rate=16000
-          1000 observe latency llm_first_token llm-x 0ms
-          1000 send {"type":"assistant_message","turn_id":1,"delta":"Once upon a time. There was a fox.","is_final":false}
-          1000 tts_text turn=1 #0 "Once upon a time."
-          1000 observe latency tts_first_audio tts-x 0ms
-          1000 send {"type":"assistant_audio.start","turn_id":1,"format":{"encoding":"pcm16","sample_rate":16000}}
-          1000 audio 640 bytes
-          1000 observe latency voice_to_voice - 0ms
-          1000 audio 640 bytes
-          1000 audio 640 bytes
-          1000 audio 640 bytes
-          1000 audio 640 bytes
-          1000 audio 640 bytes
-          1000 audio 640 bytes
-          1000 audio 640 bytes
-          1000 audio 640 bytes
-          1000 audio 640 bytes
-          1100 cancel_turn turn=1
-          1100 send {"type":"interrupted","turn_id":1,"played_ms":100,"heard_text":"Once upon"}
-          1100 send {"type":"assistant_audio.end","turn_id":1,"duration_ms":100,"reason":"interrupted"}
-          1100 observe interrupted
-          1100 send usage_update seconds_today=1 session_seconds=1
+        1000   send {"type":"user_transcript","text":"tell me a story","is_final":true}
+        1000   observe turn_started
+        1000   start_llm turn=1 history=["tell me a story"] model=None plan=Some("free")
+        1000   open_tts turn=1 rate=16000
+        1000   observe latency llm_first_token llm-x 0ms
+        1000   send {"type":"assistant_message","turn_id":1,"delta":"Once upon a time. There was a fox.","is_final":false}
+        1000   tts_text turn=1 #0 "Once upon a time."
+        1000   observe latency tts_first_audio tts-x 0ms
+        1000   send {"type":"assistant_audio.start","turn_id":1,"format":{"encoding":"pcm16","sample_rate":16000}}
+        1000   audio 640 bytes
+        1000   observe latency voice_to_voice - 0ms
+        1000   audio 640 bytes
+        1000   audio 640 bytes
+        1000   audio 640 bytes
+        1000   audio 640 bytes
+        1000   audio 640 bytes
+        1000   audio 640 bytes
+        1000   audio 640 bytes
+        1000   audio 640 bytes
+        1000   audio 640 bytes
+        1100   cancel_turn turn=1
+        1100   send {"type":"interrupted","turn_id":1,"played_ms":100,"heard_text":"Once upon"}
+        1100   send {"type":"assistant_audio.end","turn_id":1,"duration_ms":100,"reason":"interrupted"}
+        1100   observe interrupted
+        1100   send usage_update seconds_today=1 session_seconds=1
     "#]]);
     // Late events of the cancelled turn are ignored; the meter keeps counting.
     t.input(Input::Tts {
@@ -501,7 +531,7 @@ fn barge_in_during_a_metered_turn_cancels_the_streams_and_metering_goes_on() {
     });
     t.advance(Duration::from_millis(3900));
     t.check(expect![[r#"
-          5000 persist user=7 seq=1 seconds=5 tts_chars=17 last=false
+        5000   persist user=7 seq=1 seconds=5 tts_chars=17 last=false
     "#]]);
     t.ack_persists();
     t.advance(Duration::from_millis(1));
@@ -515,7 +545,9 @@ fn barge_in_during_a_metered_turn_cancels_the_streams_and_metering_goes_on() {
         .collect();
     assert_eq!(
         starts,
-        vec![r#"start_llm turn=2 history=["tell me a story", "Once upon", "tell me a story"] model=None plan=Some("free")"#]
+        vec![
+            r#"start_llm turn=2 history=["tell me a story", "Once upon", "tell me a story"] model=None plan=Some("free")"#
+        ]
     );
 }
 
@@ -527,35 +559,38 @@ fn the_limit_reached_while_the_assistant_speaks_lets_the_turn_finish_then_closes
     t.advance(Duration::from_millis(4000));
     speak(&mut t, 1);
     t.check(expect![[r#"
-             0 open_stt None
-             0 send session.ready
-             0 metering_started user=7
-             0 send usage_update seconds_today=55 session_seconds=0
-          4000 send {"type":"user_transcript","text":"tell me a story","is_final":true}
-          4000 observe turn_started
-          4000 start_llm turn=1 history=["tell me a story"] model=None plan=Some("free")
-          4000 open_tts turn=1 rate=16000
-          4000 observe latency llm_first_token llm-x 0ms
-          4000 send {"type":"assistant_message","turn_id":1,"delta":"Once upon a time. There was a fox.","is_final":false}
-          4000 tts_text turn=1 #0 "Once upon a time."
-          4000 observe latency tts_first_audio tts-x 0ms
-          4000 send {"type":"assistant_audio.start","turn_id":1,"format":{"encoding":"pcm16","sample_rate":16000}}
-          4000 audio 640 bytes
-          4000 observe latency voice_to_voice - 0ms
-          4000 audio 640 bytes
-          4000 audio 640 bytes
-          4000 audio 640 bytes
-          4000 audio 640 bytes
-          4000 audio 640 bytes
-          4000 audio 640 bytes
-          4000 audio 640 bytes
-          4000 audio 640 bytes
-          4000 audio 640 bytes
+        0      open_stt None
+        0      send session.ready
+        0      metering_started user=7
+        0      send usage_update seconds_today=55 session_seconds=0
+        4000   send {"type":"user_transcript","text":"tell me a story","is_final":true}
+        4000   observe turn_started
+        4000   start_llm turn=1 history=["tell me a story"] model=None plan=Some("free")
+        4000   open_tts turn=1 rate=16000
+        4000   observe latency llm_first_token llm-x 0ms
+        4000   send {"type":"assistant_message","turn_id":1,"delta":"Once upon a time. There was a fox.","is_final":false}
+        4000   tts_text turn=1 #0 "Once upon a time."
+        4000   observe latency tts_first_audio tts-x 0ms
+        4000   send {"type":"assistant_audio.start","turn_id":1,"format":{"encoding":"pcm16","sample_rate":16000}}
+        4000   audio 640 bytes
+        4000   observe latency voice_to_voice - 0ms
+        4000   audio 640 bytes
+        4000   audio 640 bytes
+        4000   audio 640 bytes
+        4000   audio 640 bytes
+        4000   audio 640 bytes
+        4000   audio 640 bytes
+        4000   audio 640 bytes
+        4000   audio 640 bytes
+        4000   audio 640 bytes
     "#]]);
     t.advance(Duration::from_millis(1500));
     let log = std::mem::take(&mut t.log);
     // At 5 s: told, but the turn in progress is not cut off.
-    assert!(log.contains("5000 send limit_exceeded daily_seconds used=60 allowed=60"), "{log}");
+    assert!(
+        logged(&log, 5000, "send limit_exceeded daily_seconds used=60 allowed=60"),
+        "{log}"
+    );
     assert!(!log.contains("close"), "{log}");
     t.ack_persists();
     t.cmds.clear();
@@ -571,15 +606,15 @@ fn the_limit_reached_while_the_assistant_speaks_lets_the_turn_finish_then_closes
     t.advance(Duration::from_millis(100));
     t.ack_persists();
     t.check(expect![[r#"
-          5500 send usage_update seconds_today=60 session_seconds=5
-          5500 send {"type":"assistant_message","turn_id":1,"text":"Once upon a time. There was a fox.","is_final":true}
-          5500 send {"type":"assistant_audio.end","turn_id":1,"duration_ms":200,"reason":"complete"}
-          5500 send usage_update seconds_today=60 session_seconds=5
-          5500 close 4029 limit exceeded
-          5500 release
-          5500 persist user=7 seq=2 seconds=1 tts_chars=16 last=true
-          5600 record_end limit exceeded
-          5600 done
+        5500   send usage_update seconds_today=60 session_seconds=5
+        5500   send {"type":"assistant_message","turn_id":1,"text":"Once upon a time. There was a fox.","is_final":true}
+        5500   send {"type":"assistant_audio.end","turn_id":1,"duration_ms":200,"reason":"complete"}
+        5500   send usage_update seconds_today=60 session_seconds=5
+        5500   close 4029 limit exceeded
+        5500   release
+        5500   persist user=7 seq=2 seconds=1 tts_chars=16 last=true
+        5600   record_end limit exceeded
+        5600   done
     "#]]);
 }
 
@@ -591,15 +626,19 @@ fn a_turn_refused_by_the_per_user_rate_limit_across_sessions() {
     a.admit(plan(None, Some(1)), 0).start();
     b.admit(plan(None, Some(1)), 0).start();
     a.text(r#"{"type":"input.text","text":"one"}"#);
-    assert!(a.commands().iter().any(|c| matches!(c, Command::StartLlm { turn: 1, .. })));
+    assert!(
+        a.commands()
+            .iter()
+            .any(|c| matches!(c, Command::StartLlm { turn: 1, .. }))
+    );
     b.log.clear();
     b.text(r#"{"type":"input.text","text":"two"}"#);
     b.check(expect![[r#"
-             0 send {"type":"user_transcript","text":"two","is_final":true}
-             0 send error rate_limited: more than 1 turns a minute across your sessions
-             0 send limit_exceeded turns_per_minute used=1 allowed=1
-             0 send usage_update seconds_today=0 session_seconds=0
-             0 send usage_update seconds_today=0 session_seconds=0
+        0      send {"type":"user_transcript","text":"two","is_final":true}
+        0      send error rate_limited: more than 1 turns a minute across your sessions
+        0      send limit_exceeded turns_per_minute used=1 allowed=1
+        0      send usage_update seconds_today=0 session_seconds=0
+        0      send usage_update seconds_today=0 session_seconds=0
     "#]]);
 }
 
@@ -621,15 +660,15 @@ fn drain_during_a_turn_waits_for_the_turn_then_closes_1001() {
     t.advance(Duration::from_millis(300));
     t.ack_persists();
     t.check(expect![[r#"
-             0 send error server_shutting_down (fatal): the server is shutting down
-             0 send {"type":"assistant_message","turn_id":1,"text":"Once upon a time. There was a fox.","is_final":true}
-             0 send {"type":"assistant_audio.end","turn_id":1,"duration_ms":200,"reason":"complete"}
-             0 send usage_update seconds_today=0 session_seconds=0
-             0 close 1001 server shutting down
-             0 release
-             0 persist user=7 seq=1 seconds=0 tts_chars=33 last=true
-           300 record_end closed
-           300 done
+        0      send error server_shutting_down (fatal): the server is shutting down
+        0      send {"type":"assistant_message","turn_id":1,"text":"Once upon a time. There was a fox.","is_final":true}
+        0      send {"type":"assistant_audio.end","turn_id":1,"duration_ms":200,"reason":"complete"}
+        0      send usage_update seconds_today=0 session_seconds=0
+        0      close 1001 server shutting down
+        0      release
+        0      persist user=7 seq=1 seconds=0 tts_chars=33 last=true
+        300    record_end closed
+        300    done
     "#]]);
 }
 
@@ -643,8 +682,11 @@ fn drain_gives_up_on_a_turn_at_the_grace_deadline() {
     // The LLM never finishes.
     t.advance(Duration::from_secs(21));
     let log = std::mem::take(&mut t.log);
-    assert!(log.contains("20000 close 1001 server shutting down"), "{log}");
-    assert!(log.contains("20000 cancel_turn turn=1"), "{log}");
+    assert!(
+        logged(&log, 20000, "close 1001 server shutting down"),
+        "{log}"
+    );
+    assert!(logged(&log, 20000, "cancel_turn turn=1"), "{log}");
 }
 
 #[test]
@@ -655,11 +697,11 @@ fn shutdown_of_an_idle_session_closes_at_once() {
     t.input(Input::Shutdown);
     t.ack_persists();
     t.check(expect![[r#"
-             0 send error server_shutting_down (fatal): the server is shutting down
-             0 close 1001 server shutting down
-             0 release
-             0 record_end closed
-             0 done
+        0      send error server_shutting_down (fatal): the server is shutting down
+        0      close 1001 server shutting down
+        0      release
+        0      record_end closed
+        0      done
     "#]]);
 }
 
@@ -683,26 +725,26 @@ fn an_stt_failure_mid_utterance_reconnects_with_backoff_and_a_transcript_resets_
     t.input(Input::Stt(SttIn::Ended));
     t.advance(Duration::from_secs(1));
     t.check(expect![[r#"
-             0 feed_stt 320
-             0 feed_stt 320
-             0 feed_stt 320
-             0 send {"type":"vad.speech_started","audio_ms":0}
-             0 feed_stt 320
-             0 feed_stt 320
-             0 feed_stt 320
-             0 feed_stt 320
-             0 feed_stt 320
-             0 feed_stt 320
-             0 feed_stt 320
-             0 close_stt
-             0 send error stt_error: speech recognition failed: socket reset; reconnecting in 78 ms
-            78 open_stt None
-          1000 close_stt
-          1000 send error stt_error: speech recognition stream ended; reconnecting in 174 ms
-          1174 open_stt None
-          2000 close_stt
-          2000 send error stt_error: speech recognition stream ended; reconnecting in 98 ms
-          2098 open_stt None
+        0      feed_stt 320
+        0      feed_stt 320
+        0      feed_stt 320
+        0      send {"type":"vad.speech_started","audio_ms":0}
+        0      feed_stt 320
+        0      feed_stt 320
+        0      feed_stt 320
+        0      feed_stt 320
+        0      feed_stt 320
+        0      feed_stt 320
+        0      feed_stt 320
+        0      close_stt
+        0      send error stt_error: speech recognition failed: socket reset; reconnecting in 78 ms
+        78     open_stt None
+        1000   close_stt
+        1000   send error stt_error: speech recognition stream ended; reconnecting in 174 ms
+        1174   open_stt None
+        2000   close_stt
+        2000   send error stt_error: speech recognition stream ended; reconnecting in 98 ms
+        2098   open_stt None
     "#]]);
 }
 
@@ -724,15 +766,24 @@ fn speech_ends_the_utterance_and_a_full_stt_queue_defers_the_finalize() {
         .iter()
         .find(|(_, c)| *c == Command::FinalizeStt)
         .map(|(ms, _)| *ms)
-        .unwrap_or_else(|| panic!("the end of speech asks for the final transcript:\n{}", t.log));
-    let feeds = t.cmds.iter().filter(|(_, c)| matches!(c, Command::FeedStt(_))).count();
+        .unwrap_or_else(|| {
+            panic!(
+                "the end of speech asks for the final transcript:\n{}",
+                t.log
+            )
+        });
+    let feeds = t
+        .cmds
+        .iter()
+        .filter(|(_, c)| matches!(c, Command::FeedStt(_)))
+        .count();
     assert_eq!(feeds, 70, "every 20 ms frame goes to STT");
     t.cmds.clear();
     t.log.clear();
     t.input(Input::SttFinalizeDeferred);
     t.advance(Duration::from_millis(20));
     t.check(expect![[r#"
-          1420 finalize_stt
+        1420   finalize_stt
     "#]]);
     assert!(finalize_at > 0);
 }
@@ -753,11 +804,11 @@ fn a_slow_consumer_during_a_turn_loses_no_usage() {
     t.text(r#"{"type":"ping"}"#);
     t.ack_persists();
     t.check(expect![[r#"
-          3500 cancel_turn turn=1
-          3500 release
-          3500 persist user=7 seq=1 seconds=4 tts_chars=17 last=true
-          3500 record_end closed
-          3500 done
+        3500   cancel_turn turn=1
+        3500   release
+        3500   persist user=7 seq=1 seconds=4 tts_chars=17 last=true
+        3500   record_end closed
+        3500   done
     "#]]);
 }
 
@@ -775,14 +826,14 @@ fn the_final_write_gives_up_at_its_deadline_and_still_records_the_end() {
     });
     t.advance(Duration::from_secs(10));
     t.check(expect![[r#"
-             0 open_stt None
-             0 send session.ready
-             0 metering_started user=7
-             0 send usage_update seconds_today=0 session_seconds=0
-          2500 release
-          2500 persist user=7 seq=1 seconds=3 tts_chars=0 last=true
-         17500 record_end closed
-         17500 done
+        0      open_stt None
+        0      send session.ready
+        0      metering_started user=7
+        0      send usage_update seconds_today=0 session_seconds=0
+        2500   release
+        2500   persist user=7 seq=1 seconds=3 tts_chars=0 last=true
+        17500  record_end closed
+        17500  done
     "#]]);
 }
 
@@ -798,12 +849,12 @@ fn session_end_lingers_then_closes_normally() {
     t.advance(Duration::from_millis(200));
     t.ack_persists();
     t.check(expect![[r#"
-           800 send error session_ended: the session has ended
-           950 close 1000 session ended
-           950 release
-           950 persist user=7 seq=1 seconds=1 tts_chars=0 last=true
-          1000 record_end closed
-          1000 done
+        800    send error session_ended: the session has ended
+        950    close 1000 session ended
+        950    release
+        950    persist user=7 seq=1 seconds=1 tts_chars=0 last=true
+        1000   record_end closed
+        1000   done
     "#]]);
 }
 
@@ -827,14 +878,14 @@ fn echo_mode_returns_every_frame_after_the_front_end_and_reports_speech() {
         t.advance(Duration::from_millis(20));
     }
     t.check(expect![[r#"
-             0 audio 640 bytes
-            20 audio 640 bytes
-            40 send {"type":"vad.speech_started","audio_ms":0}
-            40 audio 640 bytes
-            60 audio 640 bytes
-            80 audio 640 bytes
-           100 audio 640 bytes
-           120 audio 640 bytes
-           140 audio 640 bytes
+        0      audio 640 bytes
+        20     audio 640 bytes
+        40     send {"type":"vad.speech_started","audio_ms":0}
+        40     audio 640 bytes
+        60     audio 640 bytes
+        80     audio 640 bytes
+        100    audio 640 bytes
+        120    audio 640 bytes
+        140    audio 640 bytes
     "#]]);
 }
