@@ -13,6 +13,8 @@
 //!   (defaults: echo 200, conversation 50, bargein 50).
 //! - `BENCH_SECONDS`: how long every session is held once all have started (default 20).
 //! - `BENCH_RAMP_MS`: sessions start evenly over this ramp (default 5000).
+//! - `BENCH_DUPLEX_BIN`: the server binary to measure (default: the one this bench was built
+//!   with), e.g. a copy of an older build, to compare two versions in one sitting.
 //!
 //! The client runs in this process on the same machine: on a small box the figures include
 //! the client's own CPU contention, which is printed next to the server's.
@@ -164,7 +166,7 @@ fn main() {
         .expect("the tokio runtime starts");
     println!(
         "duplex load benchmark: server {}, {} CPUs, hold {} s after a {} ms ramp; speech {:.2} s at {} Hz",
-        env!("CARGO_BIN_EXE_duplex"),
+        server_binary(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         settings.hold.as_secs(),
         settings.ramp.as_millis(),
@@ -335,7 +337,7 @@ impl ServerProcess {
             scenario.name()
         ));
         let log = std::fs::File::create(&log_path).expect("server log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        let child = Command::new(server_binary())
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--providers", scenario.providers()])
             .env("LOG_FORMAT", "json")
@@ -910,4 +912,12 @@ fn print_log_summary(path: &Path) {
     } else {
         println!("    (kept at {})", path.display());
     }
+}
+
+/// The server binary under test: `BENCH_DUPLEX_BIN`, else the one built with this bench.
+fn server_binary() -> String {
+    std::env::var("BENCH_DUPLEX_BIN")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_duplex").to_owned())
 }
