@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use duplex_audio::{
-    EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, OutputFrame, OutputStage, VadMode,
+    EndpointConfig, FrontEnd, FrontEndConfig, FrontEndEvent, OutputFrame, OutputStage,
 };
 use duplex_core::conversation::{
     Conversation, ConversationConfig, Input, Output, Speaker, Stage, TurnId,
@@ -430,7 +430,7 @@ impl Session {
     ) -> Session {
         let (persist_tx, persist_rx) = mpsc::channel(PERSIST_CAPACITY);
         let meter = duplex_metering::SessionMeter::new(duplex_metering::MeterConfig {
-            heartbeat: ctx.config.usage_heartbeat,
+            heartbeat: ctx.config.metering.usage_heartbeat,
             ..duplex_metering::MeterConfig::default()
         });
         Session {
@@ -471,8 +471,8 @@ impl Session {
             if self.dead {
                 return;
             }
-            let idle_at = self.last_seen + self.ctx.config.idle_timeout;
-            let start_by = self.connected_at + self.ctx.config.pre_start_timeout;
+            let idle_at = self.last_seen + self.ctx.config.limits.idle_timeout;
+            let start_by = self.connected_at + self.ctx.config.limits.pre_start_timeout;
             let awaiting_start = matches!(self.phase, Phase::AwaitingStart);
             let wake = {
                 let (stt, llm, tts, deadline, wants_audio, finalize_retry, stt_reopen_at) =
@@ -556,7 +556,7 @@ impl Session {
                         ErrorCode::StartTimeout,
                         format!(
                             "no session started within {} s of connecting",
-                            self.ctx.config.pre_start_timeout.as_secs()
+                            self.ctx.config.limits.pre_start_timeout.as_secs()
                         ),
                         true,
                     );
@@ -643,7 +643,8 @@ impl Session {
     async fn admit(&mut self, identity: &crate::auth::Identity) -> bool {
         let store = self.ctx.store.clone();
         let loaded = async {
-            let account = crate::metering::load_account(&store, &self.ctx.config, identity).await?;
+            let account =
+                crate::metering::load_account(&store, &self.ctx.config.metering, identity).await?;
             let day = wall_clock().date();
             let spend = &self.ctx.spend_cache;
             let totals = crate::metering::totals(&store, spend, account.user.id, day).await?;
@@ -927,7 +928,7 @@ impl Session {
         );
         if busy {
             info!("shutdown: letting the current turn finish");
-            self.drain_deadline = Some(Instant::now() + self.ctx.config.shutdown_grace);
+            self.drain_deadline = Some(Instant::now() + self.ctx.config.limits.shutdown_grace);
         } else {
             self.close_soon(
                 close_code::GOING_AWAY,
@@ -970,20 +971,14 @@ impl Session {
             encoding: s.output_encoding.unwrap_or(s.encoding),
             sample_rate: out_rate,
         };
-        let vad_mode = match cfg.vad_mode {
-            0 => VadMode::Quality,
-            1 => VadMode::LowBitrate,
-            2 => VadMode::Aggressive,
-            _ => VadMode::VeryAggressive,
-        };
         let frontend = FrontEnd::new(FrontEndConfig {
             encoding: s.encoding,
             input_rate: s.sample_rate,
-            vad_mode,
+            vad_mode: cfg.turns.vad_mode,
             endpoint: EndpointConfig {
-                speech_start_ms: cfg.speech_start.as_millis() as u64,
-                end_of_turn_ms: cfg.end_of_turn.as_millis() as u64,
-                max_turn_ms: cfg.max_turn.as_millis() as u64,
+                speech_start_ms: cfg.turns.speech_start.as_millis() as u64,
+                end_of_turn_ms: cfg.turns.end_of_turn.as_millis() as u64,
+                max_turn_ms: cfg.turns.max_turn.as_millis() as u64,
                 ..EndpointConfig::default()
             },
         })
@@ -994,8 +989,8 @@ impl Session {
                     system_prompt: s
                         .system_prompt
                         .clone()
-                        .unwrap_or_else(|| cfg.system_prompt.clone()),
-                    audio_lead: cfg.audio_lead,
+                        .unwrap_or_else(|| cfg.assistant.system_prompt.clone()),
+                    audio_lead: cfg.assistant.audio_lead,
                     frame: Duration::from_millis(u64::from(OUT_FRAME_MS)),
                     output_format: output,
                     ..ConversationConfig::default()
@@ -1079,7 +1074,7 @@ impl Session {
         match m {
             Inbound::Closed => {}
             Inbound::TooLarge => {
-                let limit = self.ctx.config.max_message_bytes;
+                let limit = self.ctx.config.limits.max_message_bytes;
                 self.send_error(
                     ErrorCode::MessageTooLarge,
                     format!("message larger than the {limit}-byte limit"),
@@ -1145,7 +1140,7 @@ impl Session {
                 );
             }
             ClientMessage::InputText(t) => {
-                let max = self.ctx.config.max_input_text_chars;
+                let max = self.ctx.config.limits.max_input_text_chars;
                 if t.text.chars().nth(max).is_some() {
                     self.send_error(
                         ErrorCode::InvalidMessage,

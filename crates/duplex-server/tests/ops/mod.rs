@@ -109,7 +109,7 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     .collect();
     let parsed = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid config");
     let mut config = test_config();
-    config.cloud = parsed.cloud;
+    config.engines.cloud = parsed.engines.cloud;
     let ts = TestServer::start(config).await;
     // One spoken turn: the cloud model's usage and cost reach the counters.
     let mut cfg = SessionConfig::new(ts.url());
