@@ -492,3 +492,90 @@ fn deploy_files_name_only_known_variables() {
         "deploy files name variables duplex does not know: {unknown:#?}"
     );
 }
+
+/// The README's configuration tables are [`markdown_table`] between two markers. After
+/// changing [`VARS`], `UPDATE_README=1 cargo test -p duplex-server --lib readme` rewrites them.
+#[test]
+fn readme_configuration_tables_are_generated_from_the_table() {
+    const BEGIN: &str =
+        "<!-- BEGIN configuration tables: generated from VARS in crates/duplex-server/src/config.rs -->";
+    const END: &str = "<!-- END configuration tables -->";
+    let path = deploy_files::root().join("README.md");
+    let readme = deploy_files::read(&path);
+    let (before, rest) = readme
+        .split_once(BEGIN)
+        .unwrap_or_else(|| panic!("README.md: no line {BEGIN}"));
+    let (_, after) = rest
+        .split_once(END)
+        .unwrap_or_else(|| panic!("README.md: no line {END}"));
+    let expected = format!("{before}{BEGIN}\n{}\n{END}{after}", markdown_table());
+    if readme == expected {
+        return;
+    }
+    if std::env::var_os("UPDATE_README").is_some() {
+        std::fs::write(&path, expected).expect("README.md is writable");
+        return;
+    }
+    panic!(
+        "README.md's configuration tables differ from VARS; run \
+         `UPDATE_README=1 cargo test -p duplex-server --lib readme` and commit the result"
+    );
+}
+
+#[test]
+fn help_lists_every_variable_with_its_default() {
+    let help = help();
+    for var in VARS {
+        let at = help
+            .find(&format!("\n  {}\n", var.name))
+            .unwrap_or_else(|| panic!("--help lacks {}", var.name));
+        let entry = &help[at..];
+        let title = format!("\n{}:\n", var.section.title());
+        assert!(
+            help[..=at].contains(&title),
+            "{} is not under {title:?}",
+            var.name
+        );
+        let default = entry
+            .find("Default: ")
+            .map(|i| entry[i + 9..].split_whitespace().next().unwrap_or(""))
+            .expect("every entry has a Default line");
+        let first = var.default.split_whitespace().next().unwrap_or("unset");
+        assert_eq!(default, first, "{}", var.name);
+    }
+    assert!(wrap("a b c", 3).iter().all(|l| l.len() <= 3));
+}
+
+#[test]
+fn every_variable_is_named_once_and_every_section_has_variables() {
+    for (i, v) in VARS.iter().enumerate() {
+        assert!(
+            !VARS[..i].iter().any(|w| w.name == v.name),
+            "{} is in VARS twice",
+            v.name
+        );
+        assert!(
+            v.help.ends_with('.'),
+            "{}: help is a sentence ending with a full stop",
+            v.name
+        );
+    }
+    for s in Section::ALL {
+        assert!(VARS.iter().any(|v| v.section == s), "{s:?} has no variable");
+    }
+}
+
+#[test]
+fn secrets_stay_out_of_errors_and_debug() {
+    let e = parse(&[("LLM_ENDPOINTS", "groq|ftp://x|m|gsk_secret")]).unwrap_err();
+    assert_eq!(e.name, "LLM_ENDPOINTS");
+    assert!(!e.to_string().contains("gsk_secret"), "{e}");
+    let c = parse(&[
+        ("JWT_SECRET", "jwt-s3cret"),
+        ("METRICS_TOKEN", "scrape-s3cret"),
+        ("OPENAI_API_KEY", "sk-s3cret"),
+    ])
+    .unwrap();
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("s3cret"), "{debug}");
+}
