@@ -1270,10 +1270,10 @@ impl Config {
 /// `duplex --help`.
 pub fn help() -> String {
     const WIDTH: usize = 100;
-    let mut out = String::from(
-        "Environment variables (unset or empty: the default; --providers, --port and --bind \
-         override the first of each):\n",
-    );
+    let intro = "Environment variables, by section. An unset or empty variable takes its \
+                 default; --providers, --port and --bind override DUPLEX_PROVIDERS, PORT and \
+                 BIND_ADDR.";
+    let mut out = wrap(intro, WIDTH).join("\n") + "\n";
     for section in Section::ALL {
         out.push_str(&format!("\n{}:\n", section.title()));
         for var in VARS.iter().filter(|v| v.section == section) {
