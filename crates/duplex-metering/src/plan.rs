@@ -376,4 +376,25 @@ mod tests {
         ]]
         .assert_eq(&e("Pro:daily_seconds=5"));
     }
+
+    /// The server sets each variable on its own, in any order: the same table as `parse`.
+    #[test]
+    fn amending_in_any_order_equals_parsing() {
+        let spec = "pro:daily_seconds=3600;team:turns_per_minute=60";
+        let parsed = PlanTable::parse(spec, None, Some(120)).unwrap();
+        let mut a = PlanTable::default();
+        a.amend(spec).unwrap();
+        a.set_free_daily_seconds(None);
+        a.set_free_trial_seconds(120);
+        let mut b = PlanTable::default();
+        b.set_free_trial_seconds(120);
+        b.set_free_daily_seconds(None);
+        b.amend(spec).unwrap();
+        assert_eq!(a, parsed);
+        assert_eq!(b, parsed);
+        assert_eq!(parsed.names().last(), Some(UNMETERED));
+        let before = a.clone();
+        assert!(a.amend("free:daily_seconds=5").is_err());
+        assert_eq!(a, before, "a failed amend changes nothing");
+    }
 }

@@ -154,12 +154,21 @@ pub struct MeteringConfig {
     pub switches_file: Option<PathBuf>,
 }
 
-/// The store (`duplex_store::Store::open`).
-#[derive(Debug, Clone, Default)]
+/// The store (`duplex_store::Store::open`). `Debug` hides the database password.
+#[derive(Clone, Default)]
 pub struct StoreConfig {
     /// `DATABASE_URL`, or the SQLite file in `data_dir` when that is unset.
     pub database_url: String,
     pub data_dir: PathBuf,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("database_url", &self.database_url_for_logs())
+            .field("data_dir", &self.data_dir)
+            .finish()
+    }
 }
 
 impl StoreConfig {

@@ -497,8 +497,7 @@ fn deploy_files_name_only_known_variables() {
 /// changing [`VARS`], `UPDATE_README=1 cargo test -p duplex-server --lib readme` rewrites them.
 #[test]
 fn readme_configuration_tables_are_generated_from_the_table() {
-    const BEGIN: &str =
-        "<!-- BEGIN configuration tables: generated from VARS in crates/duplex-server/src/config.rs -->";
+    const BEGIN: &str = "<!-- BEGIN configuration tables: generated from VARS in crates/duplex-server/src/config.rs -->";
     const END: &str = "<!-- END configuration tables -->";
     let path = deploy_files::root().join("README.md");
     let readme = deploy_files::read(&path);
@@ -574,6 +573,7 @@ fn secrets_stay_out_of_errors_and_debug() {
         ("JWT_SECRET", "jwt-s3cret"),
         ("METRICS_TOKEN", "scrape-s3cret"),
         ("OPENAI_API_KEY", "sk-s3cret"),
+        ("DATABASE_URL", "postgres://duplex:s3cret@db/duplex"),
     ])
     .unwrap();
     let debug = format!("{c:?}");

@@ -323,10 +323,17 @@ fn help_lists_every_variable_by_section() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for section in duplex_server::config::Section::ALL {
-        assert!(help.contains(&format!("\n{}:\n", section.title())), "{help}");
+        assert!(
+            help.contains(&format!("\n{}:\n", section.title())),
+            "{help}"
+        );
     }
     for var in duplex_server::config::VARS {
-        assert!(help.contains(&format!("\n  {}\n", var.name)), "{}", var.name);
+        assert!(
+            help.contains(&format!("\n  {}\n", var.name)),
+            "{}",
+            var.name
+        );
     }
 }
 
