@@ -202,15 +202,7 @@ pub enum ProviderMode {
 }
 
 impl ProviderMode {
-    pub fn parse(s: &str) -> Option<ProviderMode> {
-        match s {
-            "local" => Some(ProviderMode::Local),
-            "scripted" => Some(ProviderMode::Scripted),
-            "echo" => Some(ProviderMode::Echo),
-            _ => None,
-        }
-    }
-
+    /// The `DUPLEX_PROVIDERS` spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderMode::Local => "local",
