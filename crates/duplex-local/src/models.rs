@@ -15,20 +15,22 @@ use crate::whisper::WhisperModel;
 pub const SETUP_COMMAND: &str = "scripts/setup-models.sh";
 
 /// Which GGUF chat model the local LLM runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LlmChoice {
     /// Qwen2.5-Coder-0.5B-Instruct Q4_K_M (the default: the best small instruct model found
     /// in a package).
+    #[default]
     Qwen05b,
     /// SmolLM2-135M-Instruct Q4_1: a fifth of the size and much faster, weaker answers.
     SmolLm135m,
 }
 
 /// Which inference engine runs the chat model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LlmEngine {
     /// llama.cpp (the default): ~2.5x faster to the first token, keeps the conversation's KV
     /// cache between turns.
+    #[default]
     Llama,
     /// candle (pure Rust).
     Candle,

@@ -104,25 +104,56 @@ impl PlanTable {
     ) -> Result<PlanTable, Error> {
         let mut plans: Vec<Plan> = Vec::new();
         apply(&mut plans, DEFAULT_PLAN_LIMITS, false).expect("the defaults parse");
+        let mut table = PlanTable { plans };
+        table.amend(plan_limits)?;
+        table.set_free_daily_seconds(free_daily_seconds);
+        table.set_free_trial_seconds(free_trial_seconds.unwrap_or(0));
+        Ok(table)
+    }
+
+    /// Applies `PLAN_LIMITS` on top of the current limits, key by key (see the module docs).
+    /// On an error the table is unchanged.
+    pub fn amend(&mut self, plan_limits: &str) -> Result<(), Error> {
+        let mut plans = self.plans.clone();
         apply(&mut plans, plan_limits, true)?;
-        let free = plans
+        self.plans = plans;
+        self.finish();
+        Ok(())
+    }
+
+    /// The free plan's seconds a day (`FREE_DAILY_LIMIT_SECONDS`); `None` = unlimited.
+    pub fn set_free_daily_seconds(&mut self, seconds: Option<u64>) {
+        self.free_mut().daily_seconds = seconds;
+        self.finish();
+    }
+
+    /// The free plan's one-time trial (`FREE_TRIAL_SECONDS`); 0 = no trial.
+    pub fn set_free_trial_seconds(&mut self, seconds: u64) {
+        self.free_mut().trial_seconds = (seconds > 0).then_some(seconds);
+        self.finish();
+    }
+
+    fn free_mut(&mut self) -> &mut Plan {
+        self.plans
             .iter_mut()
             .find(|p| p.name == FREE)
-            .expect("the defaults define free");
-        free.daily_seconds = free_daily_seconds;
-        free.trial_seconds = free_trial_seconds.filter(|&t| t > 0);
-        let hints: Vec<Option<String>> = (0..plans.len())
+            .expect("the defaults define free")
+    }
+
+    /// Recomputes the upgrade hints and puts the built-in unmetered plan last.
+    fn finish(&mut self) {
+        self.plans.retain(|p| p.name != UNMETERED);
+        let hints: Vec<Option<String>> = (0..self.plans.len())
             .map(|i| {
-                plans
+                self.plans
                     .get(i + 1)
                     .map(|next| format!("Upgrade to {}: {}.", next.name, next.summary()))
             })
             .collect();
-        for (p, h) in plans.iter_mut().zip(hints) {
+        for (p, h) in self.plans.iter_mut().zip(hints) {
             p.upgrade_hint = h;
         }
-        plans.push(Plan::unlimited(UNMETERED));
-        Ok(PlanTable { plans })
+        self.plans.push(Plan::unlimited(UNMETERED));
     }
 
     /// The plan called `name`, if configured.
@@ -344,5 +375,26 @@ mod tests {
             r#"invalid PLAN_LIMITS: plan name "Pro": use lowercase letters, digits, `_` and `-`"#
         ]]
         .assert_eq(&e("Pro:daily_seconds=5"));
+    }
+
+    /// The server sets each variable on its own, in any order: the same table as `parse`.
+    #[test]
+    fn amending_in_any_order_equals_parsing() {
+        let spec = "pro:daily_seconds=3600;team:turns_per_minute=60";
+        let parsed = PlanTable::parse(spec, None, Some(120)).unwrap();
+        let mut a = PlanTable::default();
+        a.amend(spec).unwrap();
+        a.set_free_daily_seconds(None);
+        a.set_free_trial_seconds(120);
+        let mut b = PlanTable::default();
+        b.set_free_trial_seconds(120);
+        b.set_free_daily_seconds(None);
+        b.amend(spec).unwrap();
+        assert_eq!(a, parsed);
+        assert_eq!(b, parsed);
+        assert_eq!(parsed.names().last(), Some(UNMETERED));
+        let before = a.clone();
+        assert!(a.amend("free:daily_seconds=5").is_err());
+        assert_eq!(a, before, "a failed amend changes nothing");
     }
 }

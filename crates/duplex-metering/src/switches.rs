@@ -90,7 +90,8 @@ impl Switches {
         }
     }
 
-    fn set(&mut self, name: &str, value: &str) -> Result<(), Error> {
+    /// Sets the switch `name` (one of [`SWITCH_VARS`]) from its text.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), Error> {
         let bad = |reason: &str| Error::Switch {
             name: name.to_owned(),
             value: value.to_owned(),
@@ -110,7 +111,7 @@ impl Switches {
                 self.max_daily_spend_micros = parse_usd_micros(v)
                     .ok_or_else(|| bad("expected an amount in USD such as 25 or 12.50"))?
             }
-            _ => unreachable!("only SWITCH_VARS are set"),
+            _ => return Err(bad("not a switch")),
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use duplex_store::{
 use serde_json::{Value, json};
 use time::{Date, Duration, OffsetDateTime};
 
-use crate::config::Config;
+use crate::config::StoreConfig;
 
 /// Operator commands on the configured store.
 #[derive(clap::Args, Debug)]
@@ -128,17 +128,20 @@ pub enum AdminError {
 /// Runs one admin command against the configured store, writing to `out`. `now` is the wall
 /// clock (an argument, so that tests can fix "today").
 pub async fn run(
-    config: &Config,
+    store_config: &StoreConfig,
+    plans: &duplex_metering::PlanTable,
     args: AdminArgs,
     now: OffsetDateTime,
     out: &mut dyn Write,
 ) -> Result<(), AdminError> {
-    let url = config.database_url_for_logs();
+    let url = store_config.database_url_for_logs();
     let store_err = |source| AdminError::Store {
         url: url.clone(),
         source,
     };
-    let store = Store::open(&config.database_url).await.map_err(store_err)?;
+    let store = Store::open(&store_config.database_url)
+        .await
+        .map_err(store_err)?;
     let result = match args.command {
         AdminCommand::Top { day, by, limit } => {
             let day = parse_day(&day, now)?;
@@ -171,8 +174,8 @@ pub async fn run(
             reason,
             create,
         } => {
-            if config.plans.get(&plan).is_none() {
-                let known: Vec<&str> = config.plans.names().collect();
+            if plans.get(&plan).is_none() {
+                let known: Vec<&str> = plans.names().collect();
                 return Err(AdminError::UnknownPlan {
                     plan,
                     known: known.join(", "),

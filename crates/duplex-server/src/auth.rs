@@ -28,7 +28,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::AuthConfig;
+pub use crate::config::Secret;
 
 /// Clock skew tolerated on `exp` and `nbf`: small, because tokens of browser sessions are
 /// short-lived (Clerk's last 60 s), yet enough for hosts whose clocks drift a little.
@@ -62,20 +63,10 @@ impl Identity {
     }
 }
 
-/// A secret that never appears in logs or `Debug` output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
 /// Compares a presented secret with the configured one without stopping at the first
 /// differing byte (the time taken says nothing about how much of a guess was right).
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
 }
 
 /// Why a request is not authenticated. The message is sent as the HTTP response body.
@@ -158,7 +149,7 @@ impl fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(config: &Config) -> Authenticator {
+    pub fn new(config: &AuthConfig) -> Authenticator {
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = LEEWAY_SECS;
         v.validate_nbf = true;
@@ -475,12 +466,14 @@ mod tests {
         jsonwebtoken::get_current_timestamp()
     }
 
-    fn config(pairs: &[(&str, &str)]) -> Config {
+    fn config(pairs: &[(&str, &str)]) -> AuthConfig {
         let map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Config::from_lookup(|k| map.get(k).cloned()).unwrap()
+        crate::Config::from_lookup(|k| map.get(k).cloned())
+            .unwrap()
+            .auth
     }
 
     fn hs(secret: &str, claims: serde_json::Value) -> String {

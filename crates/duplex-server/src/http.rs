@@ -63,7 +63,7 @@ pub(crate) struct AppState {
 pub(crate) const STRIPE_BODY_LIMIT: usize = 1 << 20;
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    let stripe_path = state.session.config.stripe_webhook_path.clone();
+    let stripe_path = state.session.config.billing.stripe_webhook_path.clone();
     let router = Router::new()
         .route(
             &stripe_path,
@@ -73,7 +73,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
-    let router = if state.session.config.web_client {
+    let router = if state.session.config.server.web_client {
         router
             .route(
                 "/",
@@ -130,7 +130,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(token) = &state.session.config.metrics_token {
+    if let Some(token) = &state.session.config.auth.metrics_token {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -287,7 +287,7 @@ async fn conversation(
             "too many connection attempts from this address; retry later",
         );
     }
-    if !crate::auth::origin_allowed(&config.allowed_origins, &headers) {
+    if !crate::auth::origin_allowed(&config.auth.allowed_origins, &headers) {
         return reject(
             &state,
             StatusCode::FORBIDDEN,
@@ -325,8 +325,11 @@ async fn conversation(
             "server is at its connection limit",
         );
     };
-    let Some(slot) = IpSlot::acquire(&state.per_ip, peer.ip(), config.max_connections_per_ip)
-    else {
+    let Some(slot) = IpSlot::acquire(
+        &state.per_ip,
+        peer.ip(),
+        config.limits.max_connections_per_ip,
+    ) else {
         return reject(
             &state,
             StatusCode::TOO_MANY_REQUESTS,
@@ -346,8 +349,12 @@ async fn conversation(
     // The session enforces `max_message_bytes` itself so it can answer with an error and a
     // 1009 close; tungstenite's own cap (which fails the socket without a word) sits above it
     // and only bounds memory for absurd messages.
-    let hard_cap = config.max_message_bytes.saturating_mul(4).max(1 << 20);
-    let limit = config.max_message_bytes;
+    let hard_cap = config
+        .limits
+        .max_message_bytes
+        .saturating_mul(4)
+        .max(1 << 20);
+    let limit = config.limits.max_message_bytes;
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| {
@@ -375,7 +382,7 @@ fn admission_verdict(state: &AppState, ip: IpAddr) -> Response {
         .lock()
         .expect("per-IP map is never poisoned: no panics while held")
         .get(&ip)
-        .is_some_and(|n| *n >= state.session.config.max_connections_per_ip);
+        .is_some_and(|n| *n >= state.session.config.limits.max_connections_per_ip);
     if at_cap {
         return reject(
             state,

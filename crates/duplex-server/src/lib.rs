@@ -2,8 +2,9 @@
 //! returns the bound address, so tests run a real server on `127.0.0.1:0`; the `duplex` binary
 //! is a thin wrapper around it.
 //!
-//! Modules: [`config`] (every environment variable), [`metrics`] (the Prometheus registry),
-//! `http` (the endpoints), `session` (one WebSocket connection: reader, writer, actor).
+//! Modules: [`config`] (every environment variable, parsed into one section per subsystem;
+//! each subsystem gets only its section), [`metrics`] (the Prometheus registry), `http` (the
+//! endpoints), `session` (one WebSocket connection: reader, writer, actor).
 //!
 //! The server opens its [`Store`] (`DATABASE_URL`, applying pending migrations) before it
 //! binds the port: a database it cannot use stops it at startup, not at the first session.
@@ -54,10 +55,11 @@ impl Server {
             vec![Arc::new(metrics.clone()), Arc::new(routes.clone())];
         let sink = duplex_providers::usage::FanOut(sinks);
         // Local engines read hundreds of MB of models: off the async runtime.
-        let build_config = config.clone();
+        let engines = config.engines.clone();
+        let max_turn = config.turns.max_turn;
         let observer = Arc::new(metrics.clone());
         let providers = tokio::task::spawn_blocking(move || {
-            providers::build(&build_config, Arc::new(sink), observer)
+            providers::build(&engines, max_turn, Arc::new(sink), observer)
         })
         .await
         .map_err(std::io::Error::other)?
@@ -86,15 +88,16 @@ impl Server {
         providers: Option<ProviderSet>,
         usage_routes: metering::SessionUsage,
     ) -> std::io::Result<Server> {
-        let store = Store::open(&config.database_url).await.map_err(|e| {
-            std::io::Error::other(format!("store ({}): {e}", config.database_url_for_logs()))
+        let store = Store::open(&config.store.database_url).await.map_err(|e| {
+            let url = config.store.database_url_for_logs();
+            std::io::Error::other(format!("store ({url}): {e}"))
         })?;
         let billing = duplex_billing::Billing::new(
             store.clone(),
-            config.stripe_webhook_secret.clone(),
-            config.stripe_price_plans.clone(),
+            config.billing.stripe_webhook_secret.clone(),
+            config.billing.stripe_price_plans.clone(),
         );
-        let listener = TcpListener::bind((config.bind_addr, config.port)).await?;
+        let listener = TcpListener::bind((config.server.bind_addr, config.server.port)).await?;
         let local_addr = listener.local_addr()?;
         // 20 ms audio frames must not wait for Nagle's algorithm.
         let listener = listener.tap_io(|tcp| {
@@ -102,13 +105,14 @@ impl Server {
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let grace = config.shutdown_grace;
+        let grace = config.limits.shutdown_grace;
         let switches = switches::watch_switches(
-            config.switches.clone(),
-            config.switches_file.clone(),
+            config.metering.switches.clone(),
+            config.metering.switches_file.clone(),
             shutdown.clone(),
         );
-        let spend_cache = metering::SpendCache::new(config.usage_heartbeat, metrics.clone());
+        let spend_cache =
+            metering::SpendCache::new(config.metering.usage_heartbeat, metrics.clone());
         if let Some(p) = &providers {
             metrics.init_providers(p.stt.name(), p.llm.name(), p.tts.name());
         }
@@ -137,10 +141,10 @@ impl Server {
             });
         }
         let state = Arc::new(http::AppState {
-            auth: auth::Authenticator::new(&config),
-            connect_limiter: auth::ConnectLimiter::new(config.connect_rate_per_min),
+            auth: auth::Authenticator::new(&config.auth),
+            connect_limiter: auth::ConnectLimiter::new(config.limits.connect_rate_per_min),
             switches,
-            connections: Arc::new(Semaphore::new(config.max_connections)),
+            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
             tracker: tracker.clone(),
             billing,

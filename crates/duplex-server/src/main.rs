@@ -1,14 +1,19 @@
 //! `duplex`: the server binary. Reads the configuration (environment, overridden by flags),
 //! sets up logging and metrics, serves until SIGTERM/SIGINT, then drains. `duplex migrate`
 //! applies the database migrations and exits (the server also applies them at startup);
-//! `duplex admin …` answers operators' questions from the store (`admin.rs`).
+//! `duplex admin …` answers operators' questions from the store (`admin.rs`). `duplex --help`
+//! lists every environment variable, from the table in `config.rs`.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use duplex_server::config::LogFormat;
 use duplex_server::{Config, Metrics, Server};
 
-/// Realtime voice-conversation server. Every setting is an environment variable (see the
-/// README); these flags override the most common ones.
+/// Exit status of a bad configuration value: `EX_USAGE` of sysexits(3), so that supervisors
+/// and scripts can tell "fix the settings" from a crash.
+const EX_USAGE: u8 = 64;
+
+/// Realtime voice-conversation server. Every setting is an environment variable (listed
+/// below); these flags override the most common ones.
 #[derive(Parser, Debug)]
 #[command(name = "duplex", version)]
 struct Cli {
@@ -37,7 +42,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command()
+        .after_help(duplex_server::config::help())
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let config = Config::from_lookup(|name| {
         let flag = match name {
             "DUPLEX_PROVIDERS" => cli.providers.clone(),
@@ -51,7 +59,7 @@ fn main() -> std::process::ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("duplex: {e}");
-            return std::process::ExitCode::from(2);
+            return std::process::ExitCode::from(EX_USAGE);
         }
     };
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
@@ -60,7 +68,14 @@ fn main() -> std::process::ExitCode {
             // Output is the command's answer; errors are one line on stderr.
             let now = time::OffsetDateTime::now_utc();
             let mut out = std::io::stdout().lock();
-            return match runtime.block_on(duplex_server::admin::run(&config, args, now, &mut out)) {
+            let run = duplex_server::admin::run(
+                &config.store,
+                &config.metering.plans,
+                args,
+                now,
+                &mut out,
+            );
+            return match runtime.block_on(run) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("duplex admin: {e}");
@@ -70,21 +85,21 @@ fn main() -> std::process::ExitCode {
         }
         other => other,
     };
-    init_logging(config.log_format);
+    init_logging(config.server.log_format);
     if let Some(Command::Migrate) = command {
-        return runtime.block_on(migrate(&config));
+        return runtime.block_on(migrate(&config.store));
     }
     runtime.block_on(async move {
         let server = match Server::bind(config.clone(), Metrics::new()).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, bind = %config.bind_addr, port = config.port, "cannot start");
+                tracing::error!(error = %e, bind = %config.server.bind_addr, port = config.server.port, "cannot start");
                 return std::process::ExitCode::from(1);
             }
         };
         tracing::info!(
             addr = %server.local_addr(),
-            providers = config.providers.as_str(),
+            providers = config.engines.providers.as_str(),
             "duplex is ready: ws://{}/v1/conversation",
             server.local_addr()
         );
@@ -100,9 +115,9 @@ fn main() -> std::process::ExitCode {
     })
 }
 
-async fn migrate(config: &Config) -> std::process::ExitCode {
-    let url = config.database_url_for_logs();
-    match duplex_server::Store::open(&config.database_url).await {
+async fn migrate(store: &duplex_server::config::StoreConfig) -> std::process::ExitCode {
+    let url = store.database_url_for_logs();
+    match duplex_server::Store::open(&store.database_url).await {
         Ok(store) => {
             store.close().await;
             tracing::info!(database = %url, "migrations applied");

@@ -15,7 +15,7 @@ use duplex_store::{Store, StoreError, User};
 use tokio::sync::mpsc;
 
 use crate::auth::Identity;
-use crate::config::Config;
+use crate::config::MeteringConfig;
 
 /// Usage records queued for one session's actor. Records come a few per turn; 64 covers a
 /// burst, and a full queue drops (the Prometheus counters still have them).
@@ -32,7 +32,7 @@ pub(crate) struct Account {
 /// `free`) or the anonymous dev user on `ANONYMOUS_PLAN`.
 pub(crate) async fn load_account(
     store: &Store,
-    config: &Config,
+    config: &MeteringConfig,
     identity: &Identity,
 ) -> Result<Account, StoreError> {
     let user = store.ensure_user(&identity.user_id).await?;

@@ -17,7 +17,7 @@ use duplex_providers::router::{BreakerConfig, LlmRouter, RouterConfig};
 use duplex_providers::scripted::{ScriptedConfig, ScriptedLlm, ScriptedStt, ScriptedTts};
 use duplex_providers::{LanguageModel, Meter, ProviderSet, SpeechToText, TextToSpeech, UsageSink};
 
-use crate::config::{Config, LlmEngine, ProviderMode, SttEngine, TtsEngine};
+use crate::config::{EnginesConfig, LlmEngine, ProviderMode, SttEngine, TtsEngine};
 
 /// A local engine that could not load: the message names the file and the command that
 /// installs it.
@@ -30,8 +30,10 @@ pub struct BuildError {
 
 /// The engines of every session; `None` in echo mode (no providers at all).
 /// The LLM router reports its failovers and breakers to `router_observer` (the metrics).
+/// `max_turn` (the endpointer's longest utterance) bounds what a non-streaming recognizer keeps.
 pub fn build(
-    config: &Config,
+    config: &EnginesConfig,
+    max_turn: std::time::Duration,
     usage: Arc<dyn UsageSink>,
     router_observer: Arc<dyn duplex_providers::router::RouterObserver>,
 ) -> Result<Option<ProviderSet>, BuildError> {
@@ -95,7 +97,7 @@ pub fn build(
             let mut c = OpenAiSttConfig::new(key(&cloud.openai_api_key));
             c.base_url = cloud.openai_base_url.clone();
             c.model = cloud.openai_stt_model.clone();
-            c.max_utterance = config.max_turn.max(std::time::Duration::from_secs(1));
+            c.max_utterance = max_turn.max(std::time::Duration::from_secs(1));
             Arc::new(OpenAiStt::new(c, meter.clone()))
         }
     };
@@ -196,9 +198,10 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let config = Config::from_lookup(|k| map.get(k).cloned()).expect("valid");
+        let config = crate::Config::from_lookup(|k| map.get(k).cloned()).expect("valid");
         build(
-            &config,
+            &config.engines,
+            config.turns.max_turn,
             Arc::new(duplex_providers::usage::NullSink),
             Arc::new(crate::Metrics::new()),
         )

@@ -29,7 +29,7 @@ use duplex_providers::{
 };
 use duplex_session::{
     ClientIn, Command, Input, LlmIn, Observation, Session, SessionConfig, Speaker, SttIn, TtsIn,
-    TurnId, TurnRequest, UsageTotals, VadMode,
+    TurnId, TurnRequest, UsageTotals,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -87,23 +87,18 @@ fn session_config(config: &Config, id: &str, providers: Option<&ProviderSet>) ->
             llm: p.llm.name().to_owned(),
             tts: p.tts.name().to_owned(),
         }),
-        system_prompt: config.system_prompt.clone(),
-        audio_lead: config.audio_lead,
-        vad_mode: match config.vad_mode {
-            0 => VadMode::Quality,
-            1 => VadMode::LowBitrate,
-            2 => VadMode::Aggressive,
-            _ => VadMode::VeryAggressive,
-        },
-        speech_start: config.speech_start,
-        end_of_turn: config.end_of_turn,
-        max_turn: config.max_turn,
-        idle_timeout: config.idle_timeout,
-        pre_start_timeout: config.pre_start_timeout,
-        shutdown_grace: config.shutdown_grace,
-        max_message_bytes: config.max_message_bytes,
-        max_input_text_chars: config.max_input_text_chars,
-        usage_heartbeat: config.usage_heartbeat,
+        system_prompt: config.assistant.system_prompt.clone(),
+        audio_lead: config.assistant.audio_lead,
+        vad_mode: config.turns.vad_mode,
+        speech_start: config.turns.speech_start,
+        end_of_turn: config.turns.end_of_turn,
+        max_turn: config.turns.max_turn,
+        idle_timeout: config.limits.idle_timeout,
+        pre_start_timeout: config.limits.pre_start_timeout,
+        shutdown_grace: config.limits.shutdown_grace,
+        max_message_bytes: config.limits.max_message_bytes,
+        max_input_text_chars: config.limits.max_input_text_chars,
+        usage_heartbeat: config.metering.usage_heartbeat,
         final_write_timeout: duplex_session::DEFAULT_FINAL_WRITE_TIMEOUT,
         jitter_seed: rand::random(),
     }
@@ -784,7 +779,7 @@ async fn load_account(
 ) -> Result<duplex_session::Admitted, String> {
     let store = &ctx.store;
     let loaded = async {
-        let account = crate::metering::load_account(store, &ctx.config, identity).await?;
+        let account = crate::metering::load_account(store, &ctx.config.metering, identity).await?;
         let day = wall_clock().date();
         let spend = &ctx.spend_cache;
         let totals = crate::metering::totals(store, spend, account.user.id, day).await?;

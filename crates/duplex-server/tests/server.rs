@@ -26,10 +26,10 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Scripted providers with short, realistic delays.
 fn test_config() -> Config {
     let mut c = Config::for_tests();
-    c.scripted_llm_first_token = Duration::from_millis(30);
-    c.scripted_llm_token_interval = Duration::from_millis(2);
-    c.scripted_tts_latency = Duration::from_millis(20);
-    c.end_of_turn = Duration::from_millis(500);
+    c.engines.scripted_llm_first_token = Duration::from_millis(30);
+    c.engines.scripted_llm_token_interval = Duration::from_millis(2);
+    c.engines.scripted_tts_latency = Duration::from_millis(20);
+    c.turns.end_of_turn = Duration::from_millis(500);
     c
 }
 
@@ -456,7 +456,7 @@ async fn unsupported_query_parameters_get_an_error_event() {
 #[tokio::test]
 async fn oversized_message_closes_with_1009() {
     let mut config = test_config();
-    config.max_message_bytes = 4096;
+    config.limits.max_message_bytes = 4096;
     let ts = TestServer::start(config).await;
     let mut c = connect(&ts, 16000).await;
     c.send_binary_raw(vec![0; 640]).await.unwrap();
@@ -542,7 +542,7 @@ async fn provider_faults_are_reported_and_the_session_recovers() {
 #[tokio::test]
 async fn idle_sessions_are_closed() {
     let mut config = test_config();
-    config.idle_timeout = Duration::from_secs(1);
+    config.limits.idle_timeout = Duration::from_secs(1);
     let ts = TestServer::start(config).await;
     let mut c = connect(&ts, 16000).await;
     let err = expect_error(&mut c, ErrorCode::IdleTimeout).await;
@@ -559,7 +559,7 @@ async fn idle_sessions_are_closed() {
 #[tokio::test]
 async fn a_connection_without_a_session_is_closed_at_the_pre_start_deadline() {
     let mut config = test_config();
-    config.pre_start_timeout = Duration::from_secs(1);
+    config.limits.pre_start_timeout = Duration::from_secs(1);
     let ts = TestServer::start(config).await;
     let mut c = Client::connect(&ts.url(), None).await.expect("connects");
     let started = std::time::Instant::now();
@@ -592,7 +592,7 @@ async fn a_connection_without_a_session_is_closed_at_the_pre_start_deadline() {
 #[tokio::test]
 async fn long_ping_ids_and_typed_turns_are_refused_with_invalid_message() {
     let mut config = test_config();
-    config.max_input_text_chars = 20;
+    config.limits.max_input_text_chars = 20;
     let ts = TestServer::start(config).await;
     let mut c = connect(&ts, 16000).await;
     c.send_json(&ClientMessage::Ping(Ping {
@@ -633,7 +633,7 @@ async fn long_ping_ids_and_typed_turns_are_refused_with_invalid_message() {
 #[tokio::test]
 async fn connection_caps_refuse_before_upgrade() {
     let mut config = test_config();
-    config.max_connections_per_ip = 2;
+    config.limits.max_connections_per_ip = 2;
     let ts = TestServer::start(config).await;
     let _a = connect(&ts, 16000).await;
     let _b = connect(&ts, 16000).await;
@@ -655,7 +655,7 @@ async fn connection_caps_refuse_before_upgrade() {
     assert!(ok, "a slot frees after a session ends");
 
     let mut config = test_config();
-    config.max_connections = 1;
+    config.limits.max_connections = 1;
     let ts = TestServer::start(config).await;
     let _a = connect(&ts, 16000).await;
     let err = Client::connect(&ts.url(), None)
@@ -721,7 +721,7 @@ async fn graceful_shutdown_lets_the_turn_finish() {
 #[tokio::test]
 async fn echo_mode_returns_one_frame_per_frame() {
     let mut config = test_config();
-    config.providers = ProviderMode::Echo;
+    config.engines.providers = ProviderMode::Echo;
     let ts = TestServer::start(config).await;
     let wav = speech("Echo test.", 16000);
     let mut cfg = SessionConfig::new(ts.url());
@@ -738,7 +738,7 @@ async fn echo_mode_returns_one_frame_per_frame() {
 #[tokio::test]
 async fn slow_consumer_is_disconnected_with_bounded_memory() {
     let mut config = test_config();
-    config.providers = ProviderMode::Echo;
+    config.engines.providers = ProviderMode::Echo;
     let ts = TestServer::start(config).await;
     // A raw client that sends many frames and never reads: the echoes pile up in the socket
     // buffers, then in the bounded writer queue, and the server gives up on it.

@@ -18,8 +18,8 @@ const SECRET: &str = "integration-test-secret";
 
 fn auth_config() -> Config {
     let mut c = test_config();
-    c.jwt_secret = Some(Secret(SECRET.into()));
-    c.jwt_issuer = Some("https://id.example".into());
+    c.auth.jwt_secret = Some(Secret(SECRET.into()));
+    c.auth.jwt_issuer = Some("https://id.example".into());
     c
 }
 
@@ -158,7 +158,7 @@ async fn tokens_in_header_subprotocol_and_query_are_accepted() {
 #[tokio::test]
 async fn connect_rate_limit_answers_429() {
     let mut config = test_config();
-    config.connect_rate_per_min = 2;
+    config.limits.connect_rate_per_min = 2;
     let ts = TestServer::start(config).await;
     let _a = connect(&ts, 16000).await;
     let _b = connect(&ts, 16000).await;
@@ -172,7 +172,7 @@ async fn connect_rate_limit_answers_429() {
 #[tokio::test]
 async fn origins_outside_the_allow_list_get_403() {
     let mut config = test_config();
-    config.allowed_origins = vec!["https://app.example".into()];
+    config.auth.allowed_origins = vec!["https://app.example".into()];
     let ts = TestServer::start(config).await;
     let url = format!("{}?v=1", ts.url());
     let (status, _) = handshake(&url, &[("origin", "https://evil.example")])
@@ -270,9 +270,9 @@ fn clerk_config(api_url: &str, secret_key: &str) -> Config {
         Config::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
             .expect("valid config");
     let mut c = test_config();
-    c.clerk_secret_key = parsed.clerk_secret_key;
-    c.clerk_api_url = parsed.clerk_api_url;
-    c.jwt_issuer = parsed.jwt_issuer;
+    c.auth.clerk_secret_key = parsed.auth.clerk_secret_key;
+    c.auth.clerk_api_url = parsed.auth.clerk_api_url;
+    c.auth.jwt_issuer = parsed.auth.jwt_issuer;
     c
 }
 

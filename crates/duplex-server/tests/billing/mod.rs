@@ -29,9 +29,9 @@ async fn bounded(fut: impl Future<Output = ()>) {
 
 fn config(db: &TestDb) -> Config {
     let mut c = Config::for_tests();
-    c.database_url = db.url.clone();
-    c.stripe_webhook_secret = WebhookSecret::new(SECRET);
-    c.stripe_price_plans =
+    c.store.database_url = db.url.clone();
+    c.billing.stripe_webhook_secret = WebhookSecret::new(SECRET);
+    c.billing.stripe_price_plans =
         PricePlans::parse("price_pro_monthly:pro,price_business_monthly:business").unwrap();
     c
 }
@@ -428,7 +428,7 @@ async fn unconfigured_webhooks_answer_503_and_the_path_and_size_are_bounded() {
 
         let db = TestDb::sqlite("wh_path");
         let mut c = config(&db);
-        c.stripe_webhook_path = "/hooks/billing".into();
+        c.billing.stripe_webhook_path = "/hooks/billing".into();
         let server = start(c).await;
         let header = sign(&body, &WebhookSecret::new(SECRET).unwrap(), now());
         let (status, _) = post(

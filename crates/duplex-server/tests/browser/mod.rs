@@ -339,7 +339,7 @@ async fn the_client_is_served_with_types_validators_and_security_headers() {
 
     // An API-only deployment.
     let mut config = test_config();
-    config.web_client = false;
+    config.server.web_client = false;
     let api = TestServer::start(config).await;
     assert_eq!(get(api.server.local_addr(), "/", &[]).await.0, 404);
     assert_eq!(
@@ -351,7 +351,7 @@ async fn the_client_is_served_with_types_validators_and_security_headers() {
 #[tokio::test]
 async fn a_plain_get_tells_why_an_upgrade_would_be_refused() {
     let mut config = test_config();
-    config.jwt_secret = Some(duplex_server::auth::Secret("browser-secret".into()));
+    config.auth.jwt_secret = Some(duplex_server::auth::Secret("browser-secret".into()));
     let ts = TestServer::start(config).await;
     let addr = ts.server.local_addr();
     let (status, _, body) = get(addr, "/v1/conversation?v=1", &[]).await;
@@ -379,7 +379,7 @@ async fn a_plain_get_tells_why_an_upgrade_would_be_refused() {
 #[tokio::test]
 async fn metrics_need_the_token_when_one_is_set() {
     let mut config = test_config();
-    config.metrics_token = Some(duplex_server::auth::Secret("scrape-me".into()));
+    config.auth.metrics_token = Some(duplex_server::auth::Secret("scrape-me".into()));
     let ts = TestServer::start(config).await;
     let addr = ts.server.local_addr();
     let (status, h, _) = get(addr, "/metrics", &[]).await;
@@ -630,11 +630,11 @@ async fn jwt_deployment_auth_error_usage_and_limit_in_chromium() {
     const SECRET: &str = "browser-test-secret";
     let port = free_port();
     let mut config = test_config();
-    config.port = port;
-    config.allowed_origins = vec![format!("http://127.0.0.1:{port}")];
-    config.jwt_secret = Some(duplex_server::auth::Secret(SECRET.into()));
-    config.plans = duplex_metering::PlanTable::parse("", Some(3), None).unwrap();
-    config.usage_heartbeat = Duration::from_secs(1);
+    config.server.port = port;
+    config.auth.allowed_origins = vec![format!("http://127.0.0.1:{port}")];
+    config.auth.jwt_secret = Some(duplex_server::auth::Secret(SECRET.into()));
+    config.metering.plans = duplex_metering::PlanTable::parse("", Some(3), None).unwrap();
+    config.metering.usage_heartbeat = Duration::from_secs(1);
     let _ts = TestServer::start(config).await;
     let mic = mic_file(
         "limit",
@@ -729,8 +729,8 @@ async fn the_page_reconnects_after_a_server_restart() {
     }
     let port = free_port();
     let mut config = test_config();
-    config.port = port;
-    config.shutdown_grace = Duration::from_millis(200);
+    config.server.port = port;
+    config.limits.shutdown_grace = Duration::from_millis(200);
     let first = TestServer::start(config.clone()).await;
     let mic = mic_file(
         "restart",

@@ -58,7 +58,7 @@ impl Fakes {
         }
         let parsed = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid config");
         let mut c = super::test_config();
-        c.cloud = parsed.cloud;
+        c.engines.cloud = parsed.engines.cloud;
         c
     }
 }

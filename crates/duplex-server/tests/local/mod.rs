@@ -32,8 +32,8 @@ pub(super) fn local_config() -> Option<Config> {
         return None;
     }
     let mut c = Config::for_tests();
-    c.providers = ProviderMode::Local;
-    c.models_dir = duplex_local::ModelDir::from_env().root().to_path_buf();
+    c.engines.providers = ProviderMode::Local;
+    c.engines.models_dir = duplex_local::ModelDir::from_env().root().to_path_buf();
     Some(c)
 }
 
@@ -85,9 +85,9 @@ async fn a_spoken_question_gets_a_spoken_answer_from_the_local_engines() {
 #[tokio::test]
 async fn a_missing_model_stops_startup_with_the_file_and_the_fix() {
     let mut config = Config::for_tests();
-    config.providers = ProviderMode::Local;
+    config.engines.providers = ProviderMode::Local;
     let empty = std::env::temp_dir().join(format!("duplex-no-models-{}", std::process::id()));
-    config.models_dir = empty.clone();
+    config.engines.models_dir = empty.clone();
     let err = match Server::bind(config, Metrics::new()).await {
         Ok(_) => panic!("the server started without models"),
         Err(e) => e.to_string(),

@@ -61,9 +61,10 @@ async fn bounded(fut: impl Future<Output = ()>) {
 /// written every [`HEARTBEAT_SECS`].
 fn metered_config(free_daily_seconds: u64) -> Config {
     let mut c = test_config();
-    c.jwt_secret = Some(Secret(SECRET.into()));
-    c.plans = PlanTable::parse("", Some(free_daily_seconds), None).expect("valid plan limits");
-    c.usage_heartbeat = Duration::from_secs(HEARTBEAT_SECS);
+    c.auth.jwt_secret = Some(Secret(SECRET.into()));
+    c.metering.plans =
+        PlanTable::parse("", Some(free_daily_seconds), None).expect("valid plan limits");
+    c.metering.usage_heartbeat = Duration::from_secs(HEARTBEAT_SECS);
     c
 }
 
@@ -548,7 +549,7 @@ async fn concurrent_sessions_of_one_user_share_the_daily_limit() {
     bounded(each_backend("metering_concurrent", |db| async move {
         let day0 = today();
         let mut config = metered_config(4);
-        config.database_url = db.url.clone();
+        config.store.database_url = db.url.clone();
         let ts = TestServer::start(config).await;
         let (a, _) = ready_as(&ts.url(), USER).await;
         let (b, _) = ready_as(&ts.url(), USER).await;
@@ -766,7 +767,7 @@ async fn expect_audio_start(c: &mut Client, what: &str) {
 async fn kill_switches_at_startup_refuse_new_sessions() {
     bounded(async {
         let mut config = metered_config(600);
-        config.switches.ai_generation_enabled = false;
+        config.metering.switches.ai_generation_enabled = false;
         let ts = TestServer::start(config).await;
         set_plan(ts.server.store(), "user_pro", "pro").await;
         for sub in ["user_free", "user_pro"] {
@@ -776,7 +777,7 @@ async fn kill_switches_at_startup_refuse_new_sessions() {
         stop(ts).await;
 
         let mut config = metered_config(600);
-        config.switches.free_tier_enabled = false;
+        config.metering.switches.free_tier_enabled = false;
         let ts = TestServer::start(config).await;
         set_plan(ts.server.store(), "user_pro", "pro").await;
         let l = expect_refused(&ts.url(), "user_free").await;
@@ -798,7 +799,7 @@ async fn kill_switches_at_startup_refuse_new_sessions() {
 async fn daily_spend_cap_denies_turns_and_keeps_the_session_open() {
     bounded(async {
         let mut config = metered_config(600);
-        config.switches.max_daily_spend_micros = Some(1_000_000); // USD 1
+        config.metering.switches.max_daily_spend_micros = Some(1_000_000); // USD 1
         let ts = TestServer::start(config).await;
         let store = ts.server.store().clone();
         let (mut c, _) = ready_as(&ts.url(), USER).await;
@@ -862,7 +863,7 @@ async fn switches_file_turns_generation_off_without_a_restart() {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("switches.env");
         let mut config = metered_config(600);
-        config.switches_file = Some(file.clone());
+        config.metering.switches_file = Some(file.clone());
         let ts = TestServer::start(config).await;
         // pro: 30 turns a minute, so the probes below stay clear of the turn rate limit.
         set_plan(ts.server.store(), USER, "pro").await;
@@ -994,7 +995,7 @@ async fn a_usage_update_follows_each_turn() {
     bounded(async {
         let mut config = metered_config(600);
         // No heartbeat within the test: every usage_update after the first is a turn's.
-        config.usage_heartbeat = Duration::from_secs(600);
+        config.metering.usage_heartbeat = Duration::from_secs(600);
         let ts = TestServer::start(config).await;
         let (mut c, _) = ready_as(&ts.url(), USER).await;
         c.wait_for(
@@ -1039,7 +1040,7 @@ async fn a_usage_update_follows_each_turn() {
 async fn the_turn_rate_limit_holds_across_a_users_sessions() {
     bounded(async {
         let mut config = metered_config(600);
-        config.plans = PlanTable::parse("free:turns_per_minute=2", Some(600), None)
+        config.metering.plans = PlanTable::parse("free:turns_per_minute=2", Some(600), None)
             .expect("valid plan limits");
         let ts = TestServer::start(config).await;
         let (mut a, _) = ready_as(&ts.url(), USER).await;

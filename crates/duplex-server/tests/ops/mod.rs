@@ -109,7 +109,7 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     .collect();
     let parsed = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid config");
     let mut config = test_config();
-    config.cloud = parsed.cloud;
+    config.engines.cloud = parsed.engines.cloud;
     let ts = TestServer::start(config).await;
     // One spoken turn: the cloud model's usage and cost reach the counters.
     let mut cfg = SessionConfig::new(ts.url());
@@ -261,6 +261,80 @@ fn the_manifests_select_real_engines_and_a_writable_data_volume() {
     let deployment = read("deploy/k8s/deployment.yaml");
     assert!(deployment.contains(&format!("runAsUser: {DEPLOY_UID}")));
     assert!(deployment.contains("readOnlyRootFilesystem: true"));
+}
+
+/// Runs the `duplex` binary with only `env` set and waits at most 30 s for it to exit.
+fn run_duplex(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let data = std::env::temp_dir().join(format!("duplex-cli-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args(args)
+        .env_clear()
+        // Should the configuration be accepted after all, the server must not bind a public
+        // port, load models or write to the working directory before the timeout kills it.
+        .env("BIND_ADDR", "127.0.0.1")
+        .env("PORT", "0")
+        .env("DUPLEX_PROVIDERS", "echo")
+        .env("DUPLEX_DATA_DIR", &data)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the duplex binary starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait for duplex").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("duplex {args:?} with {env:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    child.wait_with_output().expect("duplex's output")
+}
+
+#[test]
+fn a_bad_value_exits_with_ex_usage_naming_the_variable() {
+    for (name, value) in [
+        ("PORT", "99999"),
+        ("VAD_MODE", "7"),
+        ("IDLE_TIMEOUT_SECS", "soon"),
+        ("ANONYMOUS_PLAN", "gold"),
+        ("TTS_PROVIDER", "azure"), // without AZURE_SPEECH_KEY, which the error names
+    ] {
+        let out = run_duplex(&[], &[(name, value)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}={value}: {stderr}");
+        let named = if name == "TTS_PROVIDER" {
+            "AZURE_SPEECH_KEY"
+        } else {
+            name
+        };
+        assert!(stderr.contains(named), "{name}={value}: {stderr}");
+    }
+    // A bad flag is a bad value too.
+    let out = run_duplex(&["--providers", "magic"], &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DUPLEX_PROVIDERS"));
+}
+
+#[test]
+fn help_lists_every_variable_by_section() {
+    let out = run_duplex(&["--help"], &[]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for section in duplex_server::config::Section::ALL {
+        assert!(
+            help.contains(&format!("\n{}:\n", section.title())),
+            "{help}"
+        );
+    }
+    for var in duplex_server::config::VARS {
+        assert!(
+            help.contains(&format!("\n  {}\n", var.name)),
+            "{}",
+            var.name
+        );
+    }
 }
 
 /// A copy of the test build's `duplex` binary where the deploy user can run it (the target
