@@ -320,6 +320,7 @@ struct ServerProcess {
     child: Child,
     addr: SocketAddr,
     log_path: PathBuf,
+    data_dir: PathBuf,
 }
 
 impl ServerProcess {
@@ -336,6 +337,12 @@ impl ServerProcess {
             std::process::id(),
             scenario.name()
         ));
+        let data_dir = std::env::temp_dir().join(format!(
+            "duplex-load-bench-{}-{}-data",
+            std::process::id(),
+            scenario.name()
+        ));
+        let _ = std::fs::remove_dir_all(&data_dir);
         let log = std::fs::File::create(&log_path).expect("server log file");
         let child = Command::new(server_binary())
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
@@ -344,6 +351,10 @@ impl ServerProcess {
             .env("RUST_LOG", "warn")
             .env("MAX_CONNECTIONS", "100000")
             .env("MAX_CONNECTIONS_PER_IP", "100000")
+            // Every session comes from 127.0.0.1: the per-IP connect rate would refuse most.
+            .env("CONNECT_RATE_PER_MIN", "0")
+            // The SQLite store of the run lives and dies with it, never in the source tree.
+            .env("DUPLEX_DATA_DIR", &data_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -353,6 +364,7 @@ impl ServerProcess {
             child,
             addr,
             log_path,
+            data_dir,
         };
         for _ in 0..HEALTH_TRIES {
             if let Ok(Some(status)) = server.child.try_wait() {
@@ -379,6 +391,7 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
 
