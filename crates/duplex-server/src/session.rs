@@ -790,13 +790,14 @@ impl Session {
         };
         let store = self.ctx.store.clone();
         let user_id = account.user.id;
+        let session_id = self.id.clone();
         let tx = self.metering.persist_tx.clone();
         let spend = self.ctx.spend_cache.clone();
         tokio::spawn(
             async move {
                 let r = timeout(
                     PERSIST_TIMEOUT,
-                    crate::metering::persist(&store, &spend, user_id, &delta),
+                    crate::metering::persist(&store, &spend, &session_id, user_id, &delta),
                 )
                 .await;
                 let r = match r {
@@ -862,6 +863,7 @@ impl Session {
         let user_id = self.metering.account.as_ref().map(|a| a.user.id);
         let store = self.ctx.store.clone();
         let spend = self.ctx.spend_cache.clone();
+        let session_id = self.id.clone();
         let work = async {
             loop {
                 match self.metering.meter.poll_output() {
@@ -869,7 +871,7 @@ impl Session {
                         let Some(user_id) = user_id else { return };
                         let r = timeout(
                             PERSIST_TIMEOUT,
-                            crate::metering::persist(&store, &spend, user_id, &delta),
+                            crate::metering::persist(&store, &spend, &session_id, user_id, &delta),
                         )
                         .await;
                         let input = match r {
