@@ -549,6 +549,44 @@ async fn routes_pick_endpoints_by_plan() {
     .await;
 }
 
+#[tokio::test]
+async fn a_client_model_outside_the_plans_route_is_not_used() {
+    within(LIMIT, async {
+        let (primary, backup, _) = two_fakes().await;
+        let router = LlmRouter::new(
+            vec![
+                Arc::new(OpenAiLlm::new(endpoint(&primary, "primary"), Meter::none())),
+                Arc::new(OpenAiLlm::new(endpoint(&backup, "backup"), Meter::none())),
+            ],
+            duplex_providers::router::parse_routes("plan=free => backup; * => primary,backup")
+                .unwrap(),
+            fast_router(),
+        )
+        .unwrap();
+        // A free session asking for the paid plans' endpoint still gets the free route.
+        let mut free = request("hi");
+        free.plan = Some("free".into());
+        free.model = Some("primary".into());
+        assert_eq!(collect(router.stream(free)).await.0, "Backup answer.");
+        assert_eq!(primary.requests().len(), 0);
+        let err = router.check_model(Some("free"), "primary").unwrap_err();
+        assert_eq!(
+            err,
+            "model \"primary\" is not available on this plan (available: backup); the plan's default applies"
+        );
+        assert!(router.check_model(Some("free"), "backup").is_ok());
+        // Within the plan's chain the client's choice goes first.
+        let mut pro = request("hi");
+        pro.plan = Some("pro".into());
+        pro.model = Some("backup".into());
+        assert_eq!(collect(router.stream(pro)).await.0, "Backup answer.");
+        assert!(router.check_model(Some("pro"), "primary").is_ok());
+        let long = "x".repeat(500);
+        assert!(router.check_model(Some("pro"), &long).unwrap_err().len() < 200);
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // TTS adapters
 // ---------------------------------------------------------------------------------------------
