@@ -632,6 +632,46 @@ async fn synthesize(
 const CHUNKS: &[&str] = &["Hello there.", "Fish & chips <today>?"];
 
 #[tokio::test]
+async fn http_tts_and_transcription_fail_on_a_silent_server_after_the_read_timeout() {
+    within(LIMIT, async {
+        let fake = OpenAiFake::start("sk-test", "").await;
+        let mut c = OpenAiTtsConfig::new("sk-test");
+        c.base_url = fake.base_url();
+        c.read_timeout = Duration::from_millis(300);
+        let tts = OpenAiTts::new(c, Meter::none());
+        // The fake accepts the request and never sends a byte.
+        fake.push_fault(Api::Speech, Fault::HangBeforeFirstByte);
+        let started = std::time::Instant::now();
+        let (_, _, _, err) = synthesize(&tts, CHUNKS).await;
+        let waited = started.elapsed();
+        match err {
+            Some(ProviderError::Timeout(m)) => assert!(m.contains("read timeout"), "{m}"),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+
+        let mut c = OpenAiSttConfig::new("sk-test");
+        c.base_url = fake.base_url();
+        c.read_timeout = Duration::from_millis(300);
+        let stt = OpenAiStt::new(c, Meter::none());
+        fake.push_fault(Api::Transcriptions, Fault::HangBeforeFirstByte);
+        let mut s = stt.open(stt_params());
+        for _ in 0..50 {
+            s.input.send(SttInput::Audio(loud_frame())).await.unwrap();
+        }
+        s.input.send(SttInput::Finalize).await.unwrap();
+        match s.events.recv().await {
+            Some(SttEvent::Error(ProviderError::Timeout(_))) => {}
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn openai_tts_streams_pcm_per_chunk() {
     within(LIMIT, async {
         let fake = OpenAiFake::start("sk-test", "").await;
