@@ -398,7 +398,10 @@ impl Conversation {
                 if self.is_current(turn) {
                     // The turn never ran (the user was told why): its question is not part
                     // of the conversation, and must not ride along with the next one.
-                    let t = self.turn.take().expect("is_current checked the turn exists");
+                    let t = self
+                        .turn
+                        .take()
+                        .expect("is_current checked the turn exists");
                     self.unpush_user(&t.user_text);
                     self.out.push_back(Output::CancelTurn { turn });
                     self.out.push_back(Output::TurnEnded {
@@ -730,7 +733,11 @@ impl Conversation {
         if text.is_empty() {
             return;
         }
-        let Some(last) = self.history.back_mut().filter(|e| e.speaker == Speaker::User) else {
+        let Some(last) = self
+            .history
+            .back_mut()
+            .filter(|e| e.speaker == Speaker::User)
+        else {
             return;
         };
         match last.text.strip_suffix(text) {

@@ -540,7 +540,10 @@ async fn a_replayed_session_usage_write_is_applied_once() {
         assert_eq!(after_one.conversation_ms, 5_000);
         assert_eq!(after_one.tts_chars, 40);
         assert_eq!(after_one.cost_micro_usd, 1_500);
-        assert_eq!(store.user_by_id(a).await.unwrap().unwrap().trial_ms_used, 2_000);
+        assert_eq!(
+            store.user_by_id(a).await.unwrap().unwrap().trial_ms_used,
+            2_000
+        );
         assert!(write("s1", 2).await, "the next write applies");
         // A late duplicate of an older write (the first attempt finally reaching the
         // database) is older than what was applied: nothing.
@@ -550,7 +553,10 @@ async fn a_replayed_session_usage_write_is_applied_once() {
         let totals = store.usage_for_day(a, d).await.unwrap();
         assert_eq!(totals.conversation_ms, 15_000);
         assert_eq!(totals.cost_micro_usd, 4_500);
-        assert_eq!(store.user_by_id(a).await.unwrap().unwrap().trial_ms_used, 6_000);
+        assert_eq!(
+            store.user_by_id(a).await.unwrap().unwrap().trial_ms_used,
+            6_000
+        );
         // Concurrent deliveries of one write: exactly one applies.
         let (x, y) = tokio::join!(write("s1", 3), write("s1", 3));
         assert!(x ^ y, "one of two concurrent replays applies ({x}, {y})");
@@ -560,9 +566,7 @@ async fn a_replayed_session_usage_write_is_applied_once() {
         );
         // An unknown user: the error, and the write is not recorded as applied.
         assert!(matches!(
-            store
-                .add_session_usage("s3", 1, 999_999, d, delta, 0)
-                .await,
+            store.add_session_usage("s3", 1, 999_999, d, delta, 0).await,
             Err(StoreError::Database(_))
         ));
         store.close().await;
