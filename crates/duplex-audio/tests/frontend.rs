@@ -182,3 +182,42 @@ fn events_do_not_depend_on_client_frame_size() {
         }
     }
 }
+
+/// Property tests: any bytes a client sends, at any supported rate and encoding, give events
+/// or the documented `OddLength` (pcm16 with an odd byte count), never a panic; the front end
+/// stays usable after a refused frame.
+mod fuzz {
+    use duplex_audio::{AudioError, FrontEnd, FrontEndConfig, SUPPORTED_RATES};
+    use duplex_proto::Encoding;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn push_takes_any_bytes(
+            rate in prop::sample::select(SUPPORTED_RATES.to_vec()),
+            mulaw in any::<bool>(),
+            frames in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..4000), 1..8),
+        ) {
+            let encoding = if mulaw { Encoding::Mulaw } else { Encoding::Pcm16 };
+            let mut fe = FrontEnd::new(FrontEndConfig {
+                encoding,
+                input_rate: rate,
+                vad_mode: Default::default(),
+                endpoint: Default::default(),
+            })
+            .expect("supported rate");
+            let mut events = Vec::new();
+            for bytes in &frames {
+                match fe.push(bytes, &mut events) {
+                    Ok(()) => {}
+                    Err(AudioError::OddLength(n)) => {
+                        prop_assert!(!mulaw && n % 2 == 1 && n == bytes.len());
+                    }
+                    Err(e) => prop_assert!(false, "undocumented error {e}"),
+                }
+            }
+        }
+    }
+}

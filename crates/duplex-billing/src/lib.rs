@@ -18,8 +18,13 @@
 //! is still retrying the payment (Smart Retries), and cutting a paying user off at the first
 //! declined card is the wrong default; when Stripe gives up it moves the subscription to
 //! `canceled` or `unpaid`, which (like `incomplete`, `incomplete_expired`, `paused`, and a
-//! deleted subscription) falls back to `free`. A price missing from `STRIPE_PRICE_PLANS` grants
-//! no plan and is logged as an error.
+//! deleted subscription) falls back to `free`. A subscription event that would grant a plan
+//! (an entitled status) with a price missing from `STRIPE_PRICE_PLANS` is refused
+//! ([`WebhookError::UnknownPrice`], 422): nothing is applied, so Stripe keeps redelivering it
+//! (for up to three days) and shows the failures, and once the operator maps the price the
+//! next delivery applies it. Silently granting `free` to a paying customer is the failure this
+//! avoids. A non-entitled subscription (canceled, incomplete, …) grants nothing whatever its
+//! price, so it is applied.
 //!
 //! ## Exactly once, in order
 //!
@@ -103,17 +108,48 @@ pub enum WebhookError {
     /// The database failed: nothing was applied; Stripe should retry.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// A subscription that would grant a plan has a price `STRIPE_PRICE_PLANS` does not map:
+    /// nothing was applied; Stripe retries until the operator maps the price.
+    #[error(
+        "subscription {subscription} has price {price:?}, which STRIPE_PRICE_PLANS does not map to a plan: not applied, map it and Stripe's retry applies it"
+    )]
+    UnknownPrice {
+        subscription: String,
+        price: Option<String>,
+    },
 }
 
 impl WebhookError {
-    /// The HTTP status to answer with: 503 unconfigured, 400 refused, 500 retry later.
+    /// The HTTP status to answer with: 503 unconfigured, 400 refused, 422 unknown price
+    /// (retry once configured), 500 retry later. Stripe retries every non-2xx answer.
     pub fn http_status(&self) -> u16 {
         match self {
             WebhookError::NotConfigured => 503,
             WebhookError::Signature(_) | WebhookError::Payload(_) => 400,
+            WebhookError::UnknownPrice { .. } => 422,
             WebhookError::Store(_) => 500,
         }
     }
+
+    /// A short name of the failure, for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            WebhookError::NotConfigured => "not_configured",
+            WebhookError::Signature(_) => "signature",
+            WebhookError::Payload(_) => "payload",
+            WebhookError::UnknownPrice { .. } => "unknown_price",
+            WebhookError::Store(_) => "store",
+        }
+    }
+
+    /// Every [`WebhookError::label`], so that a metric's series exist from startup.
+    pub const LABELS: &[&str] = &[
+        "not_configured",
+        "signature",
+        "payload",
+        "unknown_price",
+        "store",
+    ];
 }
 
 /// The Stripe webhook handler: the secret, the price map and the store.
@@ -268,11 +304,12 @@ impl Billing {
             .as_deref()
             .and_then(|p| self.plans.plan_for(p))
             .map(str::to_owned);
-        if plan.is_none() {
-            tracing::error!(
-                event_id = %event.id, subscription = %sub.id, price = ?price_id,
-                "subscription price is not in STRIPE_PRICE_PLANS: it grants no plan"
-            );
+        if plan.is_none() && !deleted && entitled(&sub.status) {
+            // Dropping the transaction rolls back the event id with everything else.
+            return Err(WebhookError::UnknownPrice {
+                subscription: sub.id.clone(),
+                price: price_id,
+            });
         }
         row.stripe_customer_id = customer.to_owned();
         row.status = if deleted {

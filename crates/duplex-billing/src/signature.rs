@@ -104,8 +104,10 @@ pub fn verify(
     if !matched {
         return Err(SignatureError::Mismatch);
     }
-    let age_secs = now_unix - t;
-    if age_secs.abs() > TOLERANCE_SECS {
+    // Saturating: a signed timestamp near i64's ends must not overflow (a panic in debug, and
+    // in release a wrapped age that could pass the check).
+    let age_secs = now_unix.saturating_sub(t);
+    if age_secs.unsigned_abs() > TOLERANCE_SECS.unsigned_abs() {
         return Err(SignatureError::OutsideTolerance { age_secs });
     }
     Ok(t)
@@ -267,5 +269,44 @@ mod tests {
         assert_eq!(decode_hex("ABff"), Some(vec![0xab, 0xff]));
         assert_eq!(decode_hex("abc"), None);
         assert_eq!(decode_hex("zz"), None);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests: any header, any body, any timestamp: one of the documented
+    //! [`SignatureError`]s or a verified timestamp, never a panic.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_750_000_000;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_header_is_refused_cleanly(
+            header in "((t|v1|v0|x)=[0-9a-f]{0,70}|[^,]{0,20}|,| )*",
+            body in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let secret = WebhookSecret::new("whsec_test").unwrap();
+            let r = verify(Some(&header), &body, &secret, NOW);
+            prop_assert!(r.is_err(), "a guessed header verified: {header}");
+        }
+
+        #[test]
+        fn any_signed_timestamp_is_judged_without_overflow(
+            t in prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), (NOW - 400)..(NOW + 400)],
+            now in prop_oneof![any::<i64>(), Just(i64::MIN), Just(NOW)],
+        ) {
+            let secret = WebhookSecret::new("whsec_test").unwrap();
+            let header = sign(b"{}", &secret, t);
+            match verify(Some(&header), b"{}", &secret, now) {
+                Ok(got) => prop_assert_eq!(got, t),
+                Err(SignatureError::OutsideTolerance { .. }) => {}
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
     }
 }

@@ -805,3 +805,50 @@ mod tests {
         .assert_debug_eq(&out);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests: any text, split into any deltas, gives speakable chunks (each with a
+    //! letter or digit) that together say every letter and digit of the text, in order
+    //! (markup, spacing and unspeakable pieces may go), and never a panic.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn speakable(s: &str) -> String {
+        s.chars().filter(|c| c.is_alphanumeric()).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn chunks_keep_every_word(
+            text in "([A-Za-z0-9]{1,8}|[ .,;:!?\n'\"()/-]|https?://[a-z.]{1,12}|[0-9]\\.[0-9]|Dr\\.|e\\.g\\.|\\PC){0,80}",
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            // Cut at character boundaries only: deltas are strings.
+            let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
+            let mut at: Vec<usize> = cuts
+                .iter()
+                .filter(|_| !bounds.is_empty())
+                .map(|c| bounds[c.index(bounds.len())])
+                .collect();
+            at.sort_unstable();
+            at.dedup();
+            let mut chunker = SentenceChunker::new(ChunkerConfig::default());
+            let mut out = Vec::new();
+            let mut from = 0;
+            for &cut in at.iter().chain(std::iter::once(&text.len())) {
+                chunker.push(&text[from..cut], &mut out);
+                from = cut;
+            }
+            chunker.finish(&mut out);
+            for c in &out {
+                prop_assert!(c.chars().any(char::is_alphanumeric), "unspeakable chunk in {out:?}");
+            }
+            let said: String = out.iter().map(|c| speakable(c)).collect();
+            prop_assert_eq!(said, speakable(&text));
+        }
+    }
+}

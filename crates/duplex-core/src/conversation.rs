@@ -39,6 +39,9 @@ pub struct HistoryEntry {
     pub text: String,
 }
 
+/// The default of [`ConversationConfig::max_history_bytes`].
+pub const DEFAULT_MAX_HISTORY_BYTES: usize = 32 * 1024;
+
 /// Tunables of the conversation core.
 #[derive(Debug, Clone)]
 pub struct ConversationConfig {
@@ -52,6 +55,10 @@ pub struct ConversationConfig {
     pub max_queued_audio: Duration,
     /// Oldest entries are dropped past this many history entries.
     pub max_history: usize,
+    /// Oldest entries are dropped while the history's text is longer than this many bytes
+    /// (UTF-8), and a single entry longer than this keeps only its newest part. The system
+    /// prompt is kept apart and always sent whole.
+    pub max_history_bytes: usize,
     pub chunker: ChunkerConfig,
     /// Format of the outbound audio, announced in `assistant_audio.start`.
     pub output_format: proto::AudioFormat,
@@ -67,6 +74,9 @@ impl Default for ConversationConfig {
             max_queued_audio: Duration::from_secs(2),
             // 40 entries = 20 exchanges: enough context for a voice chat, bounded prompt size.
             max_history: 40,
+            // 32 KiB, about 8,000 tokens: half an hour of spoken exchanges, and every turn
+            // sends all of it, so it bounds each request's prompt cost and the memory held.
+            max_history_bytes: DEFAULT_MAX_HISTORY_BYTES,
             chunker: ChunkerConfig::default(),
             output_format: proto::AudioFormat {
                 encoding: proto::Encoding::Pcm16,
@@ -201,6 +211,9 @@ struct ChunkSpan {
 #[derive(Debug)]
 struct Turn {
     id: TurnId,
+    /// What the user said for this turn, as added to the history: taken back out if the turn
+    /// is rejected or fails before answering anything.
+    user_text: String,
     text: String,
     chunker: SentenceChunker,
     next_chunk: u32,
@@ -343,13 +356,8 @@ impl Conversation {
                     if t.text.is_empty() {
                         // Nothing was answered: forget the question too, so that the user's
                         // retry is not merged with it into a doubled prompt.
-                        if self
-                            .history
-                            .back()
-                            .is_some_and(|e| e.speaker == Speaker::User)
-                        {
-                            self.history.pop_back();
-                        }
+                        let asked = std::mem::take(&mut t.user_text);
+                        self.unpush_user(&asked);
                     }
                     self.emit(ServerMessage::error(ErrorCode::LlmError, message, false));
                     // Speak what was generated before the fault, then end the turn.
@@ -388,7 +396,13 @@ impl Conversation {
             }
             Input::RejectTurn { turn } => {
                 if self.is_current(turn) {
-                    self.turn = None;
+                    // The turn never ran (the user was told why): its question is not part
+                    // of the conversation, and must not ride along with the next one.
+                    let t = self
+                        .turn
+                        .take()
+                        .expect("is_current checked the turn exists");
+                    self.unpush_user(&t.user_text);
                     self.out.push_back(Output::CancelTurn { turn });
                     self.out.push_back(Output::TurnEnded {
                         turn,
@@ -512,11 +526,12 @@ impl Conversation {
     }
 
     fn start_turn(&mut self, now: Instant, user_done_at: Instant, text: String) {
-        self.push_history(Speaker::User, text);
+        self.push_history(Speaker::User, text.clone());
         let id = self.next_turn;
         self.next_turn += 1;
         self.turn = Some(Turn {
             id,
+            user_text: text,
             text: String::new(),
             chunker: SentenceChunker::new(self.config.chunker.clone()),
             next_chunk: 0,
@@ -683,6 +698,57 @@ impl Conversation {
         while self.history.len() > self.config.max_history {
             self.history.pop_front();
         }
+        self.cap_history_bytes();
+    }
+
+    /// Drops the oldest entries while the history is over `max_history_bytes`; an entry that
+    /// is over the cap by itself (the newest, since the others went first) keeps its end.
+    fn cap_history_bytes(&mut self) {
+        let cap = self.config.max_history_bytes;
+        let mut total: usize = self.history.iter().map(|e| e.text.len()).sum();
+        while total > cap && self.history.len() > 1 {
+            let dropped = self.history.pop_front().expect("len > 1");
+            total -= dropped.text.len();
+        }
+        if let Some(only) = self.history.front_mut().filter(|e| e.text.len() > cap) {
+            let mut cut = only.text.len() - cap;
+            while !only.text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            // Start at a word if there is one close by, not in the middle of one.
+            if let Some(space) = only.text[cut..].find(' ').filter(|&i| i < 64) {
+                cut += space + 1;
+            }
+            only.text.drain(..cut);
+            if only.text.is_empty() {
+                self.history.clear();
+            }
+        }
+    }
+
+    /// Takes a turn's user text back out of the history: the end of the newest user entry
+    /// (it may have been merged with an earlier unanswered utterance), or the whole entry.
+    fn unpush_user(&mut self, text: &str) {
+        let text = text.trim();
+        if text.is_empty() {
+            return;
+        }
+        let Some(last) = self
+            .history
+            .back_mut()
+            .filter(|e| e.speaker == Speaker::User)
+        else {
+            return;
+        };
+        match last.text.strip_suffix(text) {
+            Some(rest) if !rest.trim().is_empty() => {
+                let keep = rest.trim_end().len();
+                last.text.truncate(keep);
+            }
+            _ => {
+                self.history.pop_back();
+            }
+        }
     }
 }
 
@@ -746,11 +812,19 @@ mod tests {
     }
 
     fn check(script: &str, expect: Expect) {
+        check_with(ConversationConfig::default(), script, expect);
+    }
+
+    pub(super) fn check_with_config(config: ConversationConfig, script: &str, expect: Expect) {
+        check_with(config, script, expect);
+    }
+
+    fn check_with(config: ConversationConfig, script: &str, expect: Expect) {
         let base = Instant::now();
         let at = |ms: u64| base + Duration::from_millis(ms);
         let mut c = Conversation::new(ConversationConfig {
             system_prompt: "be brief".into(),
-            ..ConversationConfig::default()
+            ..config
         });
         let mut log = String::new();
         let mut now_ms = 0u64;
@@ -1172,8 +1246,8 @@ mod tests {
                   100 < delta 1 Too_late.
                   200 < text again
                   200 send {"type":"user_transcript","text":"again","is_final":true}
-                  200 start_turn 2 history=["User:over the limit again"]
-                history: ["User: over the limit again"]
+                  200 start_turn 2 history=["User:again"]
+                history: ["User: again"]
             "#]],
         );
     }
@@ -1209,6 +1283,118 @@ mod tests {
                  1550 send {"type":"user_transcript","text":"first part second part","is_final":true}
                  1550 start_turn 1 history=["User:first part second part"]
                 history: ["User: first part second part"]
+            "#]],
+        );
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    //! The history's bounds and what stays out of it, as timelines (see `tests`).
+
+    use super::tests::check_with_config as check_with;
+    use super::*;
+    use expect_test::expect;
+
+    #[test]
+    fn history_is_capped_in_bytes_oldest_first() {
+        // Turn 3 drops the oldest entries until the rest fit in 100 bytes; turn 4 interrupts
+        // turn 3 before anything was heard, so the two questions merge into one entry longer
+        // than the cap, which keeps its newest words.
+        let config = ConversationConfig {
+            max_history_bytes: 100,
+            ..ConversationConfig::default()
+        };
+        check_with(
+            config,
+            r#"
+            0 text first question here
+            10 delta 1 First_answer.
+            20 done 1
+            30 tts_finished 1
+            100 text second question here
+            110 delta 2 Second_answer.
+            120 done 2
+            130 tts_finished 2
+            200 text one very long question that is far longer than half of the cap
+            300 text and a second one, merged with it because nothing of the answer was heard
+            "#,
+            expect![[r#"
+                    0 < text first question here
+                    0 send {"type":"user_transcript","text":"first question here","is_final":true}
+                    0 start_turn 1 history=["User:first question here"]
+                   10 < delta 1 First_answer.
+                   10 latency llm_first_token 10ms
+                   10 send {"type":"assistant_message","turn_id":1,"delta":"First answer.","is_final":false}
+                   20 < done 1
+                   20 send {"type":"assistant_message","turn_id":1,"text":"First answer.","is_final":true}
+                   20 TtsText { turn: 1, index: 0, text: "First answer." }
+                   20 TtsEnd { turn: 1 }
+                   30 < tts_finished 1
+                   30 TurnEnded { turn: 1, reason: Complete, audio_ms: 0 }
+                  100 < text second question here
+                  100 send {"type":"user_transcript","text":"second question here","is_final":true}
+                  100 start_turn 2 history=["User:first question here", "Assistant:First answer.", "User:second question here"]
+                  110 < delta 2 Second_answer.
+                  110 latency llm_first_token 10ms
+                  110 send {"type":"assistant_message","turn_id":2,"delta":"Second answer.","is_final":false}
+                  120 < done 2
+                  120 send {"type":"assistant_message","turn_id":2,"text":"Second answer.","is_final":true}
+                  120 TtsText { turn: 2, index: 0, text: "Second answer." }
+                  120 TtsEnd { turn: 2 }
+                  130 < tts_finished 2
+                  130 TurnEnded { turn: 2, reason: Complete, audio_ms: 0 }
+                  200 < text one very long question that is far longer than half of the cap
+                  200 send {"type":"user_transcript","text":"one very long question that is far longer than half of the cap","is_final":true}
+                  200 start_turn 3 history=["User:second question here", "Assistant:Second answer.", "User:one very long question that is far longer than half of the cap"]
+                  300 < text and a second one, merged with it because nothing of the answer was heard
+                  300 CancelTurn { turn: 3 }
+                  300 send {"type":"interrupted","turn_id":3,"played_ms":0,"heard_text":""}
+                  300 TurnEnded { turn: 3, reason: Interrupted, audio_ms: 0 }
+                  300 send {"type":"user_transcript","text":"and a second one, merged with it because nothing of the answer was heard","is_final":true}
+                  300 start_turn 4 history=["User:than half of the cap and a second one, merged with it because nothing of the answer was heard"]
+                history: ["User: than half of the cap and a second one, merged with it because nothing of the answer was heard"]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn a_rejected_question_stays_out_even_after_an_unheard_answer() {
+        check_with(
+            ConversationConfig::default(),
+            r#"
+            0 text first question
+            100 text second question
+            101 reject 2
+            200 text third question
+            210 llm_error 3
+            300 text fourth
+            "#,
+            expect![[r#"
+                    0 < text first question
+                    0 send {"type":"user_transcript","text":"first question","is_final":true}
+                    0 start_turn 1 history=["User:first question"]
+                  100 < text second question
+                  100 CancelTurn { turn: 1 }
+                  100 send {"type":"interrupted","turn_id":1,"played_ms":0,"heard_text":""}
+                  100 TurnEnded { turn: 1, reason: Interrupted, audio_ms: 0 }
+                  100 send {"type":"user_transcript","text":"second question","is_final":true}
+                  100 start_turn 2 history=["User:first question second question"]
+                  101 < reject 2
+                  101 CancelTurn { turn: 2 }
+                  101 TurnEnded { turn: 2, reason: Error, audio_ms: 0 }
+                  200 < text third question
+                  200 send {"type":"user_transcript","text":"third question","is_final":true}
+                  200 start_turn 3 history=["User:first question third question"]
+                  210 < llm_error 3
+                  210 send {"type":"error","code":"llm_error","message":"boom","fatal":false}
+                  210 send {"type":"assistant_message","turn_id":3,"text":"","is_final":true}
+                  210 TtsEnd { turn: 3 }
+                  210 TurnEnded { turn: 3, reason: Error, audio_ms: 0 }
+                  300 < text fourth
+                  300 send {"type":"user_transcript","text":"fourth","is_final":true}
+                  300 start_turn 4 history=["User:first question fourth"]
+                history: ["User: first question fourth"]
             "#]],
         );
     }

@@ -48,8 +48,11 @@
 //! attributed by each session from the totals it knows, so concurrent sessions can under-charge
 //! the trial by as much.
 //!
-//! A failed write loses nothing: its usage goes back into the unsent total and is sent with
-//! the next heartbeat. Exactly one write is in flight at a time. After
+//! A failed write loses nothing and counts once: a write that failed or timed out may have
+//! committed anyway, so it is sent again unchanged, with the same `seq`
+//! ([`UsageDelta::retried`]), before any newer usage; the store applies each (session, `seq`)
+//! once, so a replay of a write that did commit adds nothing. Exactly one write is in flight
+//! at a time, and `seq`s reach the store in increasing order. After
 //! [`MeterInput::Ending`] the meter writes the rest (retrying failed writes every heartbeat)
 //! and reports `Finished`; a crash loses at most the usage of one heartbeat.
 //!

@@ -137,6 +137,9 @@ pub struct UsageDelta {
     pub cost_micros: u64,
     /// Written after [`MeterInput::Ending`] (the session's final usage).
     pub last: bool,
+    /// A replay of a write whose outcome was unknown: same `seq`, same numbers. The store
+    /// applies a `(session, seq)` once, so a replay of a write that did commit adds nothing.
+    pub retried: bool,
 }
 
 /// Why a turn may not start.
@@ -404,6 +407,10 @@ struct Live {
     pending: BTreeMap<UtcDate, Acc>,
     /// The one write the store is working on.
     in_flight: Option<UsageDelta>,
+    /// A write whose outcome is unknown (it failed or timed out, and may have committed
+    /// anyway): sent again unchanged, same `seq`, before anything newer, so that the store's
+    /// `(session, seq)` check can tell a replay from new usage.
+    unacked: Option<UsageDelta>,
     next_seq: u64,
     /// Conversation time is metered up to here.
     accounted_to: Instant,
@@ -504,7 +511,7 @@ impl SessionMeter {
             acc.stt_ms += a.stt_ms;
             acc.cost_micros += a.cost_micros;
         }
-        if let Some(d) = &live.in_flight {
+        for d in live.in_flight.iter().chain(&live.unacked) {
             acc.add_delta(d);
         }
         Some(UsageDelta {
@@ -517,6 +524,7 @@ impl SessionMeter {
             stt_ms: acc.stt_ms,
             cost_micros: acc.cost_micros,
             last: live.phase != Phase::Running,
+            retried: false,
         })
     }
 }
@@ -552,6 +560,7 @@ impl Live {
             acked,
             pending: BTreeMap::new(),
             in_flight: None,
+            unacked: None,
             next_seq: 1,
             accounted_to: now,
             session_ms: 0,
@@ -602,7 +611,10 @@ impl Live {
                 acc.llm_tokens += u.llm_tokens;
                 acc.stt_ms += u.stt_ms;
                 acc.cost_micros += u.cost_micros;
-                if self.phase != Phase::Running && self.in_flight.is_none() {
+                if self.phase != Phase::Running
+                    && self.in_flight.is_none()
+                    && self.unacked.is_none()
+                {
                     // Late usage after the final writes: write it too.
                     self.phase = Phase::Ending;
                     self.send_final(out);
@@ -612,9 +624,12 @@ impl Live {
                 if self.in_flight.as_ref().map(|d| d.seq) != Some(seq) {
                     return; // not the write in flight: a stale or duplicate answer
                 }
-                self.in_flight = None;
+                let was_retry = self.in_flight.take().is_some_and(|d| d.retried);
                 self.merge_totals(totals);
                 match self.phase {
+                    // A retry answered: the usage held back behind it goes out now rather
+                    // than a heartbeat later.
+                    Phase::Running if was_retry => self.heartbeat(out),
                     Phase::Running => out.push_back(MeterOutput::Usage(self.usage_update())),
                     Phase::Ending => self.send_final(out),
                     Phase::Finished => {}
@@ -624,8 +639,9 @@ impl Live {
                 if self.in_flight.as_ref().map(|d| d.seq) != Some(seq) {
                     return;
                 }
-                let d = self.in_flight.take().expect("checked above");
-                self.pending.entry(d.day).or_default().add_delta(&d);
+                // The write may have committed before it failed (a timeout after the commit):
+                // keep it whole and send it again as it is, never merged into newer usage.
+                self.unacked = self.in_flight.take();
                 if self.phase == Phase::Ending {
                     self.retry_at = Some(now + config.heartbeat);
                 }
@@ -747,6 +763,9 @@ impl Live {
         if self.in_flight.is_some() {
             return; // the store is slow; the next heartbeat sends everything
         }
+        if self.resend(out) {
+            return;
+        }
         let day = self
             .pending
             .keys()
@@ -768,11 +787,23 @@ impl Live {
             stt_ms: std::mem::take(&mut acc.stt_ms),
             cost_micros: std::mem::take(&mut acc.cost_micros),
             last: false,
+            retried: false,
         };
         if acc.is_empty() && day != self.today {
             self.pending.remove(&day);
         }
         self.send(delta, out);
+    }
+
+    /// Sends the write of unknown outcome again, unchanged; `false` when there is none.
+    fn resend(&mut self, out: &mut VecDeque<MeterOutput>) -> bool {
+        let Some(mut d) = self.unacked.take() else {
+            return false;
+        };
+        d.retried = true;
+        self.in_flight = Some(d.clone());
+        out.push_back(MeterOutput::Persist(d));
+        true
     }
 
     fn send(&mut self, delta: UsageDelta, out: &mut VecDeque<MeterOutput>) {
@@ -784,6 +815,9 @@ impl Live {
     /// After `Ending`: writes the unsent days one by one, then `Finished`.
     fn send_final(&mut self, out: &mut VecDeque<MeterOutput>) {
         if self.in_flight.is_some() || self.retry_at.is_some() {
+            return;
+        }
+        if self.resend(out) {
             return;
         }
         self.pending.retain(|_, acc| !acc.is_empty());
@@ -805,6 +839,7 @@ impl Live {
             stt_ms: acc.stt_ms,
             cost_micros: acc.cost_micros,
             last: true,
+            retried: false,
         };
         self.send(delta, out);
     }
@@ -840,7 +875,7 @@ impl Live {
         for (&day, a) in &self.pending {
             add(day, a.ms, a.trial_ms, a.tts_characters, a.cost_micros);
         }
-        if let Some(d) = &self.in_flight {
+        for d in self.in_flight.iter().chain(&self.unacked) {
             add(
                 d.day,
                 d.seconds * 1000,

@@ -2,7 +2,7 @@
 //! deltas atomically (like the real one), printed as a timeline and compared with snapshots.
 //! `<-` lines are inputs, `->` lines outputs; times are seconds since the first session start.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,11 @@ struct Store {
     /// Provider cost of all users per day (other users' spend is seeded directly).
     spend: BTreeMap<UtcDate, u64>,
     down: bool,
+    /// Writes commit but their answers are lost (a timeout after the commit): the meter
+    /// sees a failure.
+    answers_lost: bool,
+    /// Writes applied, by (session, seq): like the real store, a replay adds nothing.
+    applied: BTreeSet<(&'static str, u64)>,
     /// Hold writes until `release` (a slow store).
     hold: bool,
 }
@@ -37,7 +42,10 @@ impl Store {
         }
     }
 
-    fn add(&mut self, d: &UsageDelta) -> UsageTotals {
+    fn add(&mut self, session: &'static str, d: &UsageDelta) -> UsageTotals {
+        if !self.applied.insert((session, d.seq)) {
+            return self.totals(d.day);
+        }
         *self.seconds.entry(d.day).or_default() += d.seconds;
         self.trial += d.trial_seconds;
         *self.tts.entry(d.day.month()).or_default() += d.tts_characters;
@@ -194,8 +202,12 @@ impl Sim {
         let input = if self.store.down {
             self.line(name, format!("<- persist #{} failed", d.seq));
             MeterInput::PersistFailed { seq: d.seq }
+        } else if self.store.answers_lost {
+            self.store.add(name, &d);
+            self.line(name, format!("<- persist #{} timed out (committed)", d.seq));
+            MeterInput::PersistFailed { seq: d.seq }
         } else {
-            let t = self.store.add(&d);
+            let t = self.store.add(name, &d);
             self.line(
                 name,
                 format!(
@@ -233,14 +245,15 @@ impl Sim {
                 }
                 MeterOutput::Persist(d) => {
                     let text = format!(
-                        "persist #{} {} +{}s trial+{}s tts+{} cost+{}{}",
+                        "persist #{} {} +{}s trial+{}s tts+{} cost+{}{}{}",
                         d.seq,
                         d.day,
                         d.seconds,
                         d.trial_seconds,
                         d.tts_characters,
                         d.cost_micros,
-                        if d.last { " (last)" } else { "" }
+                        if d.last { " (last)" } else { "" },
+                        if d.retried { " (again)" } else { "" }
                     );
                     self.line(name, format!("-> {text}"));
                     if self.store.hold {
@@ -783,16 +796,18 @@ fn store_failure_then_recovery_loses_nothing() {
         5.000     A -> persist #1 2025-06-01 +5s trial+0s tts+0 cost+0
         5.000     A <- persist #1 failed
         6.000     A <- provider usage tts=40 cost=1500
-        10.000    A -> persist #2 2025-06-01 +10s trial+0s tts+40 cost+1500
-        10.000    A <- persist #2 failed
-        15.000    A -> persist #3 2025-06-01 +15s trial+0s tts+40 cost+1500
-        15.000    A <- persist #3 failed
-        20.000    A -> persist #4 2025-06-01 +20s trial+0s tts+40 cost+1500
-        20.000    A <- persisted #4: 2025-06-01 20s, trial 0s, tts 40, spend 1500
+        10.000    A -> persist #1 2025-06-01 +5s trial+0s tts+0 cost+0 (again)
+        10.000    A <- persist #1 failed
+        15.000    A -> persist #1 2025-06-01 +5s trial+0s tts+0 cost+0 (again)
+        15.000    A <- persist #1 failed
+        20.000    A -> persist #1 2025-06-01 +5s trial+0s tts+0 cost+0 (again)
+        20.000    A <- persisted #1: 2025-06-01 5s, trial 0s, tts 0, spend 0
+        20.000    A -> persist #2 2025-06-01 +15s trial+0s tts+40 cost+1500
+        20.000    A <- persisted #2: 2025-06-01 20s, trial 0s, tts 40, spend 1500
         20.000    A -> usage today=20 remaining=3580 session=20
         22.300    A <- ending
-        22.300    A -> persist #5 2025-06-01 +3s trial+0s tts+0 cost+0 (last)
-        22.300    A <- persisted #5: 2025-06-01 23s, trial 0s, tts 40, spend 1500
+        22.300    A -> persist #3 2025-06-01 +3s trial+0s tts+0 cost+0 (last)
+        22.300    A <- persisted #3: 2025-06-01 23s, trial 0s, tts 40, spend 1500
         22.300    A -> finished
     "#]]
     .assert_eq(&sim.log);
@@ -825,11 +840,68 @@ fn finalize_on_close_waits_for_the_write_in_flight_and_retries() {
         6.500     A <- turn 9 requested
         6.500     A -> turn 9 denied session_ended: the session is ending [generation_disabled used=0 allowed=0]
         7.000     A <- persist #1 failed
-        12.000    A -> persist #2 2025-06-01 +7s trial+0s tts+0 cost+0 (last)
+        12.000    A -> persist #1 2025-06-01 +5s trial+0s tts+0 cost+0 (again)
+        12.000    A <- persisted #1: 2025-06-01 5s, trial 0s, tts 0, spend 0
+        12.000    A -> persist #2 2025-06-01 +2s trial+0s tts+0 cost+0 (last)
         12.000    A <- persisted #2: 2025-06-01 7s, trial 0s, tts 0, spend 0
         12.000    A -> finished
     "#]]
     .assert_eq(&sim.log);
     assert!(sim.sessions[a].meter.is_finished());
     assert_eq!(sim.store.seconds[&UnixMs(NOON).date()], 7, "ceil(6.5 s)");
+}
+
+#[test]
+fn a_write_that_committed_but_timed_out_is_not_counted_twice() {
+    let plans = plans(3_600, 0);
+    let free = plans.get("free").unwrap();
+    let mut sim = Sim::new(NOON);
+    let a = sim.start(0.0, "A", free);
+    sim.input(
+        2.0,
+        a,
+        MeterInput::ProviderUsage(ProviderUsage {
+            tts_characters: 40,
+            llm_tokens: 200,
+            stt_ms: 2_000,
+            cost_micros: 1_500,
+        }),
+    );
+    sim.store.answers_lost = true;
+    sim.run_until(6.0);
+    sim.store.answers_lost = false;
+    sim.input(
+        7.0,
+        a,
+        MeterInput::ProviderUsage(ProviderUsage {
+            tts_characters: 10,
+            llm_tokens: 0,
+            stt_ms: 0,
+            cost_micros: 100,
+        }),
+    );
+    sim.run_until(11.0);
+    sim.input(12.0, a, MeterInput::Ending);
+    expect![[r#"
+        0.000     A <- start free at 2025-06-01T12:00:00Z (today 0s, trial used 0s, tts 0)
+        0.000     A -> usage today=0 remaining=3600 session=0
+        2.000     A <- provider usage tts=40 cost=1500
+        5.000     A -> persist #1 2025-06-01 +5s trial+0s tts+40 cost+1500
+        5.000     A <- persist #1 timed out (committed)
+        7.000     A <- provider usage tts=10 cost=100
+        10.000    A -> persist #1 2025-06-01 +5s trial+0s tts+40 cost+1500 (again)
+        10.000    A <- persisted #1: 2025-06-01 5s, trial 0s, tts 40, spend 1500
+        10.000    A -> persist #2 2025-06-01 +5s trial+0s tts+10 cost+100
+        10.000    A <- persisted #2: 2025-06-01 10s, trial 0s, tts 50, spend 1600
+        10.000    A -> usage today=10 remaining=3590 session=10
+        12.000    A <- ending
+        12.000    A -> persist #3 2025-06-01 +2s trial+0s tts+0 cost+0 (last)
+        12.000    A <- persisted #3: 2025-06-01 12s, trial 0s, tts 50, spend 1600
+        12.000    A -> finished
+    "#]]
+    .assert_eq(&sim.log);
+    let day = UnixMs(NOON).date();
+    assert_eq!(sim.store.seconds[&day], 12);
+    assert_eq!(sim.store.tts[&day.month()], 50);
+    assert_eq!(sim.store.spend[&day], 1_600);
 }

@@ -703,3 +703,82 @@ fn protocol_md_json_examples_are_valid_messages() {
         );
     }
 }
+
+/// Property tests: the parser never panics on any text, and every refusal is one of the three
+/// documented codes with a bounded message (a client cannot make the server echo its input).
+mod fuzz {
+    use duplex_proto::{ClientMessage, ErrorCode, parse_client_message};
+    use proptest::prelude::*;
+
+    /// Longest error text: a serde detail is capped at 4 x 64 characters plus the words around.
+    const MAX_ERROR_CHARS: usize = 400;
+
+    fn check(text: &str) {
+        if let Err(e) = parse_client_message(text) {
+            assert!(matches!(
+                e.code(),
+                ErrorCode::MalformedJson
+                    | ErrorCode::UnknownMessageType
+                    | ErrorCode::InvalidMessage
+            ));
+            let shown = e.to_string();
+            assert!(
+                shown.chars().count() <= MAX_ERROR_CHARS,
+                "{} chars: {shown}",
+                shown.chars().count()
+            );
+        }
+    }
+
+    /// A JSON value of a few levels.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            ".{0,300}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(".{0,80}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_text(text in ".{0,400}") {
+            check(&text);
+        }
+
+        #[test]
+        fn objects_of_every_known_type(
+            kind in prop::sample::select(ClientMessage::TYPES.to_vec()),
+            fields in prop::collection::btree_map(
+                prop_oneof![
+                    Just("sample_rate".to_owned()), Just("encoding".to_owned()),
+                    Just("text".to_owned()), Just("turn_id".to_owned()),
+                    Just("played_ms".to_owned()), Just("id".to_owned()),
+                    Just("model".to_owned()), Just("output_sample_rate".to_owned()),
+                    ".{0,100}",
+                ],
+                json(),
+                0..5,
+            ),
+        ) {
+            let mut map: serde_json::Map<String, serde_json::Value> = fields.into_iter().collect();
+            map.insert("type".into(), serde_json::Value::from(kind));
+            check(&serde_json::Value::Object(map).to_string());
+        }
+
+        #[test]
+        fn any_type_name(kind in json()) {
+            check(&serde_json::json!({ "type": kind }).to_string());
+        }
+    }
+}

@@ -11,7 +11,7 @@
 //! [`HttpRequest`]) and the shared [`crate::http::PcmChunkCodec`] (one request per chunk, PCM
 //! decoding, chunk completion); [`crate::http::run_chunked_tts`] is the driver.
 
-use crate::http::{HttpRequest, http_client, run_chunked_tts};
+use crate::http::{HttpRequest, run_chunked_tts};
 use crate::usage::{Meter, UsageKind};
 use crate::{TextToSpeech, TtsParams, TtsStream};
 
@@ -29,6 +29,8 @@ pub struct AzureTtsConfig {
     pub language: String,
     /// 16000 or 24000: selects `raw-16khz-16bit-mono-pcm` or `raw-24khz-16bit-mono-pcm`.
     pub sample_rate: u32,
+    /// No byte for this long (before the headers or between body pieces) fails the turn.
+    pub read_timeout: std::time::Duration,
 }
 
 impl AzureTtsConfig {
@@ -40,6 +42,7 @@ impl AzureTtsConfig {
             voice: "en-US-AvaMultilingualNeural".into(),
             language: "en-US".into(),
             sample_rate: 24_000,
+            read_timeout: crate::http::READ_TIMEOUT,
         }
     }
 
@@ -122,8 +125,8 @@ pub struct AzureTts {
 impl AzureTts {
     pub fn new(config: AzureTtsConfig, meter: Meter) -> AzureTts {
         AzureTts {
+            client: crate::http::http_client_with(config.read_timeout),
             config,
-            client: http_client(),
             meter,
         }
     }

@@ -46,6 +46,9 @@ pub struct ElevenLabsConfig {
     pub stability: f32,
     pub similarity_boost: f32,
     pub connect_timeout: Duration,
+    /// The longest the server may stay silent while audio is owed (text sent and not yet
+    /// voiced, or the end not yet confirmed): first audio of a sentence, or the next message.
+    pub response_timeout: Duration,
 }
 
 impl ElevenLabsConfig {
@@ -60,6 +63,9 @@ impl ElevenLabsConfig {
             stability: 0.5,
             similarity_boost: 0.8,
             connect_timeout: Duration::from_secs(5),
+            // Flash models answer in ~100 ms; 10 s of silence with audio owed is a hung
+            // stream, and the turn should fail rather than wait forever.
+            response_timeout: Duration::from_secs(10),
         }
     }
 
@@ -150,6 +156,10 @@ pub struct ElevenLabsCodec {
     last_index: u32,
     input_done: bool,
     done: bool,
+    response_timeout: Duration,
+    /// When the server last sent something, or audio started to be owed (see
+    /// [`ElevenLabsCodec::owed`]).
+    heard_at: Option<Instant>,
     out: VecDeque<WsOutput<TtsEvent>>,
 }
 
@@ -170,8 +180,15 @@ impl ElevenLabsCodec {
             last_index: 0,
             input_done: false,
             done: false,
+            response_timeout: config.response_timeout,
+            heard_at: None,
             out: VecDeque::new(),
         }
+    }
+
+    /// Audio or the end is owed: text was sent and not voiced, or `End` was sent.
+    fn owed(&self) -> bool {
+        !self.done && (!self.open_chunks.is_empty() || self.input_done)
     }
 
     fn event(&mut self, event: TtsEvent) {
@@ -251,9 +268,13 @@ impl WsCodec for ElevenLabsCodec {
         self.out.push_back(WsOutput::Send(WsFrame::Text(init)));
     }
 
-    fn handle_input(&mut self, _now: Instant, input: TtsInput) {
+    fn handle_input(&mut self, now: Instant, input: TtsInput) {
         if self.done || self.input_done {
             return;
+        }
+        if !self.owed() {
+            // The silence clock starts when audio starts to be owed.
+            self.heard_at = Some(now);
         }
         match input {
             TtsInput::Text { index, text } => {
@@ -290,10 +311,11 @@ impl WsCodec for ElevenLabsCodec {
         }
     }
 
-    fn handle_frame(&mut self, _now: Instant, frame: WsIn) {
+    fn handle_frame(&mut self, now: Instant, frame: WsIn) {
         if self.done {
             return;
         }
+        self.heard_at = Some(now);
         match frame {
             WsIn::Text(text) => self.handle_text(&text),
             WsIn::Binary(_) => {}
@@ -305,7 +327,14 @@ impl WsCodec for ElevenLabsCodec {
         }
     }
 
-    fn handle_timeout(&mut self, _now: Instant) {}
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|at| at <= now) {
+            let secs = self.response_timeout.as_secs_f64();
+            self.fail(ProviderError::Timeout(format!(
+                "ElevenLabs sent nothing for {secs} s while audio was owed"
+            )));
+        }
+    }
 
     fn handle_failure(&mut self, error: ProviderError) {
         self.fail(error);
@@ -320,7 +349,10 @@ impl WsCodec for ElevenLabsCodec {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        None
+        if !self.owed() {
+            return None;
+        }
+        self.heard_at.map(|at| at + self.response_timeout)
     }
 }
 
@@ -407,8 +439,49 @@ mod tests {
                 writeln!(out, "  -> {o:?}").unwrap();
             }
         }
-        assert_eq!(codec.poll_timeout(), None, "the protocol needs no deadline");
+        if !codec.owed() {
+            assert_eq!(codec.poll_timeout(), None, "nothing owed, no deadline");
+        }
         out
+    }
+
+    #[test]
+    fn a_silent_server_fails_the_stream_after_the_response_timeout() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut config = ElevenLabsConfig::new("xi-key", "voice1");
+        config.response_timeout = Duration::from_millis(500);
+        let mut codec = ElevenLabsCodec::new(&config);
+        codec.handle_connected(at(0));
+        while codec.poll_output().is_some() {}
+        assert_eq!(codec.poll_timeout(), None, "nothing owed before text");
+        codec.handle_input(
+            at(100),
+            TtsInput::Text {
+                index: 0,
+                text: "Hi.".into(),
+            },
+        );
+        assert_eq!(codec.poll_timeout(), Some(at(600)), "first audio due");
+        // A message restarts the clock (idle, not total).
+        codec.handle_frame(at(400), WsIn::Text(audio_message(&[1], "H")));
+        assert_eq!(codec.poll_timeout(), Some(at(900)));
+        while codec.poll_output().is_some() {}
+        codec.handle_timeout(at(899));
+        assert_eq!(codec.poll_output(), None, "not yet");
+        codec.handle_timeout(at(900));
+        let mut outs = Vec::new();
+        while let Some(o) = codec.poll_output() {
+            outs.push(format!("{o:?}"));
+        }
+        expect![[r#"
+            [
+                "Event(Error(Timeout(\"ElevenLabs sent nothing for 0.5 s while audio was owed\")))",
+                "Finished",
+            ]
+        "#]]
+        .assert_debug_eq(&outs);
+        assert_eq!(codec.poll_timeout(), None, "finished");
     }
 
     #[test]

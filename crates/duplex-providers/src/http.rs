@@ -21,15 +21,27 @@ use crate::{ProviderError, TtsEvent, TtsInput, TtsTask};
 
 /// TCP + TLS setup longer than this means the endpoint is unreachable; failover beats waiting.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest an HTTP vendor may stay silent while an answer is owed: before the response
+/// headers (first byte) and between body pieces (idle). A live vendor streams audio or tokens
+/// well within a second; 15 s of nothing is a hung connection, and waiting longer only holds
+/// a voice turn. reqwest's read timeout restarts at every read, so a long stream that keeps
+/// flowing is never cut. Adapters take it from their config (`read_timeout`).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Error bodies are logged and shown; a few hundred bytes say what went wrong.
 const MAX_ERROR_BODY: usize = 500;
 
-/// A reqwest client for streaming APIs: a connect timeout, no total timeout (streams are
-/// long), pooled connections.
+/// A reqwest client for streaming APIs: a connect timeout, a [`READ_TIMEOUT`] per read (first
+/// byte and idle), no total timeout (streams are long), pooled connections.
 pub(crate) fn http_client() -> reqwest::Client {
+    http_client_with(READ_TIMEOUT)
+}
+
+/// [`http_client`] with another read timeout (first byte and idle).
+pub(crate) fn http_client_with(read_timeout: Duration) -> reqwest::Client {
     crate::install_crypto_provider();
     reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(read_timeout)
         .user_agent(concat!("duplex/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("a client with these settings always builds")
@@ -40,7 +52,9 @@ pub(crate) fn reqwest_error(e: reqwest::Error) -> ProviderError {
     if e.is_connect() {
         ProviderError::Connect(e.to_string())
     } else if e.is_timeout() {
-        ProviderError::Timeout(e.to_string())
+        ProviderError::Timeout(format!(
+            "the provider sent nothing within its read timeout (first byte or idle): {e}"
+        ))
     } else {
         ProviderError::Closed(e.to_string())
     }

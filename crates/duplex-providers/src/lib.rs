@@ -240,6 +240,14 @@ pub trait LanguageModel: Send + Sync + 'static {
     /// Starts a completion. Must not block; errors come as stream items. The stream ends after
     /// `Done` or the first error.
     fn stream(&self, request: LlmRequest) -> LlmStream;
+    /// Whether a session on `plan` may ask for `model` (`session.start` `model`); the `Err`
+    /// says why, for the client. An engine that ignores the field accepts anything; the
+    /// router accepts only the endpoints of the plan's routes ([`router::RouterCore::plan_endpoints`])
+    /// and ignores any other name when it routes.
+    fn check_model(&self, plan: Option<&str>, model: &str) -> Result<(), String> {
+        let _ = (plan, model);
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -340,6 +340,8 @@ pub struct OpenAiTtsConfig {
     pub model: String,
     /// Used when the session names no voice.
     pub voice: String,
+    /// No byte for this long (before the headers or between body pieces) fails the turn.
+    pub read_timeout: Duration,
 }
 
 impl OpenAiTtsConfig {
@@ -349,6 +351,7 @@ impl OpenAiTtsConfig {
             base_url: OPENAI_BASE_URL.into(),
             model: "gpt-4o-mini-tts".into(),
             voice: "alloy".into(),
+            read_timeout: crate::http::READ_TIMEOUT,
         }
     }
 }
@@ -364,8 +367,8 @@ pub struct OpenAiTts {
 impl OpenAiTts {
     pub fn new(config: OpenAiTtsConfig, meter: Meter) -> OpenAiTts {
         OpenAiTts {
+            client: crate::http::http_client_with(config.read_timeout),
             config,
-            client: http_client(),
             meter,
         }
     }
@@ -435,6 +438,9 @@ pub struct OpenAiSttConfig {
     pub max_utterance: Duration,
     /// Utterances shorter than this are not sent: they give an empty transcript.
     pub min_utterance: Duration,
+    /// No byte of the answer for this long (before the headers or between body pieces)
+    /// fails the transcription.
+    pub read_timeout: Duration,
 }
 
 impl OpenAiSttConfig {
@@ -445,6 +451,7 @@ impl OpenAiSttConfig {
             model: "whisper-1".into(),
             max_utterance: Duration::from_secs(30),
             min_utterance: Duration::from_millis(100),
+            read_timeout: crate::http::READ_TIMEOUT,
         }
     }
 }
@@ -460,8 +467,8 @@ pub struct OpenAiStt {
 impl OpenAiStt {
     pub fn new(config: OpenAiSttConfig, meter: Meter) -> OpenAiStt {
         OpenAiStt {
+            client: crate::http::http_client_with(config.read_timeout),
             config,
-            client: http_client(),
             meter,
         }
     }

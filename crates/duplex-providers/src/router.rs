@@ -300,6 +300,60 @@ impl RouterCore {
             .unwrap_or_else(|| (0..self.names.len()).collect())
     }
 
+    /// The chain for a request whose session asked for endpoint `wanted` (`session.start`
+    /// `model`): that endpoint goes first if it is in the chain the route picked; otherwise
+    /// it changes nothing. A client chooses among its plan's endpoints, never beyond them
+    /// (nor past a size or budget rule that moved the turn to another chain).
+    pub fn chain_for(&self, input: &RouteInput<'_>, wanted: Option<&str>) -> Vec<usize> {
+        let mut chain = self.chain(input);
+        if let Some(i) = wanted.and_then(|w| self.names.iter().position(|n| n == w))
+            && let Some(at) = chain.iter().position(|&c| c == i)
+        {
+            chain.remove(at);
+            chain.insert(0, i);
+        }
+        chain
+    }
+
+    /// The endpoints any request of `plan` may be routed to (whatever its size and budget),
+    /// in first-use order: what a client of that plan may name as its `model`.
+    pub fn plan_endpoints(&self, plan: Option<&str>) -> Vec<&str> {
+        let mut out: Vec<usize> = Vec::new();
+        let input = RouteInput {
+            plan,
+            prompt_tokens: 0,
+            budget_remaining_usd: None,
+        };
+        let mut covered = false;
+        for (conds, chain) in &self.routes {
+            let plan_ok = conds
+                .iter()
+                .all(|c| !matches!(c, Condition::Plan(_)) || c.matches(&input));
+            if !plan_ok {
+                continue;
+            }
+            for &i in chain {
+                if !out.contains(&i) {
+                    out.push(i);
+                }
+            }
+            // A route with no condition but the plan catches every request of it.
+            if conds.iter().all(|c| matches!(c, Condition::Plan(_))) {
+                covered = true;
+                break;
+            }
+        }
+        if !covered {
+            // Requests no route matches go to every endpoint in order.
+            for i in 0..self.names.len() {
+                if !out.contains(&i) {
+                    out.push(i);
+                }
+            }
+        }
+        out.into_iter().map(|i| self.names[i].as_str()).collect()
+    }
+
     pub fn try_acquire(&mut self, now: Instant, endpoint: usize) -> bool {
         self.breakers[endpoint].try_acquire(now)
     }
@@ -836,6 +890,24 @@ impl LanguageModel for LlmRouter {
         &self.name
     }
 
+    fn check_model(&self, plan: Option<&str>, model: &str) -> Result<(), String> {
+        let core = self.core.lock().expect("not poisoned");
+        let allowed = core.plan_endpoints(plan);
+        if allowed.contains(&model) {
+            return Ok(());
+        }
+        // Client text in an error is quoted short (a hostile name could be long).
+        const QUOTE_CHARS: usize = 64;
+        let mut quoted: String = model.chars().take(QUOTE_CHARS).collect();
+        if quoted.len() < model.len() {
+            quoted.push('…');
+        }
+        Err(format!(
+            "model {quoted:?} is not available on this plan (available: {}); the plan's default applies",
+            allowed.join(", ")
+        ))
+    }
+
     fn stream(&self, request: LlmRequest) -> LlmStream {
         let this = self.clone();
         Box::pin(channel_stream(move |tx| async move {
@@ -844,14 +916,13 @@ impl LanguageModel for LlmRouter {
                 prompt_tokens: estimate_tokens(&request),
                 budget_remaining_usd: request.budget_remaining_usd,
             };
-            let mut chain = this.core.lock().expect("not poisoned").chain(&input);
-            // A model the session asked for by endpoint name (or that endpoint's name) goes first.
-            if let Some(wanted) = request.model.as_deref()
-                && let Some(i) = this.endpoints.iter().position(|e| e.name() == wanted)
-            {
-                chain.retain(|&c| c != i);
-                chain.insert(0, i);
-            }
+            // A model the session asked for by endpoint name goes first, within the chain
+            // the route picked only.
+            let chain = this
+                .core
+                .lock()
+                .expect("not poisoned")
+                .chain_for(&input, request.model.as_deref());
             // Endpoints use their configured model.
             let mut upstream = request.clone();
             upstream.model = None;
@@ -1360,6 +1431,53 @@ mod tests {
             }),
             [0, 1]
         );
+    }
+
+    #[test]
+    fn a_client_model_only_reorders_its_plans_chain() {
+        let routes =
+            parse_routes("plan=free => cheap; budget<0.05 => cheap; * => main,cheap").unwrap();
+        let core = RouterCore::new(
+            vec!["main".into(), "cheap".into(), "premium".into()],
+            routes,
+            BreakerConfig::default(),
+        )
+        .unwrap();
+        let pick = |plan, budget, wanted| {
+            core.chain_for(
+                &RouteInput {
+                    plan,
+                    prompt_tokens: 10,
+                    budget_remaining_usd: budget,
+                },
+                wanted,
+            )
+            .iter()
+            .map(|&i| core.names()[i].as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+        };
+        // A free user naming the premium endpoint (or any other outside their route) still
+        // gets their plan's chain.
+        assert_eq!(pick(Some("free"), None, Some("premium")), "cheap");
+        assert_eq!(pick(Some("free"), None, Some("main")), "cheap");
+        // Within the chain, the named endpoint goes first.
+        assert_eq!(pick(Some("pro"), None, Some("cheap")), "cheap,main");
+        assert_eq!(pick(Some("pro"), None, Some("premium")), "main,cheap");
+        // A budget rule is not overridden by the client's choice.
+        assert_eq!(pick(Some("pro"), Some(0.01), Some("main")), "cheap");
+        assert_eq!(pick(Some("pro"), None, Some("unknown")), "main,cheap");
+        assert_eq!(core.plan_endpoints(Some("free")), ["cheap"]);
+        assert_eq!(core.plan_endpoints(Some("pro")), ["cheap", "main"]);
+        // Requests that no route matches go to every endpoint: then all are the plan's.
+        let open = RouterCore::new(
+            vec!["main".into(), "cheap".into(), "premium".into()],
+            parse_routes("plan=free => cheap; tokens>100 => main").unwrap(),
+            BreakerConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(open.plan_endpoints(Some("free")), ["cheap"]);
+        assert_eq!(open.plan_endpoints(None), ["main", "cheap", "premium"]);
     }
 
     #[test]

@@ -549,6 +549,44 @@ async fn routes_pick_endpoints_by_plan() {
     .await;
 }
 
+#[tokio::test]
+async fn a_client_model_outside_the_plans_route_is_not_used() {
+    within(LIMIT, async {
+        let (primary, backup, _) = two_fakes().await;
+        let router = LlmRouter::new(
+            vec![
+                Arc::new(OpenAiLlm::new(endpoint(&primary, "primary"), Meter::none())),
+                Arc::new(OpenAiLlm::new(endpoint(&backup, "backup"), Meter::none())),
+            ],
+            duplex_providers::router::parse_routes("plan=free => backup; * => primary,backup")
+                .unwrap(),
+            fast_router(),
+        )
+        .unwrap();
+        // A free session asking for the paid plans' endpoint still gets the free route.
+        let mut free = request("hi");
+        free.plan = Some("free".into());
+        free.model = Some("primary".into());
+        assert_eq!(collect(router.stream(free)).await.0, "Backup answer.");
+        assert_eq!(primary.requests().len(), 0);
+        let err = router.check_model(Some("free"), "primary").unwrap_err();
+        assert_eq!(
+            err,
+            "model \"primary\" is not available on this plan (available: backup); the plan's default applies"
+        );
+        assert!(router.check_model(Some("free"), "backup").is_ok());
+        // Within the plan's chain the client's choice goes first.
+        let mut pro = request("hi");
+        pro.plan = Some("pro".into());
+        pro.model = Some("backup".into());
+        assert_eq!(collect(router.stream(pro)).await.0, "Backup answer.");
+        assert!(router.check_model(Some("pro"), "primary").is_ok());
+        let long = "x".repeat(500);
+        assert!(router.check_model(Some("pro"), &long).unwrap_err().len() < 200);
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // TTS adapters
 // ---------------------------------------------------------------------------------------------
@@ -592,6 +630,46 @@ async fn synthesize(
 }
 
 const CHUNKS: &[&str] = &["Hello there.", "Fish & chips <today>?"];
+
+#[tokio::test]
+async fn http_tts_and_transcription_fail_on_a_silent_server_after_the_read_timeout() {
+    within(LIMIT, async {
+        let fake = OpenAiFake::start("sk-test", "").await;
+        let mut c = OpenAiTtsConfig::new("sk-test");
+        c.base_url = fake.base_url();
+        c.read_timeout = Duration::from_millis(300);
+        let tts = OpenAiTts::new(c, Meter::none());
+        // The fake accepts the request and never sends a byte.
+        fake.push_fault(Api::Speech, Fault::HangBeforeFirstByte);
+        let started = std::time::Instant::now();
+        let (_, _, _, err) = synthesize(&tts, CHUNKS).await;
+        let waited = started.elapsed();
+        match err {
+            Some(ProviderError::Timeout(m)) => assert!(m.contains("read timeout"), "{m}"),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+
+        let mut c = OpenAiSttConfig::new("sk-test");
+        c.base_url = fake.base_url();
+        c.read_timeout = Duration::from_millis(300);
+        let stt = OpenAiStt::new(c, Meter::none());
+        fake.push_fault(Api::Transcriptions, Fault::HangBeforeFirstByte);
+        let mut s = stt.open(stt_params());
+        for _ in 0..50 {
+            s.input.send(SttInput::Audio(loud_frame())).await.unwrap();
+        }
+        s.input.send(SttInput::Finalize).await.unwrap();
+        match s.events.recv().await {
+            Some(SttEvent::Error(ProviderError::Timeout(_))) => {}
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    })
+    .await;
+}
 
 #[tokio::test]
 async fn openai_tts_streams_pcm_per_chunk() {

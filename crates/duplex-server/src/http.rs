@@ -24,8 +24,11 @@
 //! - `POST /webhooks/stripe` (path: `STRIPE_WEBHOOK_PATH`) — Stripe events, verified against
 //!   `Stripe-Signature` on the raw body (at most [`STRIPE_BODY_LIMIT`] bytes) and applied to the
 //!   store by `duplex-billing`: 200 when applied, already processed, stale or ignored; 400 with
-//!   the reason for a bad signature or payload; 500 when the store failed (nothing applied:
-//!   Stripe retries); 503 when `STRIPE_WEBHOOK_SECRET` is not set.
+//!   the reason for a bad signature or payload; 422 for an entitled subscription whose price
+//!   `STRIPE_PRICE_PLANS` does not map (nothing applied: Stripe retries until it is mapped);
+//!   500 when the store failed (nothing applied: Stripe retries); 503 when
+//!   `STRIPE_WEBHOOK_SECRET` is not set. Every error answer counts in
+//!   `duplex_stripe_webhook_errors_total{reason}`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -178,8 +181,18 @@ async fn stripe_webhook(
             (StatusCode::OK, format!("{word}\n")).into_response()
         }
         Err(e) => {
+            state
+                .session
+                .metrics
+                .stripe_webhook_errors_total
+                .with_label_values(&[e.label()])
+                .inc();
             let status = StatusCode::from_u16(e.http_status())
                 .expect("billing answers with valid status codes");
+            if let duplex_billing::WebhookError::UnknownPrice { .. } = e {
+                tracing::error!(error = %e, "stripe webhook not applied: map the price in STRIPE_PRICE_PLANS");
+                return (status, format!("{e}\n")).into_response();
+            }
             if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
                 tracing::error!(error = %e, "stripe webhook not applied; Stripe will retry");
                 return (status, "store unavailable: not applied, retry later\n").into_response();

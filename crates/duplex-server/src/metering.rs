@@ -78,10 +78,14 @@ pub(crate) async fn totals(
     })
 }
 
-/// Writes one meter delta and returns the user's new totals for its day.
+/// Writes one meter delta of session `session_id` and returns the user's new totals for its
+/// day. Exactly once: the store applies each (session, `delta.seq`) once, so a delta sent
+/// again after a write that timed out but committed is not counted twice (the totals read
+/// back are the same either way).
 pub(crate) async fn persist(
     store: &Store,
     spend: &SpendCache,
+    session_id: &str,
     user_id: i64,
     delta: &duplex_metering::UsageDelta,
 ) -> Result<UsageTotals, StoreError> {
@@ -93,11 +97,21 @@ pub(crate) async fn persist(
         tts_chars: delta.tts_characters as i64,
         cost_micro_usd: delta.cost_micros as i64,
     };
-    store.add_usage(user_id, store_day(delta.day), add).await?;
-    if delta.trial_seconds > 0 {
-        store
-            .add_trial_ms(user_id, (delta.trial_seconds * 1000) as i64)
-            .await?;
+    let applied = store
+        .add_session_usage(
+            session_id,
+            delta.seq,
+            user_id,
+            store_day(delta.day),
+            add,
+            (delta.trial_seconds * 1000) as i64,
+        )
+        .await?;
+    if !applied {
+        tracing::info!(
+            seq = delta.seq,
+            "usage write was already applied (a replay after a lost answer)"
+        );
     }
     let totals = totals(store, spend, user_id, delta.day).await?;
     spend

@@ -101,6 +101,10 @@ pub struct Metrics {
     pub limit_exceeded_total: IntCounterVec,
     /// LLM failovers: an endpoint failed before its first token and the router moved on.
     pub llm_failovers_total: IntCounterVec,
+    /// Stripe webhook requests answered with an error, by reason
+    /// (`duplex_billing::WebhookError::label`; `unknown_price`: a subscription price missing
+    /// from `STRIPE_PRICE_PLANS`, which the operator must map).
+    pub stripe_webhook_errors_total: IntCounterVec,
     /// 1 while an LLM endpoint's circuit breaker is open (or half-open), else 0.
     pub llm_breaker_open: IntGaugeVec,
     /// 1 while `/readyz` answers 200, 0 once draining began.
@@ -157,6 +161,17 @@ impl Metrics {
             &["code"],
         )
         .expect("valid metric");
+        let stripe_webhook_errors_total = IntCounterVec::new(
+            Opts::new(
+                "duplex_stripe_webhook_errors_total",
+                "Stripe webhook requests answered with an error (Stripe retries them), by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in duplex_billing::WebhookError::LABELS {
+            stripe_webhook_errors_total.with_label_values(&[reason]);
+        }
         let stage_latency = HistogramVec::new(
             HistogramOpts::new(
                 "duplex_stage_latency_seconds",
@@ -290,6 +305,7 @@ impl Metrics {
             Box::new(turns_total.clone()),
             Box::new(interruptions_total.clone()),
             Box::new(errors_total.clone()),
+            Box::new(stripe_webhook_errors_total.clone()),
             Box::new(stage_latency.clone()),
             Box::new(frames_in_total.clone()),
             Box::new(frames_out_total.clone()),
@@ -317,6 +333,7 @@ impl Metrics {
             provider_latency,
             limit_exceeded_total,
             llm_failovers_total,
+            stripe_webhook_errors_total,
             llm_breaker_open,
             ready,
             daily_spend_usd,
@@ -455,6 +472,7 @@ mod tests {
         for family in [
             "duplex_stage_latency_seconds",
             "duplex_errors_total",
+            "duplex_stripe_webhook_errors_total",
             "duplex_connections_rejected_total",
             "duplex_limit_exceeded_total",
             "duplex_process_cpu_seconds_total",

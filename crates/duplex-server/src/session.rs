@@ -98,6 +98,10 @@ fn session_config(config: &Config, id: &str, providers: Option<&ProviderSet>) ->
         shutdown_grace: config.limits.shutdown_grace,
         max_message_bytes: config.limits.max_message_bytes,
         max_input_text_chars: config.limits.max_input_text_chars,
+        model_check: providers.map(|p| {
+            let llm = p.llm.clone();
+            duplex_session::ModelCheck::new(move |plan, model| llm.check_model(plan, model))
+        }),
         usage_heartbeat: config.metering.usage_heartbeat,
         final_write_timeout: duplex_session::DEFAULT_FINAL_WRITE_TIMEOUT,
         jitter_seed: rand::random(),
@@ -579,10 +583,11 @@ impl Shell {
                 Command::Persist { user_id, delta } => {
                     let store = self.ctx.store.clone();
                     let spend = self.ctx.spend_cache.clone();
+                    let session_id = self.id.clone();
                     let write = async move {
                         let r = timeout(
                             STORE_TIMEOUT,
-                            crate::metering::persist(&store, &spend, user_id, &delta),
+                            crate::metering::persist(&store, &spend, &session_id, user_id, &delta),
                         )
                         .await;
                         let r = match r {

@@ -31,6 +31,7 @@ mod rng;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use duplex_audio::VadMode;
@@ -88,6 +89,9 @@ pub struct SessionConfig {
     pub max_message_bytes: usize,
     /// Longest accepted `input.text`, in characters.
     pub max_input_text_chars: usize,
+    /// Whether the plan (its name) offers the model a client asks for in `session.start`;
+    /// `Err` says why not (the plan's default then applies). `None`: any name is passed on.
+    pub model_check: Option<ModelCheck>,
     /// How often usage is persisted.
     pub usage_heartbeat: Duration,
     /// After the connection ends, how long writing the final usage may take.
@@ -95,6 +99,29 @@ pub struct SessionConfig {
     /// Seed of the jitter of STT reconnect delays (sessions that failed together must not all
     /// reconnect in the same instant; tests use a fixed seed).
     pub jitter_seed: u64,
+}
+
+/// The LLM engine's answer to "may this plan use this model?" (a lookup in its routing table,
+/// no IO).
+#[derive(Clone)]
+pub struct ModelCheck(Arc<dyn Fn(Option<&str>, &str) -> Result<(), String> + Send + Sync>);
+
+impl ModelCheck {
+    pub fn new(
+        f: impl Fn(Option<&str>, &str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        ModelCheck(Arc::new(f))
+    }
+
+    pub fn check(&self, plan: Option<&str>, model: &str) -> Result<(), String> {
+        (self.0)(plan, model)
+    }
+}
+
+impl std::fmt::Debug for ModelCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelCheck")
+    }
 }
 
 /// The user a session is metered against.

@@ -570,6 +570,17 @@ impl Session {
             ),
         };
         let conversation = core.is_some();
+        // A client may only choose among its plan's models; another name is ignored (the
+        // plan's default applies) and the client is told why.
+        let plan_name = self.metering.account.as_ref().map(|a| a.plan.name.clone());
+        let mut model = s.model.clone();
+        let mut model_refused = None;
+        if let (Some(m), Some(check)) = (model.as_deref(), &cfg.model_check)
+            && let Err(why) = check.check(plan_name.as_deref(), m)
+        {
+            model_refused = Some(why);
+            model = None;
+        }
         self.phase = Phase::Running(Box::new(Running {
             frontend,
             events: Vec::with_capacity(8),
@@ -584,7 +595,7 @@ impl Session {
             output,
             voice: s.voice.clone(),
             language: s.language.clone(),
-            model: s.model.clone(),
+            model,
         }));
         if conversation {
             self.commands.push_back(Command::OpenStt {
@@ -609,6 +620,9 @@ impl Session {
             plan,
             providers: names,
         }));
+        if let Some(why) = model_refused {
+            self.send_error(ErrorCode::InvalidMessage, why, false);
+        }
         self.start_metering(now);
         info!(sample_rate = s.sample_rate, encoding = ?s.encoding, "session started");
         Ok(())

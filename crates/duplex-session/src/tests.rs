@@ -30,6 +30,10 @@ fn config(engines: bool) -> SessionConfig {
         shutdown_grace: Duration::from_secs(20),
         max_message_bytes: 65536,
         max_input_text_chars: 100,
+        model_check: Some(ModelCheck::new(|plan, model| match (plan, model) {
+            (Some("pro"), "big") | (_, "small") => Ok(()),
+            _ => Err(format!("model {model:?} is not available on this plan")),
+        })),
         usage_heartbeat: Duration::from_secs(5),
         final_write_timeout: Duration::from_secs(15),
         jitter_seed: 1,
@@ -588,7 +592,11 @@ fn the_limit_reached_while_the_assistant_speaks_lets_the_turn_finish_then_closes
     let log = std::mem::take(&mut t.log);
     // At 5 s: told, but the turn in progress is not cut off.
     assert!(
-        logged(&log, 5000, "send limit_exceeded daily_seconds used=60 allowed=60"),
+        logged(
+            &log,
+            5000,
+            "send limit_exceeded daily_seconds used=60 allowed=60"
+        ),
         "{log}"
     );
     assert!(!log.contains("close"), "{log}");
@@ -888,4 +896,32 @@ fn echo_mode_returns_every_frame_after_the_front_end_and_reports_speech() {
         120    audio 640 bytes
         140    audio 640 bytes
     "#]]);
+}
+
+#[test]
+fn a_model_outside_the_plan_is_refused_with_an_error_and_the_plan_default_applies() {
+    let mut t = T::new(true);
+    t.admit(plan(None, None), 0);
+    t.text(r#"{"type":"session.start","sample_rate":16000,"model":"big"}"#);
+    t.text(r#"{"type":"input.text","text":"hi"}"#);
+    let log = std::mem::take(&mut t.log);
+    assert!(
+        logged(
+            &log,
+            0,
+            "send error invalid_message: model \"big\" is not available on this plan"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("start_llm turn=1 history=[\"hi\"] model=None"),
+        "{log}"
+    );
+
+    let mut t = T::new(true);
+    t.admit(plan(None, None), 0);
+    t.text(r#"{"type":"session.start","sample_rate":16000,"model":"small"}"#);
+    t.text(r#"{"type":"input.text","text":"hi"}"#);
+    assert!(t.errors().is_empty());
+    assert!(t.log.contains("model=Some(\"small\")"), "{}", t.log);
 }

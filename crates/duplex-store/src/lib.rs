@@ -50,12 +50,20 @@ pub const FREE_PLAN: &str = "free";
 
 /// Migrations, embedded so that the binary needs no files next to it: `(version,
 /// description, SQLite SQL, PostgreSQL SQL)`. A test checks this list against `migrations/`.
-const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../../migrations/sqlite/0001_initial.sql"),
-    include_str!("../../../migrations/postgres/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../../migrations/sqlite/0001_initial.sql"),
+        include_str!("../../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "usage_writes",
+        include_str!("../../../migrations/sqlite/0002_usage_writes.sql"),
+        include_str!("../../../migrations/postgres/0002_usage_writes.sql"),
+    ),
+];
 
 /// Versions and file names of the embedded migrations, for the test that compares them with
 /// the `migrations/` folders.
@@ -418,34 +426,99 @@ impl Store {
         day: Date,
         delta: UsageDelta,
     ) -> Result<DailyUsage> {
-        let row = sqlx::query(
-            "INSERT INTO usage_daily (user_id, day, conversation_ms, stt_ms, llm_prompt_tokens,
-                 llm_completion_tokens, tts_chars, cost_micro_usd)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (user_id, day) DO UPDATE SET
-                 conversation_ms = usage_daily.conversation_ms + excluded.conversation_ms,
-                 stt_ms = usage_daily.stt_ms + excluded.stt_ms,
-                 llm_prompt_tokens = usage_daily.llm_prompt_tokens + excluded.llm_prompt_tokens,
-                 llm_completion_tokens =
-                     usage_daily.llm_completion_tokens + excluded.llm_completion_tokens,
-                 tts_chars = usage_daily.tts_chars + excluded.tts_chars,
-                 cost_micro_usd = usage_daily.cost_micro_usd + excluded.cost_micro_usd
-             RETURNING conversation_ms, stt_ms, llm_prompt_tokens, llm_completion_tokens,
-                 tts_chars, cost_micro_usd",
-        )
-        .bind(user_id)
-        .bind(day_key(day))
-        .bind(delta.conversation_ms)
-        .bind(delta.stt_ms)
-        .bind(delta.llm_prompt_tokens)
-        .bind(delta.llm_completion_tokens)
-        .bind(delta.tts_chars)
-        .bind(delta.cost_micro_usd)
-        .fetch_one(&self.pool)
-        .await?;
-        daily_usage(&row)
+        let mut conn = self.pool.acquire().await?;
+        add_usage(&mut conn, user_id, day, delta).await
     }
 
+    /// Applies usage write `seq` of a session exactly once: adds `delta` to the user's totals
+    /// for `day` and `trial_ms` to their lifetime trial use, in one transaction with the
+    /// record of `seq`. Returns `false`, changing nothing, when the session already had a
+    /// write numbered `seq` or higher applied: a replay of a write whose answer was lost (it
+    /// timed out after committing). A session's `seq`s must only grow, one write at a time
+    /// (what `duplex_metering::SessionMeter` does), so no write is ever skipped.
+    pub async fn add_session_usage(
+        &self,
+        session_id: &str,
+        seq: u64,
+        user_id: i64,
+        day: Date,
+        delta: UsageDelta,
+        trial_ms: i64,
+    ) -> Result<bool> {
+        let seq = i64::try_from(seq)
+            .map_err(|_| StoreError::Corrupt(format!("usage write seq {seq} above i64")))?;
+        let mut tx = self.begin().await?;
+        // `DO UPDATE … WHERE` leaves the row alone (0 rows affected) on both backends when
+        // the condition fails: that is the replay.
+        let fresh = sqlx::query(
+            "INSERT INTO usage_writes (session_id, user_id, last_seq) VALUES ($1, $2, $3)
+             ON CONFLICT (session_id) DO UPDATE SET last_seq = excluded.last_seq
+             WHERE usage_writes.last_seq < excluded.last_seq",
+        )
+        .bind(session_id)
+        .bind(user_id)
+        .bind(seq)
+        .execute(&mut *tx.tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !fresh {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        add_usage(&mut tx.tx, user_id, day, delta).await?;
+        if trial_ms != 0 {
+            let found: Option<i64> = sqlx::query_scalar(
+                "UPDATE users SET trial_ms_used = trial_ms_used + $2 WHERE id = $1 RETURNING id",
+            )
+            .bind(user_id)
+            .bind(trial_ms)
+            .fetch_optional(&mut *tx.tx)
+            .await?;
+            if found.is_none() {
+                return Err(StoreError::NotFound(format!("user {user_id}")));
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
+async fn add_usage(
+    conn: &mut AnyConnection,
+    user_id: i64,
+    day: Date,
+    delta: UsageDelta,
+) -> Result<DailyUsage> {
+    let row = sqlx::query(
+        "INSERT INTO usage_daily (user_id, day, conversation_ms, stt_ms, llm_prompt_tokens,
+             llm_completion_tokens, tts_chars, cost_micro_usd)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (user_id, day) DO UPDATE SET
+             conversation_ms = usage_daily.conversation_ms + excluded.conversation_ms,
+             stt_ms = usage_daily.stt_ms + excluded.stt_ms,
+             llm_prompt_tokens = usage_daily.llm_prompt_tokens + excluded.llm_prompt_tokens,
+             llm_completion_tokens =
+                 usage_daily.llm_completion_tokens + excluded.llm_completion_tokens,
+             tts_chars = usage_daily.tts_chars + excluded.tts_chars,
+             cost_micro_usd = usage_daily.cost_micro_usd + excluded.cost_micro_usd
+         RETURNING conversation_ms, stt_ms, llm_prompt_tokens, llm_completion_tokens,
+             tts_chars, cost_micro_usd",
+    )
+    .bind(user_id)
+    .bind(day_key(day))
+    .bind(delta.conversation_ms)
+    .bind(delta.stt_ms)
+    .bind(delta.llm_prompt_tokens)
+    .bind(delta.llm_completion_tokens)
+    .bind(delta.tts_chars)
+    .bind(delta.cost_micro_usd)
+    .fetch_one(&mut *conn)
+    .await?;
+    daily_usage(&row)
+}
+
+impl Store {
     /// The user's totals for `day` (zeros when nothing was recorded).
     pub async fn usage_for_day(&self, user_id: i64, day: Date) -> Result<DailyUsage> {
         let row = sqlx::query(

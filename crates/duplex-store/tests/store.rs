@@ -511,3 +511,65 @@ async fn sqlite_file_and_directory_are_created_on_first_run() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_replayed_session_usage_write_is_applied_once() {
+    bounded(each_backend("usage_once", |db| async move {
+        let store = open(&db).await;
+        let a = store.ensure_user("a").await.unwrap().id;
+        let d = day(2025, Month::March, 3);
+        let delta = UsageDelta {
+            conversation_ms: 5_000,
+            tts_chars: 40,
+            cost_micro_usd: 1_500,
+            ..UsageDelta::default()
+        };
+        let write = |session: &'static str, seq: u64| {
+            let store = store.clone();
+            async move {
+                store
+                    .add_session_usage(session, seq, a, d, delta, 2_000)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert!(write("s1", 1).await, "first write applies");
+        // The answer was lost (a timeout after the commit); the meter sends it again.
+        assert!(!write("s1", 1).await, "a replay changes nothing");
+        let after_one = store.usage_for_day(a, d).await.unwrap();
+        assert_eq!(after_one.conversation_ms, 5_000);
+        assert_eq!(after_one.tts_chars, 40);
+        assert_eq!(after_one.cost_micro_usd, 1_500);
+        assert_eq!(
+            store.user_by_id(a).await.unwrap().unwrap().trial_ms_used,
+            2_000
+        );
+        assert!(write("s1", 2).await, "the next write applies");
+        // A late duplicate of an older write (the first attempt finally reaching the
+        // database) is older than what was applied: nothing.
+        assert!(!write("s1", 1).await);
+        // Another session's numbering is its own.
+        assert!(write("s2", 1).await);
+        let totals = store.usage_for_day(a, d).await.unwrap();
+        assert_eq!(totals.conversation_ms, 15_000);
+        assert_eq!(totals.cost_micro_usd, 4_500);
+        assert_eq!(
+            store.user_by_id(a).await.unwrap().unwrap().trial_ms_used,
+            6_000
+        );
+        // Concurrent deliveries of one write: exactly one applies.
+        let (x, y) = tokio::join!(write("s1", 3), write("s1", 3));
+        assert!(x ^ y, "one of two concurrent replays applies ({x}, {y})");
+        assert_eq!(
+            store.usage_for_day(a, d).await.unwrap().conversation_ms,
+            20_000
+        );
+        // An unknown user: the error, and the write is not recorded as applied.
+        assert!(matches!(
+            store.add_session_usage("s3", 1, 999_999, d, delta, 0).await,
+            Err(StoreError::Database(_))
+        ));
+        store.close().await;
+    }))
+    .await;
+}

@@ -463,3 +463,54 @@ async fn unconfigured_webhooks_answer_503_and_the_path_and_size_are_bounded() {
 fn duplex_billing_body_limit() -> usize {
     1 << 20
 }
+
+#[tokio::test]
+async fn an_unknown_price_is_refused_and_counted_until_it_is_mapped() {
+    bounded(each_backend("wh_unknown_price", |db| async move {
+        let metrics = Metrics::new();
+        let server = Server::bind(config(&db), metrics.clone())
+            .await
+            .expect("server binds");
+        let store = server.store().clone();
+        let (status, _) = deliver(&server, &fixture("checkout.session.completed")).await;
+        assert_eq!(status, 200);
+        let mut sub = fixture("customer.subscription.created");
+        sub["data"]["object"]["items"]["data"][0]["price"]["id"] = json!("price_new_tier");
+        let (status, body) = deliver(&server, &sub).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(body.contains("price_new_tier"), "{body}");
+        assert!(body.contains("STRIPE_PRICE_PLANS"), "{body}");
+        assert!(
+            metrics
+                .render()
+                .contains("duplex_stripe_webhook_errors_total{reason=\"unknown_price\"} 1"),
+            "{}",
+            metrics.render()
+        );
+        // Nothing was applied, not even the event id: a redelivery is not a duplicate.
+        // (The checkout created the subscription's row; the event did not touch it.)
+        let row = store.subscription(SUB).await.unwrap().unwrap();
+        assert_eq!((row.price_id, row.plan), (None, None));
+        assert_eq!(plan_of(&store, USER).await.as_deref(), Some(FREE_PLAN));
+        let (status, _) = deliver(&server, &sub).await;
+        assert_eq!(status, 422);
+        stop(server).await;
+
+        // The operator maps the price and restarts; Stripe's next retry applies it.
+        let mut c = config(&db);
+        c.billing.stripe_price_plans =
+            PricePlans::parse("price_pro_monthly:pro,price_new_tier:business").unwrap();
+        let server = start(c).await;
+        let (status, body) = deliver(&server, &sub).await;
+        assert_eq!((status, body.as_str()), (200, "applied\n"));
+        assert_eq!(plan_of(&store, USER).await.as_deref(), Some("business"));
+        // A canceled subscription grants nothing whatever its price: applied.
+        let mut gone = event("customer.subscription.deleted", "evt_gone_unknown", now());
+        gone["data"]["object"]["items"]["data"][0]["price"]["id"] = json!("price_retired");
+        let (status, _) = deliver(&server, &gone).await;
+        assert_eq!(status, 200);
+        assert_eq!(plan_of(&store, USER).await.as_deref(), Some(FREE_PLAN));
+        stop(server).await;
+    }))
+    .await;
+}
