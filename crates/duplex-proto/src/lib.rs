@@ -344,6 +344,8 @@ pub enum ErrorCode {
     UnsupportedEncoding,
     /// A PCM16 binary frame had an odd number of bytes.
     OddFrameLength,
+    /// Binary audio arrived faster than real time beyond the allowance; the excess is dropped.
+    AudioTooFast,
     /// A message exceeded the size limit; the connection closes with 1009.
     MessageTooLarge,
     /// A message arrived after `session.end`.
@@ -385,6 +387,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedSampleRate => "unsupported_sample_rate",
             ErrorCode::UnsupportedEncoding => "unsupported_encoding",
             ErrorCode::OddFrameLength => "odd_frame_length",
+            ErrorCode::AudioTooFast => "audio_too_fast",
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::SessionEnded => "session_ended",
             ErrorCode::SlowConsumer => "slow_consumer",

@@ -509,6 +509,7 @@ error_codes! {
     UnsupportedSampleRate => false,
     UnsupportedEncoding => false,
     OddFrameLength => false,
+    AudioTooFast => false,
     MessageTooLarge => true,
     SessionEnded => false,
     SlowConsumer => true,

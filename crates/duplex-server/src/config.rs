@@ -83,6 +83,8 @@ pub struct LimitsConfig {
     pub pre_start_timeout: Duration,
     /// The longest typed turn, in characters.
     pub max_input_text_chars: usize,
+    /// How far a client's audio may run ahead of real time; `None`: no bound.
+    pub max_audio_ahead: Option<Duration>,
     /// On shutdown, how long sessions may finish their turn.
     pub shutdown_grace: Duration,
 }
@@ -384,6 +386,16 @@ pub const VARS: &[Var] = &[
         default: "4000",
         help: "Longest `input.text` in characters; longer: `invalid_message`, no turn.",
         parse: |c, v| v.num().map(|n| c.limits.max_input_text_chars = n),
+    },
+    Var {
+        name: "MAX_AUDIO_AHEAD_MS",
+        section: Section::Limits,
+        default: "2000",
+        help: "How much audio a client may send ahead of real time (a burst after a network stall); beyond it frames are dropped with `audio_too_fast`, so a client cannot multiply recognition work and cost. `0`: no bound.",
+        parse: |c, v| {
+            v.ms()
+                .map(|d| c.limits.max_audio_ahead = (!d.is_zero()).then_some(d))
+        },
     },
     Var {
         name: "SHUTDOWN_GRACE_SECS",

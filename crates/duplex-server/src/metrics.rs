@@ -83,6 +83,8 @@ pub struct Metrics {
     pub frames_in_total: IntCounter,
     pub frames_out_total: IntCounter,
     pub stt_frames_dropped_total: IntCounter,
+    /// Client audio frames dropped because they ran ahead of real time (`audio_too_fast`).
+    pub audio_too_fast_total: IntCounter,
     /// Provider consumption by provider, model and kind (seconds, tokens, characters).
     pub provider_usage_total: CounterVec,
     /// Estimated provider cost in USD (from the price table; see `duplex_providers::usage`).
@@ -189,6 +191,11 @@ impl Metrics {
         let frames_out_total =
             IntCounter::new("duplex_audio_frames_out_total", "Binary audio frames sent")
                 .expect("valid metric");
+        let audio_too_fast_total = IntCounter::new(
+            "duplex_audio_frames_too_fast_total",
+            "Client audio frames dropped because they ran ahead of real time beyond MAX_AUDIO_AHEAD_MS.",
+        )
+        .expect("valid metric");
         let stt_frames_dropped_total = IntCounter::new(
             "duplex_stt_frames_dropped_total",
             "Audio frames dropped because the STT stream was backed up",
@@ -310,6 +317,7 @@ impl Metrics {
             Box::new(frames_in_total.clone()),
             Box::new(frames_out_total.clone()),
             Box::new(stt_frames_dropped_total.clone()),
+            Box::new(audio_too_fast_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -325,6 +333,7 @@ impl Metrics {
             frames_in_total,
             frames_out_total,
             stt_frames_dropped_total,
+            audio_too_fast_total,
             provider_usage_total,
             provider_cost_usd_total,
             resident_memory_bytes,

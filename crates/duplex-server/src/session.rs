@@ -12,13 +12,14 @@
 //! The shell reads one clock (tokio's, so paused-time tests stay consistent), turns every
 //! event into a `duplex_session::Input`, sleeps until the machine's next deadline, and carries
 //! out its `Command`s. It never awaits a send: audio to STT and everything to the writer go by
-//! `try_send`. A full STT queue drops (and counts) frames; a full writer queue means the client
-//! stopped reading, and the session ends with `slow_consumer` instead of buffering without
+//! `try_send`. A full STT queue drops (and counts) frames; a full writer queue (256 messages or
+//! `OUTBOUND_BYTES`, whichever comes first) means the client stopped reading, and the session ends with `slow_consumer` instead of buffering without
 //! limit. Every task it spawns (reader, writer, LLM forwarder, usage writes, the start record)
 //! is owned here and ended with the session.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -49,6 +50,10 @@ const INBOUND_CAPACITY: usize = 64;
 /// flight and JSON events are sparse, so a healthy client never gets near 256; a client that
 /// stops reading fills it within seconds and is disconnected as a slow consumer.
 const OUTBOUND_CAPACITY: usize = 256;
+/// Bytes queued for the writer, whatever the number of messages: a client that stops reading
+/// cannot make the server hold more than this for it (a message-count bound alone would let
+/// large messages pin megabytes). ~5 s of 48 kHz PCM16 audio, far beyond the pacer's lead.
+const OUTBOUND_BYTES: usize = 512 * 1024;
 /// Token events of one LLM turn queued for the shell; tokens are small and read at once.
 const LLM_EVENT_CAPACITY: usize = 32;
 /// A single socket write blocked this long means the peer is gone.
@@ -63,6 +68,88 @@ enum Outbound {
     Text(String),
     Binary(Vec<u8>),
     Close(u16, String),
+}
+
+impl Outbound {
+    fn len(&self) -> usize {
+        match self {
+            Outbound::Text(t) => t.len(),
+            Outbound::Binary(b) => b.len(),
+            Outbound::Close(_, reason) => reason.len() + 2,
+        }
+    }
+}
+
+/// The shell's end of the writer queue: bounded by messages and by bytes.
+struct OutboundTx {
+    tx: mpsc::Sender<Outbound>,
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// The writer's end; every message taken leaves the byte count.
+struct OutboundRx {
+    rx: mpsc::Receiver<Outbound>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// Why a message could not be queued.
+#[derive(Debug, PartialEq)]
+enum PushError {
+    /// The queue is full (by messages or bytes): the client is not reading.
+    SlowConsumer,
+    /// The writer is gone.
+    Closed,
+}
+
+fn outbound(capacity: usize, max_bytes: usize) -> (OutboundTx, OutboundRx) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        OutboundTx {
+            tx,
+            queued: queued.clone(),
+            max_bytes,
+        },
+        OutboundRx { rx, queued },
+    )
+}
+
+impl OutboundTx {
+    fn push(&self, msg: Outbound) -> Result<(), PushError> {
+        let len = msg.len();
+        // Only this task adds, so the check and the add cannot race with another push.
+        if self.queued.load(Ordering::Acquire) + len > self.max_bytes {
+            return Err(if self.tx.is_closed() {
+                PushError::Closed
+            } else {
+                PushError::SlowConsumer
+            });
+        }
+        self.queued.fetch_add(len, Ordering::AcqRel);
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.queued.fetch_sub(len, Ordering::AcqRel);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => PushError::SlowConsumer,
+                    mpsc::error::TrySendError::Closed(_) => PushError::Closed,
+                })
+            }
+        }
+    }
+}
+
+impl OutboundRx {
+    async fn recv(&mut self) -> Option<Outbound> {
+        let msg = self.rx.recv().await?;
+        self.queued.fetch_sub(msg.len(), Ordering::AcqRel);
+        Some(msg)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
 }
 
 /// Everything a session needs from the server.
@@ -98,6 +185,7 @@ fn session_config(config: &Config, id: &str, providers: Option<&ProviderSet>) ->
         shutdown_grace: config.limits.shutdown_grace,
         max_message_bytes: config.limits.max_message_bytes,
         max_input_text_chars: config.limits.max_input_text_chars,
+        max_audio_ahead: config.limits.max_audio_ahead,
         model_check: providers.map(|p| {
             let llm = p.llm.clone();
             duplex_session::ModelCheck::new(move |plan, model| llm.check_model(plan, model))
@@ -126,7 +214,7 @@ pub(crate) async fn run(
         ctx.metrics.sessions_total.inc();
         ctx.metrics.active_sessions.inc();
         let (sink, stream) = socket.split();
-        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let (out_tx, out_rx) = outbound(OUTBOUND_CAPACITY, OUTBOUND_BYTES);
         let (in_tx, in_rx) = mpsc::channel(INBOUND_CAPACITY);
         let kill = CancellationToken::new();
         let writer = tokio::spawn(writer(sink, out_rx, kill.clone()).in_current_span());
@@ -217,7 +305,7 @@ fn is_capacity_error(e: &axum::Error) -> bool {
 
 async fn writer(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: OutboundRx,
     kill: CancellationToken,
 ) {
     loop {
@@ -304,7 +392,7 @@ struct Shell {
     id: String,
     machine: Session,
     /// `None` once the writer is gone or released.
-    out: Option<mpsc::Sender<Outbound>>,
+    out: Option<OutboundTx>,
     kill: CancellationToken,
     /// Aborted at release.
     reader: Option<JoinHandle<()>>,
@@ -413,7 +501,8 @@ impl Shell {
         let persisting = !self.persists.is_empty();
         let switches = &mut self.switches;
         let switches_open = self.switches_open && !finishing;
-        let shutdown = !self.shutdown_seen && !finishing;
+        // Also while finishing: the final usage write must then end within the grace period.
+        let shutdown = !self.shutdown_seen;
         tokio::select! {
             biased;
             _ = self.ctx.shutdown.cancelled(), if shutdown => Wake::Shutdown,
@@ -619,9 +708,9 @@ impl Shell {
 
     fn push(&mut self, msg: Outbound) {
         let Some(out) = &self.out else { return };
-        match out.try_send(msg) {
+        match out.push(msg) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::SlowConsumer) => {
                 warn!("client is not reading: disconnecting as slow consumer");
                 self.ctx
                     .metrics
@@ -632,7 +721,7 @@ impl Shell {
                 self.out = None;
                 self.input(Input::WriterGone { slow: true });
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(PushError::Closed) => {
                 self.out = None;
                 self.input(Input::WriterGone { slow: false });
             }
@@ -681,6 +770,7 @@ impl Shell {
                 .observe(silence.as_secs_f64()),
             Observation::TurnStarted => m.turns_total.inc(),
             Observation::Interrupted => m.interruptions_total.inc(),
+            Observation::AudioTooFast => m.audio_too_fast_total.inc(),
         }
     }
 
@@ -816,5 +906,46 @@ async fn sleep_until_opt(at: Option<std::time::Instant>) {
     match at {
         Some(at) => sleep_until(Instant::from_std(at)).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_queue_is_bounded_by_bytes_as_well_as_messages() {
+        let (tx, mut rx) = outbound(256, 10_000);
+        // Large messages: the byte bound is reached long before 256 of them.
+        for _ in 0..3 {
+            tx.push(Outbound::Binary(vec![0; 3000])).unwrap();
+        }
+        assert_eq!(
+            tx.push(Outbound::Binary(vec![0; 3000])),
+            Err(PushError::SlowConsumer)
+        );
+        // Small ones still fit under the byte bound...
+        tx.push(Outbound::Text("x".repeat(500))).unwrap();
+        // ...and what the writer takes leaves the count.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert!(matches!(rx.recv().await, Some(Outbound::Binary(_))));
+        });
+        tx.push(Outbound::Binary(vec![0; 3000])).unwrap();
+        // Small messages: the message bound still holds.
+        let (tx, _rx) = outbound(4, 10_000);
+        for _ in 0..4 {
+            tx.push(Outbound::Text("{}".into())).unwrap();
+        }
+        assert_eq!(
+            tx.push(Outbound::Text("{}".into())),
+            Err(PushError::SlowConsumer)
+        );
+        // A gone writer is not a slow consumer.
+        let (tx, rx) = outbound(4, 10_000);
+        drop(rx);
+        assert_eq!(tx.push(Outbound::Text("{}".into())), Err(PushError::Closed));
     }
 }

@@ -30,6 +30,9 @@ fn test_config() -> Config {
     c.engines.scripted_llm_token_interval = Duration::from_millis(2);
     c.engines.scripted_tts_latency = Duration::from_millis(20);
     c.turns.end_of_turn = Duration::from_millis(500);
+    // The tests stream speech at 4x real time or as fast as they can; the audio rate bound
+    // (`MAX_AUDIO_AHEAD_MS`) has its own tests.
+    c.limits.max_audio_ahead = None;
     c
 }
 
@@ -733,6 +736,40 @@ async fn echo_mode_returns_one_frame_per_frame() {
     assert_eq!(report.frames_sent, frames);
     assert_eq!(report.frames_received, frames, "{report:?}");
     assert_eq!(ts.metrics.frames_in_total.get(), frames);
+}
+
+/// Audio sent faster than real time is cut at the allowance (`MAX_AUDIO_AHEAD_MS`, 2 s by
+/// default): the excess is dropped and counted, the client is told once, and the session goes
+/// on.
+#[tokio::test]
+async fn audio_faster_than_real_time_is_dropped_beyond_the_allowance() {
+    let mut config = test_config();
+    config.engines.providers = ProviderMode::Echo;
+    config.limits.max_audio_ahead = Some(Duration::from_secs(2));
+    let ts = TestServer::start(config).await;
+    let mut c = connect(&ts, 16000).await;
+    // 4 s of 20 ms frames in one go.
+    for _ in 0..200 {
+        c.send_binary_raw(vec![0u8; 640]).await.unwrap();
+    }
+    let err = expect_error(&mut c, ErrorCode::AudioTooFast).await;
+    assert!(!err.fatal);
+    still_alive(&mut c).await;
+    let dropped = ts.metrics.audio_too_fast_total.get();
+    let echoed = ts.metrics.frames_out_total.get();
+    // 2 s of allowance plus whatever real time passed while sending: at least 100 frames
+    // pass, and (on any machine that sends 200 small frames in under 2 s) some are dropped;
+    // every frame is either echoed or dropped.
+    assert!(dropped > 0 && dropped <= 100, "dropped {dropped}");
+    assert_eq!(ts.metrics.frames_in_total.get(), 200);
+    assert_eq!(echoed + dropped, 200, "echoed {echoed}, dropped {dropped}");
+    assert_eq!(
+        ts.metrics
+            .errors_total
+            .with_label_values(&["audio_too_fast"])
+            .get(),
+        1
+    );
 }
 
 #[tokio::test]

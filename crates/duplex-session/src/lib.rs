@@ -58,6 +58,13 @@ pub const STT_REOPEN_MAX: Duration = Duration::from_secs(10);
 /// When the STT input queue is full of audio, a `Finalize` is retried this often until it
 /// fits (the recognizer drains ~50 frames a second).
 pub const FINALIZE_RETRY: Duration = Duration::from_millis(20);
+/// On shutdown, the part of the grace period kept for writing the final usage after the turn
+/// in progress (at most half the grace period): the server waits for its sessions only that
+/// long, and usage written after it would be lost.
+pub const DRAIN_WRITE_RESERVE: Duration = Duration::from_secs(2);
+/// At most one `audio_too_fast` error per this interval (the excess frames are all dropped
+/// and counted, but the client is not answered frame by frame).
+pub const AUDIO_TOO_FAST_ERROR_EVERY: Duration = Duration::from_secs(1);
 /// Default [`SessionConfig::final_write_timeout`].
 pub const DEFAULT_FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -89,6 +96,10 @@ pub struct SessionConfig {
     pub max_message_bytes: usize,
     /// Longest accepted `input.text`, in characters.
     pub max_input_text_chars: usize,
+    /// How far the client's audio may run ahead of the time since `session.ready` (a burst
+    /// after a network stall); beyond it frames are dropped with `audio_too_fast`. `None`: no
+    /// bound.
+    pub max_audio_ahead: Option<Duration>,
     /// Whether the plan (its name) offers the model a client asks for in `session.start`;
     /// `Err` says why not (the plan's default then applies). `None`: any name is passed on.
     pub model_check: Option<ModelCheck>,
@@ -314,4 +325,6 @@ pub enum Observation {
     TurnStarted,
     /// An assistant turn was interrupted by the user.
     Interrupted,
+    /// A client audio frame was dropped: it ran ahead of real time beyond the allowance.
+    AudioTooFast,
 }

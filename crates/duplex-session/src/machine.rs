@@ -22,9 +22,9 @@ use tracing::{debug, info, warn};
 
 use crate::rng::Jitter;
 use crate::{
-    Account, Admitted, ClientIn, Command, END_LINGER, FINALIZE_RETRY, Input, LlmIn,
-    MAX_PING_ID_BYTES, OUT_FRAME_MS, Observation, STT_REOPEN_FIRST, STT_REOPEN_MAX, SessionConfig,
-    SttIn, TtsIn, TurnRequest,
+    Account, Admitted, ClientIn, Command, DRAIN_WRITE_RESERVE, END_LINGER, FINALIZE_RETRY, Input,
+    LlmIn, MAX_PING_ID_BYTES, OUT_FRAME_MS, Observation, STT_REOPEN_FIRST, STT_REOPEN_MAX,
+    SessionConfig, SttIn, TtsIn, TurnRequest,
 };
 
 /// Where the connection is in its life.
@@ -38,6 +38,9 @@ enum Phase {
 
 /// The running part of a session (after `session.start`).
 struct Running {
+    input: AudioFormat,
+    /// Audio time received, against the time since `session.ready` (the rate bound).
+    audio: AudioClock,
     frontend: FrontEnd,
     events: Vec<FrontEndEvent>,
     /// `None` in echo mode.
@@ -51,6 +54,47 @@ struct Running {
     voice: Option<String>,
     language: Option<String>,
     model: Option<String>,
+}
+
+/// How much audio the client sent, against the wall time since the session started.
+struct AudioClock {
+    since: Instant,
+    received_us: u64,
+    last_error: Option<Instant>,
+}
+
+impl AudioClock {
+    /// Counts a frame of `len` bytes in `input`'s format received at `now`, or refuses it: it
+    /// would put the audio received more than `ahead` beyond the time since the start. `Err`
+    /// carries how far ahead it would be (ms) when the client should be told (at most once per
+    /// [`crate::AUDIO_TOO_FAST_ERROR_EVERY`]).
+    fn admit(
+        &mut self,
+        now: Instant,
+        input: AudioFormat,
+        len: usize,
+        ahead: Duration,
+    ) -> Result<(), Option<u64>> {
+        let samples = match input.encoding {
+            Encoding::Pcm16 => len / 2,
+            Encoding::Mulaw => len,
+        } as u64;
+        let frame_us = samples * 1_000_000 / u64::from(input.sample_rate.max(1));
+        let elapsed_us = now.saturating_duration_since(self.since).as_micros() as u64;
+        let allowed_us = elapsed_us + ahead.as_micros() as u64;
+        if self.received_us + frame_us <= allowed_us {
+            self.received_us += frame_us;
+            return Ok(());
+        }
+        let tell = self
+            .last_error
+            .is_none_or(|at| now >= at + crate::AUDIO_TOO_FAST_ERROR_EVERY);
+        if !tell {
+            return Err(None);
+        }
+        self.last_error = Some(now);
+        Err(Some((self.received_us + frame_us - elapsed_us) / 1000))
+    }
 }
 
 /// The speech recognition stream's state (conversation mode).
@@ -135,8 +179,8 @@ pub struct Session {
     connected_at: Instant,
     /// Set on shutdown during a turn: the session closes when its turn ends, or at this time.
     drain_deadline: Option<Instant>,
-    /// `Shutdown` was handled.
-    shutting_down: bool,
+    /// `Shutdown` was handled; everything (the final usage included) must be done by then.
+    shutdown_by: Option<Instant>,
     /// Set by `session.end` or a fatal error: close with this code at this time.
     closing: Option<(Instant, u16, &'static str)>,
     /// Only `session_ended` errors answer client messages from now on.
@@ -181,7 +225,7 @@ impl Session {
             last_seen: now,
             connected_at: now,
             drain_deadline: None,
-            shutting_down: false,
+            shutdown_by: None,
             closing: None,
             ended: false,
             writer_gone: false,
@@ -244,6 +288,7 @@ impl Session {
         }
         match input {
             Input::Persisted { seq, result } => self.on_persisted(now, seq, result),
+            Input::Shutdown => self.on_shutdown(now),
             Input::WriterGone { slow } => {
                 self.writer_gone = true;
                 if slow {
@@ -275,7 +320,6 @@ impl Session {
                 self.meter_input(now, MeterInput::Switches(s));
             }
             Input::ProviderUsage(u) => self.meter_input(now, MeterInput::ProviderUsage(u)),
-            Input::Shutdown => self.on_shutdown(now),
         }
         self.drive(now);
     }
@@ -425,9 +469,11 @@ impl Session {
         }
         self.cancel_streams();
         self.commands.push_back(Command::Release);
-        self.finishing = Some(Finishing {
-            give_up_at: now + self.config.final_write_timeout,
-        });
+        let mut give_up_at = now + self.config.final_write_timeout;
+        if let Some(by) = self.shutdown_by {
+            give_up_at = give_up_at.min(by.max(now));
+        }
+        self.finishing = Some(Finishing { give_up_at });
         if self.metering.started {
             self.metering.meter.handle_input(now, MeterInput::Ending);
             self.drive_meter(now);
@@ -582,6 +628,12 @@ impl Session {
             model = None;
         }
         self.phase = Phase::Running(Box::new(Running {
+            input,
+            audio: AudioClock {
+                since: now,
+                received_us: 0,
+                last_error: None,
+            },
             frontend,
             events: Vec::with_capacity(8),
             core,
@@ -768,10 +820,19 @@ impl Session {
     // -- lifecycle ---------------------------------------------------------------------------
 
     fn on_shutdown(&mut self, now: Instant) {
-        if self.shutting_down || self.closing.is_some() {
+        if self.shutdown_by.is_some() {
             return;
         }
-        self.shutting_down = true;
+        let grace = self.config.shutdown_grace;
+        self.shutdown_by = Some(now + grace);
+        if let Some(f) = &mut self.finishing {
+            // Already writing the final usage: it must be done within the grace period.
+            f.give_up_at = f.give_up_at.min(now + grace);
+            return;
+        }
+        if self.closing.is_some() {
+            return;
+        }
         let busy = matches!(&self.phase, Phase::Running(r) if r.core.as_ref().is_some_and(|c| c.current_turn().is_some()));
         self.send_error(
             ErrorCode::ServerShuttingDown,
@@ -780,7 +841,9 @@ impl Session {
         );
         if busy {
             info!("shutdown: letting the current turn finish");
-            self.drain_deadline = Some(now + self.config.shutdown_grace);
+            // The turn gets the grace period minus the time kept for the final usage write.
+            let reserve = DRAIN_WRITE_RESERVE.min(grace / 2);
+            self.drain_deadline = Some(now + grace - reserve);
         } else {
             self.close_soon(
                 now,
@@ -908,6 +971,22 @@ impl Session {
             );
             return;
         };
+        if let Some(ahead) = self.config.max_audio_ahead
+            && let Err(answer) = r.audio.admit(now, r.input, bytes.len(), ahead)
+        {
+            self.observe(Observation::AudioTooFast);
+            if let Some(ahead_ms) = answer {
+                self.send_error(
+                    ErrorCode::AudioTooFast,
+                    format!(
+                        "audio is arriving faster than real time ({ahead_ms} ms ahead; the allowance is {} ms): frames beyond it are dropped",
+                        ahead.as_millis()
+                    ),
+                    false,
+                );
+            }
+            return;
+        }
         r.events.clear();
         if let Err(e) = r.frontend.push(&bytes, &mut r.events) {
             let code = match e {
