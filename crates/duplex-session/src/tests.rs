@@ -1008,3 +1008,156 @@ fn shutdown_while_the_final_usage_is_written_bounds_the_write_by_the_grace_perio
     // the end of the 5 s grace period.
     assert!(logged(&log, 7000, "done"), "{log}");
 }
+
+// -- provider faults ------------------------------------------------------------------------
+
+/// Every provider fault of a turn, at every point of the turn: the client gets the precise
+/// error, the turn ends, the next turn runs normally, and no usage is lost.
+#[test]
+fn fault_matrix_each_provider_fault_gives_its_error_and_the_session_goes_on() {
+    struct Case {
+        name: &'static str,
+        /// Turn 1, up to the fault.
+        fault: fn(&mut T),
+        code: ErrorCode,
+    }
+    let cases = [
+        Case {
+            name: "LLM fails before its first token",
+            fault: |t| {
+                t.text(r#"{"type":"input.text","text":"first"}"#);
+                t.input(Input::Llm {
+                    turn: 1,
+                    event: LlmIn::Error("HTTP 500".into()),
+                });
+            },
+            code: ErrorCode::LlmError,
+        },
+        Case {
+            name: "LLM stream cut mid-answer",
+            fault: |t| {
+                speak(t, 1);
+                t.input(Input::Llm {
+                    turn: 1,
+                    event: LlmIn::Ended,
+                });
+            },
+            code: ErrorCode::LlmError,
+        },
+        Case {
+            name: "LLM fails mid-answer",
+            fault: |t| {
+                speak(t, 1);
+                t.input(Input::Llm {
+                    turn: 1,
+                    event: LlmIn::Error("connection reset".into()),
+                });
+            },
+            code: ErrorCode::LlmError,
+        },
+        Case {
+            name: "TTS fails before any audio",
+            fault: |t| {
+                t.text(r#"{"type":"input.text","text":"first"}"#);
+                t.input(Input::Llm {
+                    turn: 1,
+                    event: LlmIn::Delta("Hello there.".into()),
+                });
+                t.input(Input::Tts {
+                    turn: 1,
+                    event: TtsIn::Error("401 unauthorized".into()),
+                });
+            },
+            code: ErrorCode::TtsError,
+        },
+        Case {
+            name: "TTS stream cut mid-audio",
+            fault: |t| {
+                speak(t, 1);
+                t.input(Input::Tts {
+                    turn: 1,
+                    event: TtsIn::Ended,
+                });
+            },
+            code: ErrorCode::TtsError,
+        },
+        Case {
+            name: "STT fails mid-utterance",
+            fault: |t| {
+                for i in 0..10 {
+                    t.binary(voiced(i * 320));
+                }
+                t.input(Input::Stt(SttIn::Error("NET-0001".into())));
+            },
+            code: ErrorCode::SttError,
+        },
+    ];
+    for case in cases {
+        let mut t = T::new(true);
+        t.admit(plan(Some(3600), None), 0).start();
+        t.cmds.clear();
+        (case.fault)(&mut t);
+        let errors = t.errors();
+        assert_eq!(errors, vec![(case.code, false)], "{}: {}", case.name, t.log);
+        // Whatever was in flight finishes or is dropped; then a new turn runs end to end.
+        t.input(Input::Llm {
+            turn: 1,
+            event: LlmIn::Done { tokens: None },
+        });
+        t.input(Input::Tts {
+            turn: 1,
+            event: TtsIn::Finished,
+        });
+        t.advance_acking(Duration::from_secs(3));
+        t.cmds.clear();
+        t.text(r#"{"type":"input.text","text":"again"}"#);
+        let turn = t
+            .commands()
+            .iter()
+            .find_map(|c| match c {
+                Command::StartLlm { turn, .. } => Some(*turn),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{}: no next turn:\n{}", case.name, t.log));
+        t.input(Input::Llm {
+            turn,
+            event: LlmIn::Delta("Sure.".into()),
+        });
+        t.input(Input::Llm {
+            turn,
+            event: LlmIn::Done { tokens: Some(5) },
+        });
+        t.input(Input::Tts {
+            turn,
+            event: tts_audio(100),
+        });
+        t.input(Input::Tts {
+            turn,
+            event: TtsIn::Finished,
+        });
+        t.advance_acking(Duration::from_secs(1));
+        let ends: Vec<String> = t
+            .cmds
+            .iter()
+            .filter_map(|(_, c)| match c {
+                Command::Send(ServerMessage::AssistantAudioEnd(e)) => {
+                    Some(format!("{} {:?}", e.turn_id, e.reason))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ends,
+            vec![format!("{turn} Complete")],
+            "{}: the next turn completes:\n{}",
+            case.name,
+            t.log
+        );
+        assert!(t.errors().is_empty(), "{}: {}", case.name, t.log);
+        // The client leaves: every second of the session is written.
+        t.input(Input::Client(ClientIn::Closed));
+        t.ack_persists();
+        assert!(t.s.is_done(), "{}", case.name);
+        assert_eq!(t.stored_seconds, 4, "{}: {}", case.name, t.log);
+    }
+}
