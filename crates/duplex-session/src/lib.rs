@@ -18,7 +18,7 @@
 //!                                 poll_timeout() ◄──┘ handle_timeout(now)
 //! ```
 //!
-//! The shell (duplex-server's `session.rs`) owns the socket, the provider streams and the
+//! The shell (duplex-server's `session` module) owns the socket, the provider streams and the
 //! store; it feeds every event in with [`Session::handle_input`], sleeps until
 //! [`Session::poll_timeout`], and carries out every [`Command`] from
 //! [`Session::poll_command`]. The timeline tests in `tests.rs` drive the machine with a made-up
@@ -115,7 +115,10 @@ pub struct SessionConfig {
 /// The LLM engine's answer to "may this plan use this model?" (a lookup in its routing table,
 /// no IO).
 #[derive(Clone)]
-pub struct ModelCheck(Arc<dyn Fn(Option<&str>, &str) -> Result<(), String> + Send + Sync>);
+pub struct ModelCheck(Arc<ModelCheckFn>);
+
+/// `(plan, model) -> Ok, or why not`.
+type ModelCheckFn = dyn Fn(Option<&str>, &str) -> Result<(), String> + Send + Sync;
 
 impl ModelCheck {
     pub fn new(
