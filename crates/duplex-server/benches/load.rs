@@ -361,6 +361,7 @@ struct ServerProcess {
     child: Child,
     addr: SocketAddr,
     log_path: PathBuf,
+    data_dir: PathBuf,
 }
 
 impl ServerProcess {
@@ -379,13 +380,26 @@ impl ServerProcess {
             name
         ));
         let log = std::fs::File::create(&log_path).expect("server log file");
+        // A fresh store per server, never the working directory's `data/`.
+        let data_dir = std::env::temp_dir().join(format!(
+            "duplex-load-bench-{}-{}-data",
+            std::process::id(),
+            name
+        ));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        std::fs::create_dir_all(&data_dir).expect("temp dir is writable");
         let child = Command::new(env!("CARGO_BIN_EXE_duplex"))
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--providers", providers])
+            .env("DUPLEX_DATA_DIR", &data_dir)
+            .env_remove("DATABASE_URL")
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
             .env("MAX_CONNECTIONS", "100000")
             .env("MAX_CONNECTIONS_PER_IP", "100000")
+            // Every session comes from 127.0.0.1: the per-IP connect rate limit (60 a minute
+            // by default) would refuse all but the first burst.
+            .env("CONNECT_RATE_PER_MIN", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -395,6 +409,7 @@ impl ServerProcess {
             child,
             addr,
             log_path,
+            data_dir,
         };
         for _ in 0..HEALTH_TRIES {
             if let Ok(Some(status)) = server.child.try_wait() {
@@ -421,6 +436,7 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
 
