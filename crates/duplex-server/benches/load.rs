@@ -22,9 +22,9 @@
 //! - `BENCH_FLOOR_LEVELS`: call counts of `floor` (default `250,500,1000,2000`).
 //! - `BENCH_FLOOR_SECONDS`: how long each `floor` point is held after its ramp (default 8).
 //! - `BENCH_FLOOR_RAMP_MS`: `floor` ramp-up (default 1.5 ms per call, at least 200 ms).
-//! - `BENCH_FLOOR_SERVERS`: `duplex`, `bare` (tungstenite's default read buffer) and
-//!   `bare@BYTES` (a read buffer of BYTES), compared with the first bare one (default
-//!   `bare,duplex`).
+//! - `BENCH_FLOOR_SERVERS`: `duplex`, `duplex=PATH` (another build of the binary, e.g. a copy
+//!   from before a change), `bare` (tungstenite's default read buffer) and `bare@BYTES` (a read
+//!   buffer of BYTES), compared with the first bare one (default `bare,duplex`).
 //!
 //! The client runs in this process on the same machine: on a small box the figures include
 //! the client's own CPU contention, which is printed next to the server's.
@@ -367,6 +367,11 @@ struct ServerProcess {
 impl ServerProcess {
     /// `duplex --providers PROVIDERS`; `name` labels its log file.
     async fn start(name: &str, providers: &str) -> ServerProcess {
+        ServerProcess::start_binary(Path::new(env!("CARGO_BIN_EXE_duplex")), name, providers).await
+    }
+
+    /// Like [`ServerProcess::start`] with another build of the binary.
+    async fn start_binary(binary: &Path, name: &str, providers: &str) -> ServerProcess {
         // Bind-and-release: another process could take the port in between, which on a
         // benchmark box is unlikely enough; the health check below would then fail loudly.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -388,7 +393,7 @@ impl ServerProcess {
         ));
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir).expect("temp dir is writable");
-        let child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        let child = Command::new(binary)
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--providers", providers])
             .env("DUPLEX_DATA_DIR", &data_dir)

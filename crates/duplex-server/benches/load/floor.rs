@@ -16,6 +16,7 @@
 
 use std::io::BufRead;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,27 +50,38 @@ const BARE_START: Duration = Duration::from_secs(10);
 pub enum FloorServer {
     /// The bare echo; `Some(bytes)` sets tungstenite's read buffer, `None` keeps its default.
     Bare(Option<usize>),
-    /// `duplex --providers echo`.
-    Duplex,
+    /// `duplex --providers echo`; `Some(path)` runs another build of the binary (a copy of
+    /// the one before a change), so that before and after share one run and its noise.
+    Duplex(Option<PathBuf>),
 }
 
 impl FloorServer {
     fn parse(s: &str) -> FloorServer {
         match s.trim() {
-            "duplex" => FloorServer::Duplex,
+            "duplex" => FloorServer::Duplex(None),
             "bare" => FloorServer::Bare(None),
-            other => match other.strip_prefix("bare@").map(str::parse) {
-                Some(Ok(bytes)) => FloorServer::Bare(Some(bytes)),
-                _ => panic!(
-                    "BENCH_FLOOR_SERVERS: unknown server {other:?} (duplex, bare, bare@BYTES)"
-                ),
-            },
+            other => {
+                if let Some(path) = other.strip_prefix("duplex=") {
+                    return FloorServer::Duplex(Some(PathBuf::from(path)));
+                }
+                match other.strip_prefix("bare@").map(str::parse) {
+                    Some(Ok(bytes)) => FloorServer::Bare(Some(bytes)),
+                    _ => panic!(
+                        "BENCH_FLOOR_SERVERS: unknown server {other:?} \
+                         (duplex, duplex=PATH, bare, bare@BYTES)"
+                    ),
+                }
+            }
         }
     }
 
     fn name(&self) -> String {
         match self {
-            FloorServer::Duplex => "duplex".into(),
+            FloorServer::Duplex(None) => "duplex".into(),
+            FloorServer::Duplex(Some(path)) => format!(
+                "duplex={}",
+                path.file_name().map_or("?".into(), |f| f.to_string_lossy())
+            ),
             FloorServer::Bare(None) => "bare".into(),
             FloorServer::Bare(Some(n)) => format!("bare@{n}"),
         }
@@ -182,7 +194,7 @@ pub async fn run(settings: &FloorSettings) {
         for server in &settings.servers {
             let point = run_point(server, calls, settings, &speech).await;
             println!(
-                "  {:<12} {:>5} calls: p50 {:>7.1} ms  p99 {:>7.1} ms  echoed {:>5.1} %  \
+                "  {:<20} {:>5} calls: p50 {:>7.1} ms  p99 {:>7.1} ms  echoed {:>5.1} %  \
                  {:>5.1} us CPU/frame  (machine: other {:.0} % of a core)",
                 point.server,
                 point.calls,
@@ -207,7 +219,12 @@ async fn run_point(
 ) -> Point {
     let ramp = settings.ramp(calls);
     let process = match server {
-        FloorServer::Duplex => Process::Duplex(ServerProcess::start("floor", "echo").await),
+        FloorServer::Duplex(binary) => {
+            let binary = binary
+                .as_deref()
+                .unwrap_or(Path::new(env!("CARGO_BIN_EXE_duplex")));
+            Process::Duplex(ServerProcess::start_binary(binary, "floor", "echo").await)
+        }
         FloorServer::Bare(read_buffer) => Process::Bare(BareProcess::start(*read_buffer)),
     };
     tokio::time::sleep(SETTLE).await;
@@ -299,7 +316,7 @@ async fn run_point(
 fn print_table(points: &[Point]) {
     println!();
     println!(
-        "  {:<12} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>6} {:>6} {:>6}",
+        "  {:<20} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>6} {:>6} {:>6}",
         "server",
         "calls",
         "ok",
@@ -358,18 +375,33 @@ fn print_table(points: &[Point]) {
     }
 }
 
-/// Every non-bare server against the first bare server of the list, per level.
+/// Every server against the first bare server of the list, and every duplex build against the
+/// first duplex one, per level.
 fn print_ratios(points: &[Point], servers: &[FloorServer]) {
-    let Some(floor) = servers.iter().find(|s| matches!(s, FloorServer::Bare(_))) else {
-        return;
+    let first = |bare: bool| {
+        servers
+            .iter()
+            .find(|s| matches!(s, FloorServer::Bare(_)) == bare)
+            .map(FloorServer::name)
     };
-    let floor = floor.name();
+    if let Some(floor) = first(true) {
+        print_ratios_to(points, &floor, |_| true);
+    }
+    if let Some(duplex) = first(false) {
+        print_ratios_to(points, &duplex, |p| p.server.starts_with("duplex"));
+    }
+}
+
+fn print_ratios_to(points: &[Point], floor: &str, include: impl Fn(&Point) -> bool) {
+    if !points.iter().any(|p| p.server != floor && include(p)) {
+        return;
+    }
     println!();
     println!(
-        "  {:<24} {:>5} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
+        "  {:<40} {:>5} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
         "ratio", "calls", "p50", "p90", "p99", "p99.9", "us/frame", "KiB/call"
     );
-    for p in points.iter().filter(|p| p.server != floor) {
+    for p in points.iter().filter(|p| p.server != floor && include(p)) {
         let Some(b) = points
             .iter()
             .find(|b| b.server == floor && b.calls == p.calls)
@@ -378,7 +410,7 @@ fn print_ratios(points: &[Point], servers: &[FloorServer]) {
         };
         let r = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
         println!(
-            "  {:<24} {:>5} {:>7.2}x {:>7.2}x {:>7.2}x {:>8.2}x {:>8.2}x {:>8.2}x",
+            "  {:<40} {:>5} {:>7.2}x {:>7.2}x {:>7.2}x {:>8.2}x {:>8.2}x {:>8.2}x",
             format!("{} / {}", p.server, floor),
             p.calls,
             r(p.p50, b.p50),
