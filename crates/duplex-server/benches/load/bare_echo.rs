@@ -68,6 +68,8 @@ pub fn serve(spec: &str) {
 
 async fn connection(tcp: tokio::net::TcpStream, config: WebSocketConfig) {
     // Select `duplex.v1` like the server does: the client offers it and insists on an answer.
+    // The error type is tungstenite's, large or not.
+    #[allow(clippy::result_large_err)]
     let select = |_: &Request, mut response: Response| {
         response.headers_mut().insert(
             "Sec-WebSocket-Protocol",
