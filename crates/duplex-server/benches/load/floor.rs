@@ -42,6 +42,9 @@ const POINT_SLACK: Duration = Duration::from_secs(60);
 /// handshake rate both servers sustain without queueing connects behind the audio.
 const RAMP_PER_CALL: Duration = Duration::from_micros(1500);
 const MIN_RAMP: Duration = Duration::from_millis(200);
+/// Below this share of the scheduled frames sent, a point is flagged: the load generator
+/// itself was starved of CPU, so the server saw less load than the level says.
+const MIN_SENT_PCT: f64 = 95.0;
 /// How long a bare echo server may take to print its port.
 const BARE_START: Duration = Duration::from_secs(10);
 
@@ -336,7 +339,7 @@ fn print_table(points: &[Point]) {
     for p in points {
         let pct = |s: f64| s / p.run_s * 100.0;
         println!(
-            "  {:<12} {:>5} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.1}% {:>5.1}% {:>8.1} {:>8.0} {:>6.0} {:>6.0} {:>6.0}",
+            "  {:<20} {:>5} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.1}% {:>5.1}% {:>8.1} {:>8.0} {:>6.0} {:>6.0} {:>6.0}",
             p.server,
             p.calls,
             p.ok,
@@ -359,6 +362,15 @@ fn print_table(points: &[Point]) {
          us/frame = server CPU per echoed frame; srv/gen/oth % = server, load generator and \
          everything else, % of one core over the run)"
     );
+    for p in points.iter().filter(|p| p.sent_pct() < MIN_SENT_PCT) {
+        println!(
+            "  {} {} calls: the load generator sent only {:.0} % of the scheduled frames (the \
+             machine was saturated): its latencies and CPU per frame are not comparable",
+            p.server,
+            p.calls,
+            p.sent_pct()
+        );
+    }
     for p in points
         .iter()
         .filter(|p| p.errors != "none" || p.ok < p.calls)
