@@ -413,9 +413,14 @@ fn print_ratios_to(points: &[Point], floor: &str, include: impl Fn(&Point) -> bo
         "  {:<40} {:>5} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
         "ratio", "calls", "p50", "p90", "p99", "p99.9", "us/frame", "KiB/call"
     );
-    for p in points.iter().filter(|p| p.server != floor && include(p)) {
-        let Some(b) = points
+    for (i, p) in points.iter().enumerate() {
+        if p.server == floor || !include(p) {
+            continue;
+        }
+        // The latest reference point of the same level before this one (levels may repeat).
+        let Some(b) = points[..i]
             .iter()
+            .rev()
             .find(|b| b.server == floor && b.calls == p.calls)
         else {
             continue;
