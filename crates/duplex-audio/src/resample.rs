@@ -47,7 +47,7 @@ enum Kind {
     /// `to_rate == 2 * from_rate`.
     Up2(Upsample2),
     /// Any other pair.
-    Fft(FftState),
+    Fft(Box<FftState>),
 }
 
 /// Exact 2x interpolation: zero-stuffing and a windowed-sinc lowpass, as two polyphase
@@ -126,14 +126,14 @@ impl Resampler {
         Ok(Resampler {
             from_rate,
             to_rate,
-            kind: Kind::Fft(FftState {
+            kind: Kind::Fft(Box::new(FftState {
                 fft,
                 block_in,
                 filled: 0,
                 block_out,
                 samples_in: 0,
                 samples_out: 0,
-            }),
+            })),
         })
     }
 
