@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::error::{Error, Result};
@@ -35,6 +35,12 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// When the caller falls further behind, the reader stops reading and TCP pushes back on the
 /// server, exactly as a slow real client would.
 const EVENT_QUEUE: usize = 1024;
+/// tungstenite's read buffer. tungstenite 0.28 zero-fills the free part of this buffer before
+/// every socket read, including the read that finds nothing and returns `WouldBlock`; with its
+/// 128 KiB default that is ~256 KiB of memset per 20 ms frame, which made the load generator
+/// itself a large share of a small box's CPU. 4 KiB holds several frames of any protocol
+/// format; larger messages still arrive whole (the buffer grows to the frame's length).
+const READ_BUFFER_BYTES: usize = 4 * 1024;
 
 /// Something the server did, stamped with the moment the reader task saw it.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,7 +153,8 @@ impl Client {
                 .insert("Sec-WebSocket-Protocol", value);
         }
         // Nagle off: 20 ms audio frames must not wait for the previous frame's ACK.
-        let handshake = tokio_tungstenite::connect_async_with_config(request, None, true);
+        let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES);
+        let handshake = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
         let (ws, _response) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
             .await
             .map_err(|_| Error::ConnectTimeout {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use duplex_proto::SessionStart;
+use duplex_proto::{Encoding, SessionStart};
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -36,6 +36,8 @@ pub struct LoadConfig {
     /// User turns per session (passes over the WAVs in echo mode).
     pub turns: usize,
     pub mode: Mode,
+    /// Encoding of the binary frames sent.
+    pub encoding: Encoding,
     /// The whole run stops after this long, measured from its start.
     pub max_duration: Option<Duration>,
     pub turn_timeout: Duration,
@@ -58,6 +60,7 @@ impl LoadConfig {
             speed: defaults.speed,
             barge_in_after_ms: None,
             mode: Mode::Conversation,
+            encoding: Encoding::Pcm16,
             max_duration: None,
             turn_timeout: defaults.turn_timeout,
             start: None,
@@ -69,6 +72,7 @@ impl LoadConfig {
     pub fn session_config(&self) -> SessionConfig {
         SessionConfig {
             mode: self.mode,
+            encoding: self.encoding,
             speed: self.speed,
             barge_in_after_ms: self.barge_in_after_ms,
             turns: self.turns,

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use duplex_proto::{
-    AudioEndReason, AudioFormat, ClientMessage, PlaybackMark, ServerMessage, SessionEnd,
+    AudioEndReason, AudioFormat, ClientMessage, Encoding, PlaybackMark, ServerMessage, SessionEnd,
     SessionStart,
 };
 use serde::Serialize;
@@ -22,7 +22,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::client::{Client, Event, EventKind};
 use crate::error::{Error, Result};
-use crate::wav::{FRAME_MS, Wav, silence_frame};
+use crate::wav::{FRAME_MS, Wav, silence_frame_as};
 
 /// How often the virtual player reports its position while assistant audio plays.
 pub const MARK_INTERVAL: Duration = Duration::from_millis(100);
@@ -46,6 +46,8 @@ pub struct SessionConfig {
     /// `ws://HOST:PORT/v1/conversation`, query parameters allowed.
     pub url: String,
     pub mode: Mode,
+    /// Encoding of the binary frames sent (and asked for in `session.start`).
+    pub encoding: Encoding,
     /// Speech is sent at real time × `speed` (>= 1); 0 sends speech as fast as possible.
     /// Silence and virtual playback run at real time × `speed` (real time when 0).
     pub speed: f64,
@@ -75,6 +77,7 @@ impl SessionConfig {
         SessionConfig {
             url: url.into(),
             mode: Mode::Conversation,
+            encoding: Encoding::Pcm16,
             speed: 1.0,
             barge_in_after_ms: None,
             turns: 1,
@@ -256,7 +259,7 @@ pub async fn run_session(cfg: &SessionConfig, wavs: &[Wav]) -> SessionReport {
         output_encoding: None,
     });
     start.sample_rate = rate;
-    start.encoding = duplex_proto::Encoding::Pcm16;
+    start.encoding = cfg.encoding;
 
     let mut client = match Client::connect(&cfg.url, Some(start)).await {
         Ok(c) => c,
@@ -499,7 +502,7 @@ impl<'a> Conversation<'a> {
             turns: Vec::new(),
             current: 0,
             speech: None,
-            silence: silence_frame(wavs[0].sample_rate),
+            silence: silence_frame_as(wavs[0].sample_rate, cfg.encoding),
             next_send: Instant::now(),
             speech_period: if cfg.speed == 0.0 {
                 Duration::ZERO
@@ -523,7 +526,7 @@ impl<'a> Conversation<'a> {
         self.current = index;
         self.speech = Some(Speech {
             turn: index,
-            frames: self.wavs[wav].frames(),
+            frames: self.wavs[wav].frames_as(self.cfg.encoding),
             next: 0,
             barges_in_on,
         });
@@ -979,7 +982,7 @@ async fn run_echo(
     } else {
         frame.div_f64(cfg.speed)
     };
-    let passes: Vec<Vec<Vec<u8>>> = wavs.iter().map(Wav::frames).collect();
+    let passes: Vec<Vec<Vec<u8>>> = wavs.iter().map(|w| w.frames_as(cfg.encoding)).collect();
     let mut order = (0..cfg.turns).flat_map(|i| passes[i % passes.len()].iter());
     let mut pending: VecDeque<Instant> = VecDeque::with_capacity(64);
     let mut next_send = Instant::now();

@@ -3,6 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use duplex_audio::codec;
+use duplex_proto::Encoding;
+
 use crate::error::{Error, Result};
 
 /// Duration of every audio frame the replayer sends (the protocol's frame size).
@@ -102,15 +105,22 @@ impl Wav {
 
     /// The audio as PCM16LE 20 ms frames; the last one is padded with silence.
     pub fn frames(&self) -> Vec<Vec<u8>> {
+        self.frames_as(Encoding::Pcm16)
+    }
+
+    /// The samples as 20 ms frames in `encoding`, the last one padded with silence.
+    pub fn frames_as(&self, encoding: Encoding) -> Vec<Vec<u8>> {
         let n = self.frame_samples();
         self.samples
             .chunks(n)
             .map(|chunk| {
-                let mut bytes = Vec::with_capacity(n * 2);
-                for s in chunk {
-                    bytes.extend_from_slice(&s.to_le_bytes());
+                let mut padded = chunk.to_vec();
+                padded.resize(n, 0);
+                let mut bytes = Vec::with_capacity(n * encoding.bytes_per_sample());
+                match encoding {
+                    Encoding::Pcm16 => codec::encode_pcm16(&padded, &mut bytes),
+                    Encoding::Mulaw => codec::encode_mulaw(&padded, &mut bytes),
                 }
-                bytes.resize(n * 2, 0);
                 bytes
             })
             .collect()
@@ -129,5 +139,16 @@ pub fn frame_samples(sample_rate: u32) -> usize {
 
 /// One 20 ms PCM16LE frame of digital silence at `sample_rate`.
 pub fn silence_frame(sample_rate: u32) -> Vec<u8> {
-    vec![0; frame_samples(sample_rate) * 2]
+    silence_frame_as(sample_rate, Encoding::Pcm16)
+}
+
+/// One 20 ms frame of digital silence at `sample_rate` in `encoding`.
+pub fn silence_frame_as(sample_rate: u32, encoding: Encoding) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let zeros = vec![0i16; frame_samples(sample_rate)];
+    match encoding {
+        Encoding::Pcm16 => codec::encode_pcm16(&zeros, &mut bytes),
+        Encoding::Mulaw => codec::encode_mulaw(&zeros, &mut bytes),
+    }
+    bytes
 }

@@ -6,15 +6,28 @@
 //! own stage histograms (`/metrics`), its memory (`/proc/<pid>/status` VmRSS) and CPU time
 //! (`/proc/<pid>/stat`).
 //!
-//! Environment (defaults finish in well under two minutes on two cores):
-//! - `BENCH_SCENARIOS`: comma list of `echo`, `conversation`, `bargein` (default
-//!   `echo,conversation`).
-//! - `BENCH_SESSIONS`: one number for every scenario, or `echo=200,conversation=50,...`
-//!   (defaults: echo 200, conversation 50, bargein 50).
+//! The `floor` scenario (`load/floor.rs`) compares duplex in echo mode with a bare
+//! tokio-tungstenite echo server (`load/bare_echo.rs`, this binary started again as a separate
+//! process) at several call counts, mu-law 8 kHz, and prints the ratios duplex / bare.
+//!
+//! Environment (the defaults take about four minutes on two cores):
+//! - `BENCH_SCENARIOS`: comma list of `floor`, `echo`, `conversation`, `bargein` (default
+//!   `floor,echo,conversation`).
+//! - `BENCH_QUICK=1`: the CI version, seconds in all: only `floor` (unless `BENCH_SCENARIOS`
+//!   says otherwise) at 20 calls for 2 s.
+//! - `BENCH_SESSIONS`: one number for every scenario but `floor`, or
+//!   `echo=200,conversation=50,...` (defaults: echo 200, conversation 50, bargein 50).
 //! - `BENCH_SECONDS`: how long every session is held once all have started (default 20).
 //! - `BENCH_RAMP_MS`: sessions start evenly over this ramp (default 5000).
-//! - `BENCH_DUPLEX_BIN`: the server binary to measure (default: the one this bench was built
-//!   with), e.g. a copy of an older build, to compare two versions in one sitting.
+//! - `BENCH_DUPLEX_BIN`: the server binary of the `echo`, `conversation` and `bargein`
+//!   scenarios (default: the one this bench was built with), e.g. a copy of an older build, to
+//!   compare two versions in one sitting.
+//! - `BENCH_FLOOR_LEVELS`: call counts of `floor` (default `250,500,1000,2000`).
+//! - `BENCH_FLOOR_SECONDS`: how long each `floor` point is held after its ramp (default 8).
+//! - `BENCH_FLOOR_RAMP_MS`: `floor` ramp-up (default 1.5 ms per call, at least 200 ms).
+//! - `BENCH_FLOOR_SERVERS`: `duplex`, `duplex=PATH` (another build of the binary, e.g. a copy
+//!   from before a change), `bare` (tungstenite's default read buffer) and `bare@BYTES` (a read
+//!   buffer of BYTES), compared with the first bare one (default `bare,duplex`).
 //!
 //! The client runs in this process on the same machine: on a small box the figures include
 //! the client's own CPU contention, which is printed next to the server's.
@@ -28,6 +41,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use duplex_replay::{LoadConfig, LoadReport, Mode, Summary, Wav, run_load};
+
+#[path = "load/bare_echo.rs"]
+mod bare_echo;
+#[path = "load/floor.rs"]
+mod floor;
 
 /// The speech every conversation turn (and the echo stream) plays: about four seconds, long
 /// enough to be one clear turn for the endpointer.
@@ -76,9 +94,9 @@ impl Scenario {
             "echo" => Scenario::Echo,
             "conversation" => Scenario::Conversation,
             "bargein" | "barge-in" => Scenario::BargeIn,
-            other => {
-                panic!("BENCH_SCENARIOS: unknown scenario {other:?} (echo, conversation, bargein)")
-            }
+            other => panic!(
+                "BENCH_SCENARIOS: unknown scenario {other:?} (floor, echo, conversation, bargein)"
+            ),
         }
     }
 
@@ -106,6 +124,8 @@ impl Scenario {
 }
 
 struct Settings {
+    /// Run the `floor` comparison first.
+    floor: Option<floor::FloorSettings>,
     scenarios: Vec<Scenario>,
     sessions: BTreeMap<&'static str, usize>,
     hold: Duration,
@@ -115,11 +135,26 @@ struct Settings {
 impl Settings {
     fn from_env() -> Settings {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let scenarios: Vec<Scenario> = var("BENCH_SCENARIOS")
-            .unwrap_or_else(|| "echo,conversation".into())
+        let quick = var("BENCH_QUICK").is_some_and(|v| v.trim() != "0");
+        let default_scenarios = if quick {
+            "floor"
+        } else {
+            "floor,echo,conversation"
+        };
+        let names: Vec<String> = var("BENCH_SCENARIOS")
+            .unwrap_or_else(|| default_scenarios.into())
             .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(Scenario::parse)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let floor = names
+            .iter()
+            .any(|n| n == "floor")
+            .then(|| floor::FloorSettings::from_env(quick));
+        let scenarios: Vec<Scenario> = names
+            .iter()
+            .filter(|n| *n != "floor")
+            .map(|n| Scenario::parse(n))
             .collect();
         let mut sessions: BTreeMap<&'static str, usize> =
             [Scenario::Echo, Scenario::Conversation, Scenario::BargeIn]
@@ -148,6 +183,7 @@ impl Settings {
             })
         };
         Settings {
+            floor,
             scenarios,
             sessions,
             hold: Duration::from_secs(num("BENCH_SECONDS", 20)),
@@ -157,22 +193,30 @@ impl Settings {
 }
 
 fn main() {
+    // Started again by the `floor` scenario as the bare echo server.
+    if let Ok(spec) = std::env::var(bare_echo::ROLE_VAR) {
+        bare_echo::serve(&spec);
+        return;
+    }
     let settings = Settings::from_env();
     let wall = Instant::now();
-    let speech = speech(SPEECH_TEXT);
+    let speech = speech(SPEECH_TEXT, RATE);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("the tokio runtime starts");
     println!(
         "duplex load benchmark: server {}, {} CPUs, hold {} s after a {} ms ramp; speech {:.2} s at {} Hz",
-        server_binary(),
+        env!("CARGO_BIN_EXE_duplex"),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         settings.hold.as_secs(),
         settings.ramp.as_millis(),
         speech.duration().as_secs_f64(),
         RATE,
     );
+    if let Some(floor) = &settings.floor {
+        runtime.block_on(floor::run(floor));
+    }
     for &scenario in &settings.scenarios {
         let sessions = settings.sessions[scenario.name()];
         runtime.block_on(run_scenario(scenario, sessions, &settings, &speech));
@@ -186,7 +230,7 @@ fn main() {
 
 async fn run_scenario(scenario: Scenario, sessions: usize, settings: &Settings, speech: &Wav) {
     let started = Instant::now();
-    let server = ServerProcess::start(scenario).await;
+    let server = ServerProcess::start(scenario.name(), scenario.providers()).await;
     tokio::time::sleep(SETTLE).await;
     let pid = server.pid();
     let rss_baseline = rss_kib(&pid).unwrap_or(0);
@@ -284,8 +328,8 @@ fn load_config(
     cfg
 }
 
-/// The speech, synthesized by espeak-ng and resampled to [`RATE`] with `duplex_audio`.
-fn speech(text: &str) -> Wav {
+/// The speech, synthesized by espeak-ng and resampled to `rate` with `duplex_audio`.
+fn speech(text: &str, rate: u32) -> Wav {
     let dir = std::env::temp_dir().join(format!("duplex-load-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir is writable");
     let path = dir.join("speech.wav");
@@ -302,13 +346,13 @@ fn speech(text: &str) -> Wav {
         .samples::<i16>()
         .collect::<Result<_, _>>()
         .expect("espeak-ng writes 16-bit PCM");
-    let mut resampler = duplex_audio::Resampler::new(spec.sample_rate, RATE)
+    let mut resampler = duplex_audio::Resampler::new(spec.sample_rate, rate)
         .expect("espeak-ng's rate is supported");
-    let mut out = vec![0i16; (RATE * LEAD_SILENCE_MS / 1000) as usize];
+    let mut out = vec![0i16; (rate * LEAD_SILENCE_MS / 1000) as usize];
     resampler.process(&samples, &mut out);
     resampler.flush(&mut out);
     let _ = std::fs::remove_dir_all(&dir);
-    Wav::from_samples("espeak-ng speech", RATE, out).expect("16 kHz is a protocol rate")
+    Wav::from_samples("espeak-ng speech", rate, out).expect("a protocol rate")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -324,7 +368,13 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    async fn start(scenario: Scenario) -> ServerProcess {
+    /// `duplex --providers PROVIDERS`; `name` labels its log file.
+    async fn start(name: &str, providers: &str) -> ServerProcess {
+        ServerProcess::start_binary(Path::new(&server_binary()), name, providers).await
+    }
+
+    /// Like [`ServerProcess::start`] with another build of the binary.
+    async fn start_binary(binary: &Path, name: &str, providers: &str) -> ServerProcess {
         // Bind-and-release: another process could take the port in between, which on a
         // benchmark box is unlikely enough; the health check below would then fail loudly.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -335,26 +385,29 @@ impl ServerProcess {
         let log_path = std::env::temp_dir().join(format!(
             "duplex-load-bench-{}-{}.log",
             std::process::id(),
-            scenario.name()
+            name
         ));
+        let log = std::fs::File::create(&log_path).expect("server log file");
+        // A fresh store per server, never the working directory's `data/`.
         let data_dir = std::env::temp_dir().join(format!(
             "duplex-load-bench-{}-{}-data",
             std::process::id(),
-            scenario.name()
+            name
         ));
         let _ = std::fs::remove_dir_all(&data_dir);
-        let log = std::fs::File::create(&log_path).expect("server log file");
-        let child = Command::new(server_binary())
+        std::fs::create_dir_all(&data_dir).expect("temp dir is writable");
+        let child = Command::new(binary)
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--providers", scenario.providers()])
+            .args(["--providers", providers])
+            .env("DUPLEX_DATA_DIR", &data_dir)
+            .env_remove("DATABASE_URL")
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
             .env("MAX_CONNECTIONS", "100000")
             .env("MAX_CONNECTIONS_PER_IP", "100000")
-            // Every session comes from 127.0.0.1: the per-IP connect rate would refuse most.
+            // Every session comes from 127.0.0.1: the per-IP connect rate limit (60 a minute
+            // by default) would refuse all but the first burst.
             .env("CONNECT_RATE_PER_MIN", "0")
-            // The SQLite store of the run lives and dies with it, never in the source tree.
-            .env("DUPLEX_DATA_DIR", &data_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -927,7 +980,8 @@ fn print_log_summary(path: &Path) {
     }
 }
 
-/// The server binary under test: `BENCH_DUPLEX_BIN`, else the one built with this bench.
+/// The server binary of the session scenarios: `BENCH_DUPLEX_BIN`, else the one built with
+/// this bench.
 fn server_binary() -> String {
     std::env::var("BENCH_DUPLEX_BIN")
         .ok()
