@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod client_ip;
 pub mod config;
 mod http;
 mod metering;
@@ -83,7 +84,7 @@ impl Server {
     }
 
     async fn bind_inner(
-        config: Config,
+        mut config: Config,
         metrics: Metrics,
         providers: Option<ProviderSet>,
         usage_routes: metering::SessionUsage,
@@ -97,6 +98,12 @@ impl Server {
             config.billing.stripe_webhook_secret.clone(),
             config.billing.stripe_price_plans.clone(),
         );
+        // Anonymous sessions: decided by the bind address (see `Config::anonymous_policy`).
+        let anonymous = config.anonymous_policy();
+        if let Some(a) = &anonymous {
+            config.metering.anonymous_plan = Some(a.plan.clone());
+            warn_anonymous(a, &config);
+        }
         let listener = TcpListener::bind((config.server.bind_addr, config.server.port)).await?;
         let local_addr = listener.local_addr()?;
         // 20 ms audio frames must not wait for Nagle's algorithm.
@@ -146,6 +153,11 @@ impl Server {
             switches,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
+            client_ip: client_ip::ClientIpSource {
+                trusted: config.limits.trusted_proxies.clone(),
+                header: config.limits.client_ip_header,
+            },
+            anonymous_per_client: anonymous.as_ref().is_some_and(|a| a.per_client),
             tracker: tracker.clone(),
             billing,
             session: session::SessionContext {
@@ -207,5 +219,29 @@ impl Server {
             tracing::warn!("sessions still open after the grace period; exiting anyway");
         }
         let _ = tokio::time::timeout(margin, self.serve).await;
+    }
+}
+
+/// A server anyone can reach without auth is worth a loud line at every start.
+fn warn_anonymous(a: &config::AnonymousPolicy, config: &Config) {
+    if !a.public {
+        tracing::info!(
+            plan = %a.plan,
+            "no JWT_SECRET, JWT_JWKS_URL or CLERK_SECRET_KEY: anonymous sessions on a loopback bind"
+        );
+        return;
+    }
+    let bind = config.server.bind_addr;
+    if a.plan == "unmetered" {
+        tracing::warn!(
+            %bind,
+            "PUBLIC SERVER WITHOUT AUTH AND WITHOUT LIMITS: no JWT_SECRET, JWT_JWKS_URL or CLERK_SECRET_KEY, and ANONYMOUS_PLAN=unmetered: anyone who can reach this port talks on your engines for free"
+        );
+    } else {
+        tracing::warn!(
+            %bind,
+            plan = %a.plan,
+            "public server without auth: no JWT_SECRET, JWT_JWKS_URL or CLERK_SECRET_KEY; every client IP (IPv6 /64) is its own anonymous user `anon:<ip>` on the plan ANONYMOUS_PLAN (default free). Configure auth before you share this address"
+        );
     }
 }
