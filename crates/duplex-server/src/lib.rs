@@ -4,7 +4,8 @@
 //!
 //! Modules: [`config`] (every environment variable, parsed into one section per subsystem;
 //! each subsystem gets only its section), [`metrics`] (the Prometheus registry), `http` (the
-//! endpoints), `session` (one WebSocket connection: reader, writer, actor).
+//! endpoints), `serve` (the HTTP/1 accept loop: header read timeout, cap on connections not
+//! yet upgraded), `session` (one WebSocket connection: reader, writer, actor).
 //!
 //! The server opens its [`Store`] (`DATABASE_URL`, applying pending migrations) before it
 //! binds the port: a database it cannot use stops it at startup, not at the first session.
@@ -17,6 +18,7 @@ mod http;
 mod metering;
 pub mod metrics;
 pub mod providers;
+mod serve;
 mod session;
 mod switches;
 
@@ -24,7 +26,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::serve::ListenerExt;
 use duplex_providers::ProviderSet;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -106,10 +107,10 @@ impl Server {
         }
         let listener = TcpListener::bind((config.server.bind_addr, config.server.port)).await?;
         let local_addr = listener.local_addr()?;
-        // 20 ms audio frames must not wait for Nagle's algorithm.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        let edge = serve::EdgeLimits {
+            header_read_timeout: config.limits.header_read_timeout,
+            max_pending: config.limits.max_pending_connections,
+        };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let grace = config.limits.shutdown_grace;
@@ -171,13 +172,14 @@ impl Server {
                 spend_cache,
             },
         });
-        let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let stop = shutdown.clone();
-        let serve = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
+        let app = http::router(state.clone());
+        let serve = tokio::spawn(serve::serve(
+            listener,
+            app,
+            edge,
+            state.session.metrics.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(%local_addr, "listening");
         Ok(Server {
             local_addr,
