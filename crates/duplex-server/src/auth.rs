@@ -1,14 +1,16 @@
 //! Authentication and admission at the HTTP edge, before a WebSocket upgrade: who is calling
 //! ([`Authenticator`]: bearer JWTs, HS256 with `JWT_SECRET` or RS256 with keys from
 //! `JWT_JWKS_URL`, or from Clerk's Backend API `GET /v1/jwks` with `CLERK_SECRET_KEY` as the
-//! bearer), how often an address may try ([`ConnectLimiter`], a token bucket per IP),
+//! bearer), how often a client may try ([`ConnectLimiter`], a token bucket per client IP, an
+//! IPv6 client per /64: see `client_ip`),
 //! and from which web pages ([`origin_allowed`], the `ALLOWED_ORIGINS` list).
 //!
 //! The token may come in three places, tried in this order: an `Authorization: Bearer` header,
 //! a `bearer.<token>` entry of `Sec-WebSocket-Protocol` (browsers cannot set headers on a
 //! WebSocket; they offer `["duplex.v1", "bearer.<token>"]` and the server selects only
-//! `duplex.v1`), or the `token` query parameter. Anonymous dev mode (user `anonymous`) is on
-//! only when none of `JWT_SECRET`, `JWT_JWKS_URL` and `CLERK_SECRET_KEY` is set.
+//! `duplex.v1`), or the `token` query parameter. Anonymous mode is on only when none of
+//! `JWT_SECRET`, `JWT_JWKS_URL` and `CLERK_SECRET_KEY` is set; who an anonymous user is (one
+//! `anonymous`, or `anon:<client ip>` on a public server) is `Config::anonymous_policy`.
 //!
 //! Checked: signature, `exp` (required) and `nbf` with [`LEEWAY_SECS`] of clock skew, `iss`
 //! against `JWT_ISSUER` and `aud` against `JWT_AUDIENCE` (each required when configured), and a
@@ -17,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::client_ip::ClientKey;
 use crate::config::AuthConfig;
 pub use crate::config::Secret;
 
@@ -49,15 +51,24 @@ const MAX_TRACKED_IPS: usize = 100_000;
 /// Who opened a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    /// The token's `sub`, or `anonymous` in dev mode.
+    /// The token's `sub`; in anonymous mode `anonymous`, or `anon:<client>` per client.
     pub user_id: String,
     pub anonymous: bool,
 }
 
 impl Identity {
+    /// The one anonymous user of a private (loopback) server.
     pub fn anonymous() -> Identity {
         Identity {
             user_id: "anonymous".into(),
+            anonymous: true,
+        }
+    }
+
+    /// The anonymous user of one client (an IPv4 address or an IPv6 /64) on a public server.
+    pub fn anonymous_client(client: ClientKey) -> Identity {
+        Identity {
+            user_id: format!("anon:{client}"),
             anonymous: true,
         }
     }
@@ -388,11 +399,11 @@ pub fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
 }
 
-/// Per-IP token bucket on connection attempts: `rate_per_min` tokens a minute, bursts up to
-/// the same number.
+/// Per-client token bucket on connection attempts: `rate_per_min` tokens a minute, bursts up
+/// to the same number.
 pub struct ConnectLimiter {
     rate_per_min: u32,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<ClientKey, Bucket>>,
 }
 
 #[derive(Clone, Copy)]
@@ -411,7 +422,7 @@ impl ConnectLimiter {
     }
 
     /// Takes one token for `ip`; false when its bucket is empty.
-    pub fn check(&self, ip: IpAddr) -> bool {
+    pub fn check(&self, ip: ClientKey) -> bool {
         if self.rate_per_min == 0 {
             return true;
         }
@@ -426,7 +437,8 @@ impl ConnectLimiter {
             // A full bucket holds no information: dropping it changes nothing.
             map.retain(|_, b| b.tokens + (now - b.at).as_secs_f64() * per_sec < cap);
             if map.len() >= MAX_TRACKED_IPS {
-                let victims: Vec<IpAddr> = map.keys().take(map.len() / 10 + 1).copied().collect();
+                let victims: Vec<ClientKey> =
+                    map.keys().take(map.len() / 10 + 1).copied().collect();
                 for v in victims {
                     map.remove(&v);
                 }
@@ -725,20 +737,42 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn connect_limiter_refills_and_stays_bounded() {
+        use std::net::IpAddr;
+        let key = |ip: IpAddr| ClientKey::of(ip);
         let l = ConnectLimiter::new(6); // one token every 10 s, bursts of 6
-        let ip: IpAddr = [10, 0, 0, 1].into();
+        let ip = key([10, 0, 0, 1].into());
         for _ in 0..6 {
             assert!(l.check(ip));
         }
         assert!(!l.check(ip));
-        assert!(l.check([10, 0, 0, 2].into()), "other addresses unaffected");
+        assert!(
+            l.check(key([10, 0, 0, 2].into())),
+            "other addresses unaffected"
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(l.check(ip));
         assert!(!l.check(ip));
         for i in 0..(MAX_TRACKED_IPS as u32 + 10) {
-            l.check(IpAddr::from(i.to_be_bytes()));
+            l.check(key(IpAddr::from(i.to_be_bytes())));
         }
         assert!(l.tracked() <= MAX_TRACKED_IPS, "{}", l.tracked());
         assert!(ConnectLimiter::new(0).check(ip), "0 = off");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_addresses_of_one_64_share_a_bucket() {
+        use std::net::IpAddr;
+        let key = |s: &str| ClientKey::of(s.parse::<IpAddr>().unwrap());
+        let l = ConnectLimiter::new(2);
+        assert!(l.check(key("2001:db8:1:2::1")));
+        assert!(l.check(key("2001:db8:1:2::2")));
+        assert!(
+            !l.check(key("2001:db8:1:2:ffff::3")),
+            "a third address of the same /64 is the same client"
+        );
+        assert!(
+            l.check(key("2001:db8:1:3::1")),
+            "another /64 is another client"
+        );
     }
 }

@@ -87,6 +87,80 @@ pub struct LimitsConfig {
     pub max_audio_ahead: Option<Duration>,
     /// On shutdown, how long sessions may finish their turn.
     pub shutdown_grace: Duration,
+    /// How long a TCP connection may take to send a request's headers (from accept, or from
+    /// the previous response on a kept-alive connection) before it is closed.
+    pub header_read_timeout: Duration,
+    /// TCP connections that have not upgraded to a WebSocket (or are between HTTP requests);
+    /// a connection past this is closed at accept.
+    pub max_pending_connections: usize,
+    /// Proxies whose `X-Forwarded-For`/`Forwarded` names the client; empty: the TCP peer is
+    /// the client.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Which header a trusted proxy sets.
+    pub client_ip_header: ClientIpHeader,
+}
+
+/// A block of addresses (`10.0.0.0/8`, `2001:db8::/32`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside the block (an IPv4-mapped IPv6 address counts as its IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr.to_canonical(), ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+/// The header a trusted proxy names the client in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For: client, proxy1, …` (Render, ingress-nginx, most load balancers).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client;proto=https, for=proxy1`.
+    Forwarded,
 }
 
 /// Turn detection: the audio front end's VAD and endpointer (`duplex_audio::FrontEnd`).
@@ -146,8 +220,9 @@ pub struct AuthConfig {
 /// Plans, usage writes and kill switches (`metering`, `switches`).
 #[derive(Debug, Clone, Default)]
 pub struct MeteringConfig {
-    /// Plan of anonymous dev-mode sessions.
-    pub anonymous_plan: String,
+    /// Plan of anonymous sessions (no auth configured) as set; `None`: chosen by the bind
+    /// address (see [`Config::anonymous_policy`]). `Server::bind` fills it in.
+    pub anonymous_plan: Option<String>,
     /// Every plan and its limits.
     pub plans: PlanTable,
     pub usage_heartbeat: Duration,
@@ -187,6 +262,19 @@ pub struct BillingConfig {
     pub stripe_webhook_secret: Option<WebhookSecret>,
     pub stripe_price_plans: PricePlans,
     pub stripe_webhook_path: String,
+}
+
+/// How sessions are metered when no auth is configured ([`Config::anonymous_policy`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnonymousPolicy {
+    /// Reachable by others: not a loopback bind, or behind trusted proxies.
+    pub public: bool,
+    /// Each client IP (IPv6: its /64) is its own user `anon:<ip>`; else all are `anonymous`.
+    pub per_client: bool,
+    /// The plan of every anonymous session.
+    pub plan: String,
+    /// `ANONYMOUS_PLAN` was set (the operator chose the plan).
+    pub plan_chosen: bool,
 }
 
 /// Which engines a session runs on.
@@ -403,6 +491,52 @@ pub const VARS: &[Var] = &[
         default: "10",
         help: "On SIGTERM, how long sessions may finish their turn.",
         parse: |c, v| v.secs().map(|d| c.limits.shutdown_grace = d),
+    },
+    Var {
+        name: "HEADER_READ_TIMEOUT_SECS",
+        section: Section::Limits,
+        default: "10",
+        help: "Close a TCP connection that has not sent a whole request head (request line and headers) this long after connecting or after its previous response (slow-header attacks, idle keep-alive); at least 1.",
+        parse: |c, v| {
+            v.at_least(1)
+                .map(|s| c.limits.header_read_timeout = Duration::from_secs(s))
+        },
+    },
+    Var {
+        name: "MAX_PENDING_CONNECTIONS",
+        section: Section::Limits,
+        default: "512",
+        help: "TCP connections not (yet) upgraded to a WebSocket: sending a request, waiting for its answer, or kept alive between requests; past it a new connection gets a bare 503 and is closed (`duplex_connections_rejected_total{reason=\"pending\"}`). Established sessions do not count.",
+        parse: |c, v| v.at_least(1).map(|n| c.limits.max_pending_connections = n),
+    },
+    Var {
+        name: "TRUSTED_PROXIES",
+        section: Section::Limits,
+        default: "",
+        help: "Comma-separated CIDR blocks (e.g. `10.0.0.0/8,fd00::/8`) of reverse proxies in front of the server. Only a TCP peer inside one is believed about the client: the client IP is then the right-most address of `CLIENT_IP_HEADER` that is not itself a trusted proxy; otherwise the header is ignored. The client IP keys the per-IP caps, the connect rate, anonymous users and logs (IPv6 per /64). Empty: the TCP peer is the client.",
+        parse: |c, v| {
+            c.limits.trusted_proxies = v
+                .raw
+                .split(',')
+                .map(str::trim)
+                .filter(|b| !b.is_empty())
+                .map(|b| b.parse::<Cidr>().map_err(Invalid::from))
+                .collect::<Result<_, _>>()?;
+            Ok(())
+        },
+    },
+    Var {
+        name: "CLIENT_IP_HEADER",
+        section: Section::Limits,
+        default: "x-forwarded-for",
+        help: "The header trusted proxies name the client in: `x-forwarded-for` or `forwarded` (RFC 7239 `for=`). Only this one is read: set the one your proxy writes, or a client could send the other.",
+        parse: |c, v| {
+            v.one_of(&[
+                ("x-forwarded-for", ClientIpHeader::XForwardedFor),
+                ("forwarded", ClientIpHeader::Forwarded),
+            ])
+            .map(|h| c.limits.client_ip_header = h)
+        },
     },
     // Turn detection
     Var {
@@ -858,9 +992,9 @@ pub const VARS: &[Var] = &[
     Var {
         name: "ANONYMOUS_PLAN",
         section: Section::Metering,
-        default: "unmetered",
-        help: "Plan of sessions in anonymous dev mode (no `JWT_SECRET`, `JWT_JWKS_URL` or `CLERK_SECRET_KEY`); `unmetered` has no limits.",
-        parse: |c, v| v.text().map(|p| c.metering.anonymous_plan = p),
+        default: "",
+        help: "Plan of anonymous sessions (no `JWT_SECRET`, `JWT_JWKS_URL` or `CLERK_SECRET_KEY`). Unset: `unmetered` on a loopback `BIND_ADDR` without `TRUSTED_PROXIES` (one user, `anonymous`), else `free`, each client IP (IPv6 /64) its own user `anon:<ip>`. Set `unmetered` to open a public server without limits on purpose (each client IP is still its own user).",
+        parse: |c, v| v.opt().map(|p| c.metering.anonymous_plan = p),
     },
     Var {
         name: "PLAN_LIMITS",
@@ -1244,15 +1378,43 @@ impl Config {
             ));
         }
         let plans = &self.metering.plans;
-        if plans.get(&self.metering.anonymous_plan).is_none() {
+        if let Some(plan) = &self.metering.anonymous_plan
+            && plans.get(plan).is_none()
+        {
             let known: Vec<&str> = plans.names().collect();
             return Err(ConfigError::new(
                 "ANONYMOUS_PLAN",
-                &self.metering.anonymous_plan,
+                plan,
                 format!("not a plan; known: {}", known.join(", ")),
             ));
         }
         self.engines.cloud.resolve(set)
+    }
+
+    /// Who anonymous sessions are and what they may use; `None` when auth is configured (no
+    /// session is anonymous). Public means reachable by others: a bind address other than
+    /// loopback, or trusted proxies in front (a proxy on the same host makes a loopback
+    /// bind public). A public server without auth meters each client IP as its own user on
+    /// `free` unless `ANONYMOUS_PLAN` says otherwise; a private one keeps the zero-config
+    /// experience (one user, `unmetered`).
+    pub fn anonymous_policy(&self) -> Option<AnonymousPolicy> {
+        let a = &self.auth;
+        if a.jwt_secret.is_some() || a.jwt_jwks_url.is_some() || a.clerk_secret_key.is_some() {
+            return None;
+        }
+        let public =
+            !self.server.bind_addr.is_loopback() || !self.limits.trusted_proxies.is_empty();
+        let default = if public { "free" } else { "unmetered" };
+        Some(AnonymousPolicy {
+            public,
+            per_client: public,
+            plan: self
+                .metering
+                .anonymous_plan
+                .clone()
+                .unwrap_or_else(|| default.to_owned()),
+            plan_chosen: self.metering.anonymous_plan.is_some(),
+        })
     }
 
     /// The configuration from the process environment.

@@ -3,7 +3,8 @@
 //! - `GET /v1/conversation` — WebSocket upgrade into a conversation session (`duplex.v1`,
 //!   see `proto/PROTOCOL.md`). Refused before the upgrade, in this order: 503 while shutting
 //!   down; 400 without a protocol version or for an unsupported `?v=`; 429 past
-//!   `CONNECT_RATE_PER_MIN` attempts from the client IP; 403 for an `Origin` not in
+//!   `CONNECT_RATE_PER_MIN` attempts from the client IP (the TCP peer, or the address a
+//!   trusted proxy names: `client_ip`; an IPv6 client per /64); 403 for an `Origin` not in
 //!   `ALLOWED_ORIGINS`; 401 with the reason (missing token, bad signature, expired, wrong
 //!   issuer or audience, unknown key) when auth is configured and the bearer token is not
 //!   valid, 503 when the identity provider's keys cannot be fetched (see `auth`); 503 at the
@@ -31,7 +32,7 @@
 //!   `duplex_stripe_webhook_errors_total{reason}`.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -46,6 +47,7 @@ use duplex_proto::{self as proto, Encoding, ErrorCode, SessionStart};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
+use crate::client_ip::{ClientIpSource, ClientKey};
 use crate::session::{self, SessionContext};
 
 /// tungstenite's read buffer per connection. tungstenite 0.28 zero-fills the free part of the
@@ -61,7 +63,11 @@ pub(crate) struct AppState {
     pub session: SessionContext,
     pub tracker: TaskTracker,
     pub connections: Arc<Semaphore>,
-    pub per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    pub per_ip: Arc<Mutex<HashMap<ClientKey, usize>>>,
+    /// How the client address is found (trusted proxies).
+    pub client_ip: ClientIpSource,
+    /// Anonymous sessions are one user per client (`anon:<client>`) rather than `anonymous`.
+    pub anonymous_per_client: bool,
     pub auth: crate::auth::Authenticator,
     pub connect_limiter: crate::auth::ConnectLimiter,
     /// The current kill switches (`DUPLEX_SWITCHES_FILE` reloads), for sessions' meters.
@@ -213,12 +219,16 @@ async fn stripe_webhook(
 
 /// Holds one slot of the per-IP cap; frees it on drop.
 struct IpSlot {
-    ip: IpAddr,
-    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: ClientKey,
+    map: Arc<Mutex<HashMap<ClientKey, usize>>>,
 }
 
 impl IpSlot {
-    fn acquire(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, cap: usize) -> Option<IpSlot> {
+    fn acquire(
+        map: &Arc<Mutex<HashMap<ClientKey, usize>>>,
+        ip: ClientKey,
+        cap: usize,
+    ) -> Option<IpSlot> {
         let mut m = map
             .lock()
             .expect("per-IP map is never poisoned: no panics while held");
@@ -299,8 +309,11 @@ async fn conversation(
             "select the protocol version: offer the `duplex.v1` WebSocket subprotocol or add `?v=1`",
         );
     }
+    // Who the client is: the TCP peer, unless a trusted proxy says otherwise.
+    let client_ip = state.client_ip.client_ip(peer.ip(), &headers);
+    let client = ClientKey::of(client_ip);
     // Cheap checks first: the rate limit also counts attempts with bad tokens.
-    if !state.connect_limiter.check(peer.ip()) {
+    if !state.connect_limiter.check(client) {
         return reject(
             &state,
             StatusCode::TOO_MANY_REQUESTS,
@@ -321,6 +334,9 @@ async fn conversation(
         .authenticate(crate::auth::token_from_request(&headers, &params))
         .await
     {
+        Ok(id) if id.anonymous && state.anonymous_per_client => {
+            crate::auth::Identity::anonymous_client(client)
+        }
         Ok(id) => id,
         Err(e) => {
             let status = e.status();
@@ -334,7 +350,7 @@ async fn conversation(
         Err(
             WebSocketUpgradeRejection::InvalidConnectionHeader(_)
             | WebSocketUpgradeRejection::InvalidUpgradeHeader(_),
-        ) => return admission_verdict(&state, peer.ip()),
+        ) => return admission_verdict(&state, client),
         Err(other) => return other.into_response(),
     };
     let Ok(permit): Result<OwnedSemaphorePermit, _> = state.connections.clone().try_acquire_owned()
@@ -346,11 +362,8 @@ async fn conversation(
             "server is at its connection limit",
         );
     };
-    let Some(slot) = IpSlot::acquire(
-        &state.per_ip,
-        peer.ip(),
-        config.limits.max_connections_per_ip,
-    ) else {
+    let Some(slot) = IpSlot::acquire(&state.per_ip, client, config.limits.max_connections_per_ip)
+    else {
         return reject(
             &state,
             StatusCode::TOO_MANY_REQUESTS,
@@ -376,6 +389,14 @@ async fn conversation(
         .saturating_mul(4)
         .max(1 << 20);
     let limit = config.limits.max_message_bytes;
+    // The session logs this as its peer: the client's address (with the TCP port only when
+    // the client is the TCP peer; a proxy's port says nothing about the client).
+    let peer = if client_ip == peer.ip().to_canonical() {
+        SocketAddr::new(client_ip, peer.port())
+    } else {
+        tracing::debug!(%client_ip, proxy = %peer, "client named by a trusted proxy");
+        SocketAddr::new(client_ip, 0)
+    };
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .read_buffer_size(WS_READ_BUFFER_BYTES)
@@ -390,7 +411,7 @@ async fn conversation(
 
 /// What a plain `GET /v1/conversation` answers once the checks before the caps passed: the
 /// caps' refusal, or 426 (the request would have been accepted as an upgrade).
-fn admission_verdict(state: &AppState, ip: IpAddr) -> Response {
+fn admission_verdict(state: &AppState, ip: ClientKey) -> Response {
     if state.connections.available_permits() == 0 {
         return reject(
             state,

@@ -4,18 +4,21 @@
 //!
 //! Modules: [`config`] (every environment variable, parsed into one section per subsystem;
 //! each subsystem gets only its section), [`metrics`] (the Prometheus registry), `http` (the
-//! endpoints), `session` (one WebSocket connection: reader, writer, actor).
+//! endpoints), `serve` (the HTTP/1 accept loop: header read timeout, cap on connections not
+//! yet upgraded), `session` (one WebSocket connection: reader, writer, actor).
 //!
 //! The server opens its [`Store`] (`DATABASE_URL`, applying pending migrations) before it
 //! binds the port: a database it cannot use stops it at startup, not at the first session.
 
 pub mod admin;
 pub mod auth;
+pub mod client_ip;
 pub mod config;
 mod http;
 mod metering;
 pub mod metrics;
 pub mod providers;
+mod serve;
 mod session;
 mod switches;
 
@@ -23,7 +26,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::serve::ListenerExt;
 use duplex_providers::ProviderSet;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -83,7 +85,7 @@ impl Server {
     }
 
     async fn bind_inner(
-        config: Config,
+        mut config: Config,
         metrics: Metrics,
         providers: Option<ProviderSet>,
         usage_routes: metering::SessionUsage,
@@ -97,12 +99,18 @@ impl Server {
             config.billing.stripe_webhook_secret.clone(),
             config.billing.stripe_price_plans.clone(),
         );
+        // Anonymous sessions: decided by the bind address (see `Config::anonymous_policy`).
+        let anonymous = config.anonymous_policy();
+        if let Some(a) = &anonymous {
+            config.metering.anonymous_plan = Some(a.plan.clone());
+            warn_anonymous(a, &config);
+        }
         let listener = TcpListener::bind((config.server.bind_addr, config.server.port)).await?;
         let local_addr = listener.local_addr()?;
-        // 20 ms audio frames must not wait for Nagle's algorithm.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        let edge = serve::EdgeLimits {
+            header_read_timeout: config.limits.header_read_timeout,
+            max_pending: config.limits.max_pending_connections,
+        };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let grace = config.limits.shutdown_grace;
@@ -146,6 +154,11 @@ impl Server {
             switches,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
+            client_ip: client_ip::ClientIpSource {
+                trusted: config.limits.trusted_proxies.clone(),
+                header: config.limits.client_ip_header,
+            },
+            anonymous_per_client: anonymous.as_ref().is_some_and(|a| a.per_client),
             tracker: tracker.clone(),
             billing,
             session: session::SessionContext {
@@ -159,13 +172,14 @@ impl Server {
                 spend_cache,
             },
         });
-        let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let stop = shutdown.clone();
-        let serve = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
+        let app = http::router(state.clone());
+        let serve = tokio::spawn(serve::serve(
+            listener,
+            app,
+            edge,
+            state.session.metrics.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(%local_addr, "listening");
         Ok(Server {
             local_addr,
@@ -207,5 +221,29 @@ impl Server {
             tracing::warn!("sessions still open after the grace period; exiting anyway");
         }
         let _ = tokio::time::timeout(margin, self.serve).await;
+    }
+}
+
+/// A server anyone can reach without auth is worth a loud line at every start.
+fn warn_anonymous(a: &config::AnonymousPolicy, config: &Config) {
+    if !a.public {
+        tracing::info!(
+            plan = %a.plan,
+            "no JWT_SECRET, JWT_JWKS_URL or CLERK_SECRET_KEY: anonymous sessions on a loopback bind"
+        );
+        return;
+    }
+    let bind = config.server.bind_addr;
+    if a.plan == "unmetered" {
+        tracing::warn!(
+            %bind,
+            "PUBLIC SERVER WITHOUT AUTH AND WITHOUT LIMITS: no JWT_SECRET, JWT_JWKS_URL or CLERK_SECRET_KEY, and ANONYMOUS_PLAN=unmetered: anyone who can reach this port talks on your engines for free"
+        );
+    } else {
+        tracing::warn!(
+            %bind,
+            plan = %a.plan,
+            "public server without auth: no JWT_SECRET, JWT_JWKS_URL or CLERK_SECRET_KEY; every client IP (IPv6 /64) is its own anonymous user `anon:<ip>` on the plan ANONYMOUS_PLAN (default free). Configure auth before you share this address"
+        );
     }
 }

@@ -29,7 +29,9 @@ pub(crate) struct Account {
 }
 
 /// Resolves the user of a connection: the token's subject (created on first sight, plan
-/// `free`) or the anonymous dev user on `ANONYMOUS_PLAN`.
+/// `free`) or an anonymous user (`anonymous`, or `anon:<client>` on a public server) on the
+/// anonymous plan `Server::bind` resolved (`free` if it was not resolved: never unlimited by
+/// accident).
 pub(crate) async fn load_account(
     store: &Store,
     config: &MeteringConfig,
@@ -37,7 +39,7 @@ pub(crate) async fn load_account(
 ) -> Result<Account, StoreError> {
     let user = store.ensure_user(&identity.user_id).await?;
     let plan_name = if identity.anonymous {
-        config.anonymous_plan.as_str()
+        config.anonymous_plan.as_deref().unwrap_or("free")
     } else {
         user.plan.as_str()
     };

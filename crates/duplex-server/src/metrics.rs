@@ -18,9 +18,11 @@ pub const STAGES: &[&str] = &[
     "tts_first_audio",
     "voice_to_voice",
 ];
-/// Reasons of `duplex_connections_rejected_total` (the `reject` calls in `http.rs` and
-/// `AuthError::label`).
+/// Reasons of `duplex_connections_rejected_total` (the `reject` calls in `http.rs`,
+/// `AuthError::label`, and `pending`: a TCP connection closed at accept by
+/// `MAX_PENDING_CONNECTIONS` in `serve.rs`).
 pub const REJECT_REASONS: &[&str] = &[
+    "pending",
     "shutting_down",
     "bad_version",
     "no_version",

@@ -818,3 +818,95 @@ async fn slow_consumer_is_disconnected_with_bounded_memory() {
     }
     assert_eq!(ts.metrics.active_sessions.get(), 0);
 }
+
+/// Reads from a raw socket until the server closes it (EOF or reset); what it sent.
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_request_head_is_closed_at_the_header_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let timeout = Duration::from_millis(400);
+    let mut config = test_config();
+    config.limits.header_read_timeout = timeout;
+    let ts = TestServer::start(config).await;
+    let addr = ts.server.local_addr();
+    // Half a request line, then nothing (slowloris); and a connection that never says a word.
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /v1/conversation?v=1 HT")
+        .await
+        .unwrap();
+    let mut mute = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let t0 = std::time::Instant::now();
+    for s in [&mut half, &mut mute] {
+        tokio::time::timeout(timeout + Duration::from_secs(2), read_until_closed(s))
+            .await
+            .expect("closed by the server within the header read timeout");
+    }
+    let took = t0.elapsed();
+    assert!(took >= timeout - Duration::from_millis(50), "{took:?}");
+    // A client that sends its request in time is served, and a session runs past the timeout.
+    assert_eq!(ts.http("/healthz").await.0, 200);
+    let mut c = connect(&ts, 16000).await;
+    tokio::time::sleep(timeout * 2).await;
+    still_alive(&mut c).await;
+}
+
+#[tokio::test]
+async fn connections_past_the_pending_cap_are_refused_and_sessions_go_on() {
+    use tokio::io::AsyncWriteExt;
+    let timeout = Duration::from_secs(2);
+    let mut config = test_config();
+    config.limits.header_read_timeout = timeout;
+    config.limits.max_pending_connections = 2;
+    let ts = TestServer::start(config).await;
+    let addr = ts.server.local_addr();
+    // An established session holds no pending slot.
+    let mut session = connect(&ts, 16000).await;
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    // Both stalled connections are accepted before the next one arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = std::time::Instant::now();
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, read_until_closed(&mut third))
+        .await
+        .expect("closed");
+    assert!(
+        t0.elapsed() < timeout,
+        "refused at accept, not at the header timeout: {:?}",
+        t0.elapsed()
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    let metrics = ts.metrics.render();
+    assert!(
+        metrics.contains(r#"duplex_connections_rejected_total{reason="pending"} 1"#),
+        "{metrics}"
+    );
+    // The session is unaffected.
+    still_alive(&mut session).await;
+    // Once the stalled connections time out, new ones are served again.
+    for s in &mut stalled {
+        tokio::time::timeout(WAIT, read_until_closed(s))
+            .await
+            .expect("stalled connection closed at the header timeout");
+    }
+    assert_eq!(ts.http("/healthz").await.0, 200);
+    still_alive(&mut session).await;
+}

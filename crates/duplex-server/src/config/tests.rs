@@ -579,3 +579,58 @@ fn secrets_stay_out_of_errors_and_debug() {
     let debug = format!("{c:?}");
     assert!(!debug.contains("s3cret"), "{debug}");
 }
+
+#[test]
+fn anonymous_sessions_are_limited_on_a_public_bind() {
+    // Loopback, no proxies: the zero-config local experience.
+    let c = parse(&[("BIND_ADDR", "127.0.0.1")]).unwrap();
+    let a = c.anonymous_policy().unwrap();
+    assert_eq!(
+        (a.public, a.per_client, a.plan.as_str()),
+        (false, false, "unmetered")
+    );
+    let c = parse(&[("BIND_ADDR", "::1")]).unwrap();
+    assert!(!c.anonymous_policy().unwrap().public);
+    // The default bind (0.0.0.0) is public: free, one user per client IP.
+    let c = parse(&[]).unwrap();
+    let a = c.anonymous_policy().unwrap();
+    assert_eq!(
+        (a.public, a.per_client, a.plan.as_str()),
+        (true, true, "free")
+    );
+    assert!(!a.plan_chosen);
+    // A loopback bind behind a proxy on the same host is public too.
+    let c = parse(&[("BIND_ADDR", "127.0.0.1"), ("TRUSTED_PROXIES", "127.0.0.1")]).unwrap();
+    assert_eq!(c.anonymous_policy().unwrap().plan, "free");
+    // Opting in to an unlimited public server is explicit; clients stay separate users.
+    let c = parse(&[("ANONYMOUS_PLAN", "unmetered")]).unwrap();
+    let a = c.anonymous_policy().unwrap();
+    assert_eq!(
+        (a.per_client, a.plan.as_str(), a.plan_chosen),
+        (true, "unmetered", true)
+    );
+    // With auth there are no anonymous sessions.
+    let c = parse(&[("JWT_SECRET", "s")]).unwrap();
+    assert_eq!(c.anonymous_policy(), None);
+    let e = parse(&[("ANONYMOUS_PLAN", "gold")]).unwrap_err();
+    assert_eq!(e.name, "ANONYMOUS_PLAN");
+}
+
+#[test]
+fn trusted_proxies_parse_as_cidr_blocks() {
+    let c = parse(&[("TRUSTED_PROXIES", " 10.0.0.0/8, fd00::/8 ,192.0.2.1 ")]).unwrap();
+    let blocks: Vec<String> = c
+        .limits
+        .trusted_proxies
+        .iter()
+        .map(|b| format!("{}/{}", b.addr, b.prefix))
+        .collect();
+    assert_eq!(blocks, ["10.0.0.0/8", "fd00::/8", "192.0.2.1/32"]);
+    assert!(parse(&[]).unwrap().limits.trusted_proxies.is_empty());
+    let e = parse(&[("TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal")]).unwrap_err();
+    assert_eq!(e.name, "TRUSTED_PROXIES");
+    let e = parse(&[("CLIENT_IP_HEADER", "x-real-ip")]).unwrap_err();
+    assert_eq!(e.name, "CLIENT_IP_HEADER");
+    let c = parse(&[("CLIENT_IP_HEADER", "forwarded")]).unwrap();
+    assert_eq!(c.limits.client_ip_header, ClientIpHeader::Forwarded);
+}

@@ -1,6 +1,7 @@
 //! Authentication and admission at the edge, over real sockets: bearer tokens in each of their
 //! three places, 401 with a reason, the subprotocol the handshake selects, the per-IP connect
-//! rate limit (429), the Origin allow-list (403) and anonymous dev mode.
+//! rate limit (429), the Origin allow-list (403), anonymous mode (one user on a loopback bind,
+//! one limited user per client IP on a public one), and the client IP behind trusted proxies.
 //!
 //! `test_rsa_key.pem` (next to this file) is a throwaway RSA key made for these tests with
 //! `openssl genrsa 2048`; it is used only by the server's unit tests of RS256/JWKS.
@@ -330,4 +331,159 @@ async fn a_wrong_clerk_secret_key_makes_the_keys_unavailable() {
         .expect_err("refused");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("HTTP 401"), "{body}");
+}
+
+/// The client IP keys the per-IP limits: a header from an untrusted peer changes nothing, a
+/// trusted proxy's `X-Forwarded-For` names the client, and IPv6 clients are keyed per /64.
+#[tokio::test]
+async fn per_ip_limits_key_on_the_client_behind_trusted_proxies_only() {
+    let url_of = |ts: &TestServer| format!("{}?v=1", ts.url());
+    // No trusted proxy: the TCP peer (127.0.0.1) is the client, whatever it claims.
+    let mut config = test_config();
+    config.limits.connect_rate_per_min = 1;
+    let ts = TestServer::start(config).await;
+    let (mut ws, _) = handshake(&url_of(&ts), &[("x-forwarded-for", "198.51.100.1")])
+        .await
+        .expect("first attempt");
+    ready(&mut ws).await;
+    let (status, _) = handshake(
+        &url_of(&ts),
+        &[
+            ("x-forwarded-for", "198.51.100.2"),
+            ("forwarded", "for=198.51.100.2"),
+        ],
+    )
+    .await
+    .expect_err("a spoofed header from an untrusted peer does not give a fresh bucket");
+    assert_eq!(status, 429);
+
+    // Behind a trusted proxy (the test connects from 127.0.0.1): each forwarded client has
+    // its own bucket, and addresses the client put left of the proxy's entry are ignored.
+    let mut config = test_config();
+    config.limits.connect_rate_per_min = 1;
+    config.limits.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let ts = TestServer::start(config).await;
+    let url = url_of(&ts);
+    for xff in ["198.51.100.1", "6.6.6.6, 198.51.100.2"] {
+        let (mut ws, _) = handshake(&url, &[("x-forwarded-for", xff)])
+            .await
+            .expect("a new client");
+        ready(&mut ws).await;
+    }
+    let (status, _) = handshake(&url, &[("x-forwarded-for", "7.7.7.7, 198.51.100.1")])
+        .await
+        .expect_err("the same client again");
+    assert_eq!(status, 429);
+    // IPv6: one /64 is one client.
+    let (mut ws, _) = handshake(&url, &[("x-forwarded-for", "2001:db8:1:2::1")])
+        .await
+        .expect("first address of the /64");
+    ready(&mut ws).await;
+    let (status, _) = handshake(&url, &[("x-forwarded-for", "2001:db8:1:2:ffff::9")])
+        .await
+        .expect_err("another address of the same /64");
+    assert_eq!(status, 429);
+    let (mut ws, _) = handshake(&url, &[("x-forwarded-for", "2001:db8:1:3::1")])
+        .await
+        .expect("another /64");
+    ready(&mut ws).await;
+
+    // The concurrent-session cap keys on the same client.
+    let mut config = test_config();
+    config.limits.max_connections_per_ip = 1;
+    config.limits.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    let ts = TestServer::start(config).await;
+    let url = url_of(&ts);
+    let (mut held, _) = handshake(&url, &[("x-forwarded-for", "198.51.100.1")])
+        .await
+        .expect("first session");
+    ready(&mut held).await;
+    let (status, body) = handshake(&url, &[("x-forwarded-for", "198.51.100.1")])
+        .await
+        .expect_err("same client, second session");
+    assert_eq!(status, 429, "{body}");
+    let (mut other, _) = handshake(&url, &[("x-forwarded-for", "198.51.100.2")])
+        .await
+        .expect("another client behind the same proxy");
+    ready(&mut other).await;
+}
+
+/// Without auth, a loopback bind keeps the zero-config experience (one `anonymous` user,
+/// unmetered); a public bind meters each client IP as its own user on `free`.
+#[tokio::test]
+async fn anonymous_sessions_are_per_client_and_free_on_a_public_bind() {
+    // Loopback (the tests' default).
+    let ts = TestServer::start(test_config()).await;
+    let (mut ws, _) = handshake(&format!("{}?v=1", ts.url()), &[])
+        .await
+        .expect("accepted");
+    let r = ready(&mut ws).await;
+    assert_eq!(r["plan"]["name"], "unmetered", "{r}");
+    let store = ts.server.store();
+    assert!(
+        store
+            .user_by_external_id("anonymous")
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // A public bind (all interfaces), reached over loopback.
+    let mut config = test_config();
+    config.server.bind_addr = std::net::Ipv4Addr::UNSPECIFIED.into();
+    let ts = TestServer::start(config).await;
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/conversation?v=1",
+        ts.server.local_addr().port()
+    );
+    let (mut ws, _) = handshake(&url, &[("x-forwarded-for", "198.51.100.1")])
+        .await
+        .expect("accepted");
+    let r = ready(&mut ws).await;
+    assert_eq!(r["plan"]["name"], "free", "{r}");
+    assert_eq!(r["plan"]["limits"]["daily_seconds"], 600, "{r}");
+    let store = ts.server.store();
+    assert!(
+        store
+            .user_by_external_id("anon:127.0.0.1")
+            .await
+            .unwrap()
+            .is_some(),
+        "keyed by the TCP peer: no proxy is trusted"
+    );
+    assert!(
+        store
+            .user_by_external_id("anonymous")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .user_by_external_id("anon:198.51.100.1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Behind a trusted proxy on the same host (loopback bind, so public): the forwarded
+    // client is the user; the operator may opt in to unmetered explicitly.
+    let mut config = test_config();
+    config.limits.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    config.metering.anonymous_plan = Some("unmetered".into());
+    let ts = TestServer::start(config).await;
+    let url = format!("{}?v=1", ts.url());
+    let (mut ws, _) = handshake(&url, &[("x-forwarded-for", "2001:db8:1:2::7")])
+        .await
+        .expect("accepted");
+    let r = ready(&mut ws).await;
+    assert_eq!(r["plan"]["name"], "unmetered", "{r}");
+    let store = ts.server.store();
+    assert!(
+        store
+            .user_by_external_id("anon:2001:db8:1:2::/64")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
