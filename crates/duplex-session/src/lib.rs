@@ -159,7 +159,8 @@ pub struct Admitted {
 #[derive(Debug)]
 pub enum ClientIn {
     Text(String),
-    Binary(Vec<u8>),
+    /// An audio frame (shared, not copied: echo mode sends the same buffer back).
+    Binary(bytes::Bytes),
     /// The message exceeded the server's `max_message_bytes`.
     TooLarge,
     /// The client closed, or the socket failed.
@@ -251,7 +252,7 @@ pub enum Command {
     /// Send this JSON message to the client.
     Send(duplex_proto::ServerMessage),
     /// Send this binary audio frame to the client.
-    SendAudio(Vec<u8>),
+    SendAudio(bytes::Bytes),
     /// Send a close frame with this code and reason; nothing is sent after it.
     Close { code: u16, reason: &'static str },
     /// Open the speech recognition stream (16 kHz PCM).

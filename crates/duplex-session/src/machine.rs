@@ -156,6 +156,9 @@ struct Metering {
     /// The day's provider spend (all users) as of the last store read, for routing
     /// near-budget turns to cheaper models.
     spend_today_micros: u64,
+    /// The meter had an input since its outputs were last taken (most inputs of a session,
+    /// audio frames above all, concern only the conversation: the meter is not polled then).
+    dirty: bool,
 }
 
 /// The connection is over; the final usage is being written.
@@ -220,6 +223,7 @@ impl Session {
                 decision: None,
                 close_reason: "closed",
                 spend_today_micros: 0,
+                dirty: false,
             },
             commands: VecDeque::new(),
             last_seen: now,
@@ -339,7 +343,7 @@ impl Session {
                 return;
             }
             if due(self.metering.deadline, now) {
-                self.metering.meter.handle_input(now, MeterInput::Tick);
+                self.feed_meter(now, MeterInput::Tick);
                 self.drive_meter(now);
             }
             return;
@@ -475,7 +479,7 @@ impl Session {
         }
         self.finishing = Some(Finishing { give_up_at });
         if self.metering.started {
-            self.metering.meter.handle_input(now, MeterInput::Ending);
+            self.feed_meter(now, MeterInput::Ending);
             self.drive_meter(now);
         } else {
             self.end(now);
@@ -697,15 +701,20 @@ impl Session {
             wall_clock: wall,
         };
         let user_id = account.user_id;
-        m.meter.handle_input(now, MeterInput::Start(start));
+        self.feed_meter(now, MeterInput::Start(start));
         self.commands
             .push_back(Command::MeteringStarted { user_id });
     }
 
     fn meter_input(&mut self, now: Instant, input: MeterInput) {
         if self.metering.started {
-            self.metering.meter.handle_input(now, input);
+            self.feed_meter(now, input);
         }
+    }
+
+    fn feed_meter(&mut self, now: Instant, input: MeterInput) {
+        self.metering.meter.handle_input(now, input);
+        self.metering.dirty = true;
     }
 
     fn on_persisted(&mut self, now: Instant, seq: u64, result: Result<UsageTotals, String>) {
@@ -720,7 +729,7 @@ impl Session {
             }
         };
         if self.metering.started {
-            self.metering.meter.handle_input(now, input);
+            self.feed_meter(now, input);
         }
         if self.finishing.is_some() {
             self.drive_meter(now);
@@ -765,9 +774,10 @@ impl Session {
 
     /// Carries out what the meter asks for, and remembers its next deadline.
     fn drive_meter(&mut self, now: Instant) {
-        if !self.metering.started {
+        if !self.metering.started || !self.metering.dirty {
             return;
         }
+        self.metering.dirty = false;
         loop {
             match self.metering.meter.poll_output() {
                 MeterOutput::Persist(delta) => {
@@ -962,7 +972,7 @@ impl Session {
         }
     }
 
-    fn on_audio(&mut self, now: Instant, bytes: Vec<u8>) {
+    fn on_audio(&mut self, now: Instant, bytes: bytes::Bytes) {
         let Phase::Running(r) = &mut self.phase else {
             self.send_error(
                 ErrorCode::AudioBeforeSessionStart,
@@ -1237,7 +1247,7 @@ impl Session {
                 CoreOutput::Send(msg) => self.send(msg),
                 CoreOutput::Audio(bytes) => {
                     if !self.writer_gone {
-                        self.commands.push_back(Command::SendAudio(bytes));
+                        self.commands.push_back(Command::SendAudio(bytes.into()));
                     }
                 }
                 CoreOutput::FinalizeStt => self.finalize_stt(),

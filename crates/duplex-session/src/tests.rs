@@ -130,7 +130,7 @@ impl T {
     }
 
     fn binary(&mut self, bytes: Vec<u8>) -> &mut T {
-        self.input(Input::Client(ClientIn::Binary(bytes)))
+        self.input(Input::Client(ClientIn::Binary(bytes.into())))
     }
 
     /// Lets `d` pass, handling every deadline on the way at its time.

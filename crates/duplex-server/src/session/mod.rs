@@ -2,7 +2,7 @@
 //! (`duplex_session::Session`), which holds every rule of a session.
 //!
 //! ```text
-//!  socket ─► reader ──ClientIn (INBOUND_CAPACITY)──► shell ──Outbound (OUTBOUND_CAPACITY)──► writer ─► socket
+//!  socket ─► (read in the shell's loop) ─ClientIn─► shell ──Outbound (OUTBOUND_CAPACITY)──► writer ─► socket
 //!                                                  │  ▲  │ ▲  │ ▲   ▲ persists (JoinSet)
 //!                                  SttInput (try_send) │  │ │  │ │   │
 //!                                                  SttEvent │ │  │ TtsEvent (read only while the
@@ -14,7 +14,9 @@
 //! out its `Command`s. It never awaits a send: audio to STT and everything to the writer go by
 //! `try_send`. A full STT queue drops (and counts) frames; a full writer queue (256 messages or
 //! `OUTBOUND_BYTES`, whichever comes first) means the client stopped reading, and the session ends with `slow_consumer` instead of buffering without
-//! limit. Every task it spawns (reader, writer, LLM forwarder, usage writes, the start record)
+//! limit. The socket is read in the shell's own loop (one task and one wake-up per frame fewer
+//! than a reader task; a busy shell does not read, so TCP pushes back on the client). Every task
+//! it spawns (writer, LLM forwarder, usage writes, the start record)
 //! is owned here and ended with the session.
 
 use std::net::SocketAddr;
@@ -34,7 +36,7 @@ use duplex_session::{
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
@@ -43,12 +45,8 @@ use crate::metrics::Metrics;
 
 mod socket;
 
-use socket::{Outbound, OutboundTx, PushError, outbound, reader, writer};
+use socket::{Outbound, OutboundTx, PushError, client_in, outbound, writer};
 
-/// Client messages queued from the reader to the shell: ~1.3 s of 20 ms frames, enough to
-/// absorb a scheduling hiccup. Beyond it the reader waits and TCP pushes back on the client,
-/// which is the right place for backpressure on input.
-const INBOUND_CAPACITY: usize = 64;
 /// Messages queued for the writer. Pacing keeps only `audio_lead / 20 ms` (~15) audio frames in
 /// flight and JSON events are sparse, so a healthy client never gets near 256; a client that
 /// stops reading fills it within seconds and is disconnected as a slow consumer.
@@ -126,10 +124,8 @@ pub(crate) async fn run(
         ctx.metrics.active_sessions.inc();
         let (sink, stream) = socket.split();
         let (out_tx, out_rx) = outbound(OUTBOUND_CAPACITY, OUTBOUND_BYTES);
-        let (in_tx, in_rx) = mpsc::channel(INBOUND_CAPACITY);
         let kill = CancellationToken::new();
         let writer = tokio::spawn(writer(sink, out_rx, kill.clone()).in_current_span());
-        let reader = tokio::spawn(reader(stream, in_tx, max_message_bytes).in_current_span());
         let config = session_config(&ctx.config, &session_id, ctx.providers.as_ref());
         let machine = Session::new(config, ctx.turn_limiter.clone(), now(), wall_clock());
         let mut shell = Shell {
@@ -138,7 +134,11 @@ pub(crate) async fn run(
             machine,
             out: Some(out_tx),
             kill,
-            reader: Some(reader),
+            stream: Some(stream),
+            max_message_bytes,
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+            timer_at: None,
+            shutdown: Box::pin(ctx.shutdown.clone().cancelled_owned()),
             stt: None,
             llm: None,
             tts: None,
@@ -149,7 +149,7 @@ pub(crate) async fn run(
             switches_open: true,
             shutdown_seen: false,
         };
-        shell.run(in_rx, &identity, start).await;
+        shell.run(&identity, start).await;
         drop(shell);
         let _ = writer.await;
         ctx.metrics.active_sessions.dec();
@@ -199,7 +199,13 @@ struct Shell {
     out: Option<OutboundTx>,
     kill: CancellationToken,
     /// Aborted at release.
-    reader: Option<JoinHandle<()>>,
+    /// The socket's read half; dropped at release.
+    stream: Option<futures::stream::SplitStream<WebSocket>>,
+    max_message_bytes: usize,
+    /// One timer for the machine's deadlines, reset only when the deadline moves.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timer_at: Option<std::time::Instant>,
+    shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     stt: Option<SttStream>,
     llm: Option<LlmTurn>,
     tts: Option<(TurnId, TtsStream)>,
@@ -227,13 +233,12 @@ enum Wake {
     Stt(Option<SttEvent>),
     Llm(TurnId, Option<Result<LlmEvent, ProviderError>>),
     Tts(TurnId, Option<TtsEvent>),
-    Client(Option<ClientIn>),
+    Client(Option<Result<axum::extract::ws::Message, axum::Error>>),
 }
 
 impl Shell {
     async fn run(
         &mut self,
-        mut inbound: mpsc::Receiver<ClientIn>,
         identity: &crate::auth::Identity,
         start: Option<Result<SessionStart, (ErrorCode, String)>>,
     ) {
@@ -244,7 +249,7 @@ impl Shell {
         }
         self.execute().await;
         while !self.machine.is_done() {
-            let wake = self.wait(&mut inbound).await;
+            let wake = self.wait().await;
             let now = now();
             match wake {
                 Wake::Shutdown => {
@@ -273,7 +278,9 @@ impl Shell {
                 Wake::Llm(turn, e) => self.on_llm(now, turn, e),
                 Wake::Tts(turn, e) => self.on_tts(now, turn, e),
                 Wake::Client(m) => {
-                    let m = m.unwrap_or(ClientIn::Closed);
+                    let Some(m) = client_in(m, self.max_message_bytes) else {
+                        continue;
+                    };
                     if matches!(m, ClientIn::Binary(_)) {
                         self.ctx.metrics.frames_in_total.inc();
                     }
@@ -288,9 +295,17 @@ impl Shell {
     /// that floods the socket must not starve its own deadlines, the meter (usage writes,
     /// limits) or the provider streams. Timers only win when they are due, so the client is
     /// never starved in turn.
-    async fn wait(&mut self, inbound: &mut mpsc::Receiver<ClientIn>) -> Wake {
+    async fn wait(&mut self) -> Wake {
         let finishing = self.machine.is_finishing();
         let deadline = self.machine.poll_timeout();
+        if deadline != self.timer_at {
+            self.timer_at = deadline;
+            if let Some(at) = deadline {
+                self.timer.as_mut().reset(Instant::from_std(at));
+            }
+        }
+        let timer_armed = deadline.is_some();
+        let stream = self.stream.as_mut().filter(|_| !finishing);
         let wants_audio = self.machine.wants_tts_audio();
         let llm_turn = self.llm.as_ref().map(|l| l.turn).unwrap_or(0);
         let tts_turn = self.tts.as_ref().map(|t| t.0).unwrap_or(0);
@@ -309,8 +324,12 @@ impl Shell {
         let shutdown = !self.shutdown_seen;
         tokio::select! {
             biased;
-            _ = self.ctx.shutdown.cancelled(), if shutdown => Wake::Shutdown,
-            _ = sleep_until_opt(deadline) => Wake::Timeout,
+            _ = self.shutdown.as_mut(), if shutdown => Wake::Shutdown,
+            _ = self.timer.as_mut(), if timer_armed => {
+                // Fired: the next wait re-arms it for whatever deadline comes next.
+                self.timer_at = None;
+                Wake::Timeout
+            }
             r = self.persists.join_next(), if persisting => Wake::Persisted(r),
             c = switches.changed(), if switches_open => {
                 if c.is_err() { self.switches_open = false; }
@@ -320,7 +339,7 @@ impl Shell {
             e = recv_opt(stt) => Wake::Stt(e),
             e = recv_opt(llm) => Wake::Llm(llm_turn, e),
             e = recv_opt(tts) => Wake::Tts(tts_turn, e),
-            m = inbound.recv(), if !finishing => Wake::Client(m),
+            m = next_opt(stream) => Wake::Client(m),
         }
     }
 
@@ -497,9 +516,7 @@ impl Shell {
                     self.llm = None;
                     self.tts = None;
                     self.usage = None;
-                    if let Some(reader) = self.reader.take() {
-                        reader.abort();
-                    }
+                    self.stream = None;
                     // The writer sends what is queued, then closes.
                     self.out = None;
                 }
@@ -661,9 +678,6 @@ impl Shell {
 
 impl Drop for Shell {
     fn drop(&mut self) {
-        if let Some(reader) = self.reader.take() {
-            reader.abort();
-        }
         if let Some(start) = self.start_record.take() {
             start.abort();
         }
@@ -706,9 +720,11 @@ async fn recv_opt<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
     }
 }
 
-async fn sleep_until_opt(at: Option<std::time::Instant>) {
-    match at {
-        Some(at) => sleep_until(Instant::from_std(at)).await,
+async fn next_opt(
+    stream: Option<&mut futures::stream::SplitStream<WebSocket>>,
+) -> Option<Result<axum::extract::ws::Message, axum::Error>> {
+    match stream {
+        Some(s) => s.next().await,
         None => std::future::pending().await,
     }
 }

@@ -1,5 +1,5 @@
-//! The socket side of a session: the reader and writer tasks, and the writer's queue, bounded
-//! by messages and by bytes.
+//! The socket side of a session: what a received message means, the writer task, and the
+//! writer's queue, bounded by messages and by bytes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use duplex_proto::{ErrorCode, ServerMessage};
 use duplex_session::ClientIn;
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(super) enum Outbound {
     Text(String),
-    Binary(Vec<u8>),
+    Binary(axum::body::Bytes),
     Close(u16, String),
 }
 
@@ -107,34 +107,28 @@ impl OutboundRx {
     }
 }
 
-pub(super) async fn reader(
-    mut stream: futures::stream::SplitStream<WebSocket>,
-    tx: mpsc::Sender<ClientIn>,
+/// What a message read from the socket means to the session; `None`: nothing (a ping or pong
+/// frame, answered by the WebSocket layer). The end of the stream is `Closed`.
+pub(super) fn client_in(
+    msg: Option<Result<Message, axum::Error>>,
     max_message_bytes: usize,
-) {
-    while let Some(msg) = stream.next().await {
-        let inbound = match msg {
-            Ok(Message::Text(t)) if t.len() > max_message_bytes => ClientIn::TooLarge,
-            Ok(Message::Binary(b)) if b.len() > max_message_bytes => ClientIn::TooLarge,
-            Ok(Message::Text(t)) => ClientIn::Text(t.to_string()),
-            Ok(Message::Binary(b)) => ClientIn::Binary(b.to_vec()),
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            Ok(Message::Close(_)) => ClientIn::Closed,
-            Err(e) => {
-                if is_capacity_error(&e) {
-                    ClientIn::TooLarge
-                } else {
-                    debug!(error = %e, "socket read failed");
-                    ClientIn::Closed
-                }
+) -> Option<ClientIn> {
+    Some(match msg? {
+        Ok(Message::Text(t)) if t.len() > max_message_bytes => ClientIn::TooLarge,
+        Ok(Message::Binary(b)) if b.len() > max_message_bytes => ClientIn::TooLarge,
+        Ok(Message::Text(t)) => ClientIn::Text(t.to_string()),
+        Ok(Message::Binary(b)) => ClientIn::Binary(b),
+        Ok(Message::Ping(_) | Message::Pong(_)) => return None,
+        Ok(Message::Close(_)) => ClientIn::Closed,
+        Err(e) => {
+            if is_capacity_error(&e) {
+                ClientIn::TooLarge
+            } else {
+                debug!(error = %e, "socket read failed");
+                ClientIn::Closed
             }
-        };
-        let last = matches!(inbound, ClientIn::Closed | ClientIn::TooLarge);
-        if tx.send(inbound).await.is_err() || last {
-            return;
         }
-    }
-    let _ = tx.send(ClientIn::Closed).await;
+    })
 }
 
 fn is_capacity_error(e: &axum::Error) -> bool {
@@ -178,7 +172,7 @@ pub(super) async fn writer(
                 return;
             }
             Some(Outbound::Text(t)) => Message::Text(t.into()),
-            Some(Outbound::Binary(b)) => Message::Binary(b.into()),
+            Some(Outbound::Binary(b)) => Message::Binary(b),
             Some(Outbound::Close(code, reason)) => {
                 let _ = timeout(WRITE_TIMEOUT, sink.send(close_message(code, &reason))).await;
                 return;
@@ -223,10 +217,10 @@ mod tests {
         let (tx, mut rx) = outbound(256, 10_000);
         // Large messages: the byte bound is reached long before 256 of them.
         for _ in 0..3 {
-            tx.push(Outbound::Binary(vec![0; 3000])).unwrap();
+            tx.push(Outbound::Binary(vec![0; 3000].into())).unwrap();
         }
         assert_eq!(
-            tx.push(Outbound::Binary(vec![0; 3000])),
+            tx.push(Outbound::Binary(vec![0; 3000].into())),
             Err(PushError::SlowConsumer)
         );
         // Small ones still fit under the byte bound...
@@ -238,7 +232,7 @@ mod tests {
         rt.block_on(async {
             assert!(matches!(rx.recv().await, Some(Outbound::Binary(_))));
         });
-        tx.push(Outbound::Binary(vec![0; 3000])).unwrap();
+        tx.push(Outbound::Binary(vec![0; 3000].into())).unwrap();
         // Small messages: the message bound still holds.
         let (tx, _rx) = outbound(4, 10_000);
         for _ in 0..4 {
