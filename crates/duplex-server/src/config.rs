@@ -226,6 +226,8 @@ pub struct MeteringConfig {
     /// Every plan and its limits.
     pub plans: PlanTable,
     pub usage_heartbeat: Duration,
+    /// Open sessions without a usage write this long are closed as abandoned.
+    pub session_reap_after: Duration,
     /// Kill switches at startup; `switches_file` overrides them at run time.
     pub switches: Switches,
     pub switches_file: Option<PathBuf>,
@@ -1037,6 +1039,16 @@ pub const VARS: &[Var] = &[
         parse: |c, v| {
             v.at_least(1)
                 .map(|s| c.metering.usage_heartbeat = Duration::from_secs(s))
+        },
+    },
+    Var {
+        name: "SESSION_REAP_AFTER_SECS",
+        section: Section::Metering,
+        default: "600",
+        help: "An open session with no usage write for this long belongs to a server that crashed or was killed: any server closes its row (at start-up and every 5 minutes). Keep it many heartbeats long.",
+        parse: |c, v| {
+            v.at_least(1)
+                .map(|s| c.metering.session_reap_after = Duration::from_secs(s))
         },
     },
     Var {

@@ -121,6 +121,13 @@ impl Server {
         );
         let spend_cache =
             metering::SpendCache::new(config.metering.usage_heartbeat, metrics.clone());
+        // Ended with the server (it stops at `shutdown`).
+        drop(metering::spawn_reaper(
+            store.clone(),
+            metrics.clone(),
+            config.metering.session_reap_after,
+            shutdown.clone(),
+        ));
         if let Some(p) = &providers {
             metrics.init_providers(p.stt.name(), p.llm.name(), p.tts.name());
         }

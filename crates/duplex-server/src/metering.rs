@@ -107,6 +107,7 @@ pub(crate) async fn persist(
             store_day(delta.day),
             add,
             (delta.trial_seconds * 1000) as i64,
+            time::OffsetDateTime::now_utc(),
         )
         .await?;
     if !applied {
@@ -232,4 +233,42 @@ pub(crate) fn provider_usage(record: &UsageRecord) -> duplex_metering::ProviderU
         UsageKind::TtsCharacters => {}
     }
     u
+}
+
+/// How often the reaper looks (and once at start-up).
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Closes the session rows of dead servers (no usage write for `silent`, `SESSION_REAP_AFTER_SECS`:
+/// a live session writes every heartbeat) at start-up and then every [`REAP_EVERY`], until
+/// `stop`. Safe with several servers on one database (see `Store::reap_silent_sessions`).
+pub(crate) fn spawn_reaper(
+    store: Store,
+    metrics: crate::Metrics,
+    silent: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let now = time::OffsetDateTime::now_utc();
+            match store
+                .reap_silent_sessions(now - silent, now, "reaped: its server stopped writing")
+                .await
+            {
+                Ok(reaped) if !reaped.is_empty() => {
+                    metrics.sessions_reaped_total.inc_by(reaped.len() as u64);
+                    tracing::warn!(
+                        count = reaped.len(),
+                        silent_secs = silent.as_secs(),
+                        "closed open sessions whose server stopped writing"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not reap stale sessions"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(REAP_EVERY) => {}
+            }
+        }
+    })
 }

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub stt_frames_dropped_total: IntCounter,
     /// Client audio frames dropped because they ran ahead of real time (`audio_too_fast`).
     pub audio_too_fast_total: IntCounter,
+    /// Open session rows closed because their server stopped writing (crashed or killed).
+    pub sessions_reaped_total: IntCounter,
     /// Provider consumption by provider, model and kind (seconds, tokens, characters).
     pub provider_usage_total: CounterVec,
     /// Estimated provider cost in USD (from the price table; see `duplex_providers::usage`).
@@ -193,6 +195,11 @@ impl Metrics {
         let frames_out_total =
             IntCounter::new("duplex_audio_frames_out_total", "Binary audio frames sent")
                 .expect("valid metric");
+        let sessions_reaped_total = IntCounter::new(
+            "duplex_sessions_reaped_total",
+            "Open session rows closed by the reaper: no usage write for a long time (their server died)",
+        )
+        .expect("valid metric");
         let audio_too_fast_total = IntCounter::new(
             "duplex_audio_frames_too_fast_total",
             "Client audio frames dropped because they ran ahead of real time beyond MAX_AUDIO_AHEAD_MS.",
@@ -320,6 +327,7 @@ impl Metrics {
             Box::new(frames_out_total.clone()),
             Box::new(stt_frames_dropped_total.clone()),
             Box::new(audio_too_fast_total.clone()),
+            Box::new(sessions_reaped_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -336,6 +344,7 @@ impl Metrics {
             frames_out_total,
             stt_frames_dropped_total,
             audio_too_fast_total,
+            sessions_reaped_total,
             provider_usage_total,
             provider_cost_usd_total,
             resident_memory_bytes,

@@ -63,6 +63,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../../migrations/sqlite/0002_usage_writes.sql"),
         include_str!("../../../migrations/postgres/0002_usage_writes.sql"),
     ),
+    (
+        3,
+        "session_liveness",
+        include_str!("../../../migrations/sqlite/0003_session_liveness.sql"),
+        include_str!("../../../migrations/postgres/0003_session_liveness.sql"),
+    ),
 ];
 
 /// Versions and file names of the embedded migrations, for the test that compares them with
@@ -444,6 +450,7 @@ impl Store {
         day: Date,
         delta: UsageDelta,
         trial_ms: i64,
+        at: OffsetDateTime,
     ) -> Result<bool> {
         let seq = i64::try_from(seq)
             .map_err(|_| StoreError::Corrupt(format!("usage write seq {seq} above i64")))?;
@@ -467,6 +474,12 @@ impl Store {
             return Ok(false);
         }
         add_usage(&mut tx.tx, user_id, day, delta).await?;
+        // The session is alive as of this write (see `reap_silent_sessions`).
+        sqlx::query("UPDATE sessions SET last_seen_at = $2 WHERE id = $1 AND ended_at IS NULL")
+            .bind(session_id)
+            .bind(to_ms(at))
+            .execute(&mut *tx.tx)
+            .await?;
         if trial_ms != 0 {
             let found: Option<i64> = sqlx::query_scalar(
                 "UPDATE users SET trial_ms_used = trial_ms_used + $2 WHERE id = $1 RETURNING id",
@@ -818,6 +831,44 @@ impl Store {
              WHERE s.ended_at IS NULL AND s.started_at < $1 ORDER BY s.started_at, s.id",
         )
         .bind(to_ms(started_before))
+        .fetch_all(&mut *tx.tx)
+        .await?;
+        let stale = rows.iter().map(stale_session).collect::<Result<Vec<_>>>()?;
+        for s in &stale {
+            sqlx::query(
+                "UPDATE sessions SET ended_at = $2, close_reason = $3
+                 WHERE id = $1 AND ended_at IS NULL",
+            )
+            .bind(&s.session_id)
+            .bind(to_ms(now))
+            .bind(reason)
+            .execute(&mut *tx.tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(stale)
+    }
+}
+
+impl Store {
+    /// Writes an end (`now`, `reason`) to every open session whose last usage write (or, with
+    /// none, its start) is before `silent_since`: sessions of a server that crashed or was
+    /// killed. Safe with several servers on one database: a live session stamps its row with
+    /// every heartbeat write. Returns what it closed.
+    pub async fn reap_silent_sessions(
+        &self,
+        silent_since: OffsetDateTime,
+        now: OffsetDateTime,
+        reason: &str,
+    ) -> Result<Vec<StaleSession>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "SELECT s.id, users.external_id, s.started_at FROM sessions s
+             JOIN users ON users.id = s.user_id
+             WHERE s.ended_at IS NULL AND COALESCE(s.last_seen_at, s.started_at) < $1
+             ORDER BY s.started_at, s.id",
+        )
+        .bind(to_ms(silent_since))
         .fetch_all(&mut *tx.tx)
         .await?;
         let stale = rows.iter().map(stale_session).collect::<Result<Vec<_>>>()?;

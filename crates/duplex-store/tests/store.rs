@@ -528,7 +528,7 @@ async fn a_replayed_session_usage_write_is_applied_once() {
             let store = store.clone();
             async move {
                 store
-                    .add_session_usage(session, seq, a, d, delta, 2_000)
+                    .add_session_usage(session, seq, a, d, delta, 2_000, OffsetDateTime::now_utc())
                     .await
                     .unwrap()
             }
@@ -566,10 +566,69 @@ async fn a_replayed_session_usage_write_is_applied_once() {
         );
         // An unknown user: the error, and the write is not recorded as applied.
         assert!(matches!(
-            store.add_session_usage("s3", 1, 999_999, d, delta, 0).await,
+            store
+                .add_session_usage("s3", 1, 999_999, d, delta, 0, OffsetDateTime::now_utc())
+                .await,
             Err(StoreError::Database(_))
         ));
         store.close().await;
+    }))
+    .await;
+}
+
+#[tokio::test]
+async fn silent_open_sessions_are_reaped_and_live_ones_kept() {
+    bounded(each_backend("reap", |db| async move {
+        let store = open(&db).await;
+        let a = store.ensure_user("a").await.unwrap().id;
+        let d = day(2025, Month::March, 3);
+        // Three sessions started at t=1000: one whose server died (no write since), one still
+        // writing heartbeats, one that ended normally.
+        for id in ["dead", "live", "ended"] {
+            store.session_started(id, a, at(1_000)).await.unwrap();
+        }
+        let delta = UsageDelta {
+            conversation_ms: 5_000,
+            ..UsageDelta::default()
+        };
+        store
+            .add_session_usage("dead", 1, a, d, delta, 0, at(1_005))
+            .await
+            .unwrap();
+        store
+            .add_session_usage("live", 1, a, d, delta, 0, at(1_005))
+            .await
+            .unwrap();
+        store
+            .add_session_usage("live", 2, a, d, delta, 0, at(5_000))
+            .await
+            .unwrap();
+        store
+            .session_ended("ended", at(1_010), "closed")
+            .await
+            .unwrap();
+        // Silent for 10 minutes at t=5100: only "dead".
+        let reaped = store
+            .reap_silent_sessions(at(5_100 - 600), at(5_100), "reaped")
+            .await
+            .unwrap();
+        let ids: Vec<&str> = reaped.iter().map(|s| s.session_id.as_str()).collect();
+        assert_eq!(ids, ["dead"]);
+        // A second server reaping at the same time finds nothing more.
+        assert!(
+            store
+                .reap_silent_sessions(at(5_100 - 600), at(5_100), "reaped")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // "live" is reaped only once it too falls silent.
+        let later = store
+            .reap_silent_sessions(at(5_000 + 1), at(5_700), "reaped")
+            .await
+            .unwrap();
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].session_id, "live");
     }))
     .await;
 }

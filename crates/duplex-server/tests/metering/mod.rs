@@ -729,6 +729,38 @@ async fn killing_the_server_mid_session_loses_at_most_one_heartbeat() {
             stored as u128 <= elapsed.as_millis() + 1000,
             "stored {stored} ms of a session killed after {elapsed:?}"
         );
+        // The crashed server's session row is still open; the next server (here reaping rows
+        // silent for 2 s) closes it at start-up.
+        assert_eq!(
+            store
+                .stale_sessions(time::OffsetDateTime::now_utc())
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let next =
+            ServerProcess::start("reaper", &db.url, &[("SESSION_REAP_AFTER_SECS", "2")]).await;
+        let mut open = 1;
+        for _ in 0..100 {
+            open = store
+                .stale_sessions(time::OffsetDateTime::now_utc())
+                .await
+                .unwrap()
+                .len();
+            if open == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            open,
+            0,
+            "the next server closes the dead one's session\n{}",
+            next.log()
+        );
+        drop(next);
         store.close().await;
         drop(server);
         db.remove().await;
