@@ -8,7 +8,8 @@
 //!   when the answer ends, tagged with the conversation (the session id); that
 //!   conversation's next turn goes back to the same slot and decodes only the new tail. An
 //!   idle slot is taken over by another conversation only when no slot is empty (least
-//!   recently used first).
+//!   recently used first). A turn whose prompt starts like another sequence's cache (a new
+//!   conversation's system prompt) shares those cells instead of decoding them again.
 //! - **Cancellation.** Dropping a [`Generation`] (barge-in, disconnect) ends its answer at the
 //!   next step: the answer's KV cells are removed from its sequence at once and the slot takes
 //!   the next queued turn; the other sequences are not touched.
@@ -543,20 +544,37 @@ impl Scheduler {
         if prompt.len() > room {
             prompt.drain(..prompt.len() - room);
         }
-        let slot = &mut self.slots[i];
-        if slot.owner.as_deref() != Some(request.conversation.as_str()) {
-            slot.owner = Some(request.conversation.clone());
+        // The last prompt token is always decoded again: its logits pick the first token of
+        // the answer.
+        let limit = prompt.len().saturating_sub(1);
+        let common = |cached: &[LlamaToken]| {
+            let n = cached
+                .iter()
+                .zip(&prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            n.min(limit)
+        };
+        let own = common(&self.slots[i].cached);
+        // Another sequence may hold a longer prefix (the system prompt, for a conversation's
+        // first turn): its cells are shared, not copied (the cache is unified).
+        let donor = (0..self.slots.len())
+            .filter(|&j| j != i)
+            .map(|j| (j, common(&self.slots[j].cached)))
+            .max_by_key(|&(_, n)| n)
+            .filter(|&(_, n)| n > own);
+        if let Some((j, n)) = donor {
+            let from = self.slots[j].seq;
+            let slot = &mut self.slots[i];
+            Self::forget(&mut self.ctx, slot);
+            self.ctx
+                .copy_kv_cache_seq(from, slot.seq, Some(0), Some(n as u32))
+                .expect("positions of a context fit in i32");
+            slot.cached = prompt[..n].to_vec();
         }
-        // The longest cached prefix stays (the system prompt even from another
-        // conversation); the last prompt token is always decoded again: its logits pick the
-        // first token of the answer.
-        let common = slot
-            .cached
-            .iter()
-            .zip(&prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let keep = common.min(prompt.len().saturating_sub(1));
+        let slot = &mut self.slots[i];
+        slot.owner = Some(request.conversation.clone());
+        let keep = common(&slot.cached);
         if keep < slot.cached.len() {
             let removed = self
                 .ctx
@@ -566,9 +584,8 @@ impl Scheduler {
                 slot.cached.truncate(keep);
             } else {
                 // llama.cpp cannot cut this cache (a recurrent model's): start afresh.
-                let owner = slot.owner.take();
                 Self::forget(&mut self.ctx, slot);
-                slot.owner = owner;
+                slot.owner = Some(request.conversation.clone());
             }
         }
         let reused = slot.cached.len();

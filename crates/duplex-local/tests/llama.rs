@@ -239,7 +239,9 @@ fn batched_answers_are_the_answers_alone() {
     let steps = || llm.stats().steps.load(Ordering::SeqCst);
     let s0 = steps();
     let (alone_a, _) = read_all(&mut llm.generate(&fresh("a"), spoken(Q_FRANCE), short()));
-    let (alone_b, _) = read_all(&mut llm.generate(&fresh("b"), spoken(Q_MOON), short()));
+    let (alone_b, stats_b) = read_all(&mut llm.generate(&fresh("b"), spoken(Q_MOON), short()));
+    // A new conversation shares the system prompt another sequence holds.
+    assert!(stats_b.prompt_decoded < 20, "{stats_b:?}");
     let alone_steps = steps() - s0;
     let s0 = steps();
     let mut a = llm.generate(&fresh("a"), spoken(Q_FRANCE), short());
