@@ -14,29 +14,53 @@ use duplex_local::{BatchConfig, ComputeGate, GenParams, LlmChoice, LlmEngine, Lo
 use duplex_providers::{ChatMessage, LanguageModel, LlmEvent, LlmRequest, Role};
 use futures::StreamExt;
 
-/// Two sets of four: an engine's consecutive rounds ask different questions, so that neither
-/// engine finds the last round's prompt in its cache (only the shared system prompt).
-const QUESTIONS: [[&str; 4]; 2] = [
-    [
-        "What is the capital of France?",
-        "Can you suggest something to cook for dinner tonight?",
-        "How far away is the moon?",
-        "Tell me a fun fact about octopuses.",
-    ],
-    [
-        "Why is the sky blue?",
-        "What should I pack for a weekend hike?",
-        "How do bees make honey?",
-        "Who wrote Romeo and Juliet?",
-    ],
+/// Every question of a run is asked once per engine, so that neither engine finds a whole
+/// earlier prompt in its cache (only the shared system prompt), as with real sessions.
+const ANIMALS: [&str; 32] = [
+    "octopuses",
+    "bees",
+    "owls",
+    "dolphins",
+    "elephants",
+    "penguins",
+    "bats",
+    "ants",
+    "giraffes",
+    "crows",
+    "sharks",
+    "frogs",
+    "koalas",
+    "camels",
+    "snails",
+    "parrots",
+    "wolves",
+    "otters",
+    "spiders",
+    "horses",
+    "turtles",
+    "foxes",
+    "whales",
+    "eagles",
+    "squirrels",
+    "jellyfish",
+    "kangaroos",
+    "pandas",
+    "hedgehogs",
+    "salmon",
+    "zebras",
+    "moths",
 ];
+
+fn question(k: usize) -> String {
+    format!("Tell me a fun fact about {}.", ANIMALS[k % ANIMALS.len()])
+}
 
 struct Answer {
     first: Duration,
     tokens: u32,
 }
 
-async fn ask(llm: &LocalLlm, session: String, question: &str) -> Answer {
+async fn ask(llm: &LocalLlm, session: String, question: String) -> Answer {
     let t = Instant::now();
     let mut stream = llm.stream(LlmRequest {
         session_id: session,
@@ -65,14 +89,12 @@ async fn ask(llm: &LocalLlm, session: String, question: &str) -> Answer {
     }
 }
 
-/// One round: `n` questions at once; returns TTFT p50 and max and aggregate tokens/s.
-async fn round(llm: &LocalLlm, n: usize, round: usize) -> (Duration, Duration, f64) {
+/// One round: `n` questions at once, starting with question `first`; returns TTFT p50 and
+/// max and aggregate tokens/s.
+async fn round(llm: &LocalLlm, n: usize, first: usize) -> (Duration, Duration, f64) {
     let t = Instant::now();
     let answers = futures::future::join_all(
-        QUESTIONS[round % 2][..n]
-            .iter()
-            .enumerate()
-            .map(|(i, q)| ask(llm, format!("r{round}-q{i}"), q)),
+        (first..first + n).map(|k| ask(llm, format!("conversation-{k}"), question(k))),
     )
     .await;
     let wall = t.elapsed();
@@ -112,22 +134,24 @@ async fn main() {
         ("batched", load(LlmEngine::Llama)),
     ];
     // Warm up each engine once (first decode allocates).
+    // Warm up each engine once (first decode allocates); not a question of the run.
     for (_, llm) in &engines {
-        round(llm, 1, 0).await;
+        let _ = ask(llm, "warm-up".into(), "Hello!".into()).await;
     }
     println!("engine   n  round  ttft_p50_ms  ttft_max_ms  tokens_per_s");
-    let mut r = 0;
-    for n in 1..=QUESTIONS[0].len() {
+    let (mut r, mut asked) = (0, 0);
+    for n in 1..=4 {
         for _ in 0..rounds {
             r += 1;
             for (name, llm) in &engines {
-                let (p50, max, rate) = round(llm, n, r).await;
+                let (p50, max, rate) = round(llm, n, asked).await;
                 println!(
                     "{name:<8} {n}  {r:>5}  {:>11.0}  {:>11.0}  {rate:>12.1}",
                     p50.as_secs_f64() * 1000.0,
                     max.as_secs_f64() * 1000.0
                 );
             }
+            asked += n;
         }
     }
 }
