@@ -320,6 +320,64 @@ impl Drop for Handle {
     }
 }
 
+/// What [`plan`] needs to know of a running answer.
+#[derive(Debug, Clone, Copy)]
+struct SlotState {
+    /// The prompt is in the cache: the answer decodes a token per step.
+    decoding: bool,
+    /// Before its first sentence end.
+    opening: bool,
+    /// Its reader has room for this step's events.
+    room: bool,
+    remaining_prompt: usize,
+    arrived: u64,
+}
+
+/// One step's plan, latency first: `(slot, tokens)` for every slot that takes part.
+///
+/// 1. Every decoding answer whose reader has room gets its next token (a step of a few tokens
+///    costs little more than one: the weights are read once per step).
+/// 2. Prompt tokens of new turns fill the rest, shortest remaining prompt first (a follow-up
+///    turn whose history is cached is read before a long cold prompt; ties by arrival), up
+///    to `prefill_chunk` per step, or `opening_chunk` while some decoding answer has not
+///    finished its first sentence, so that its first audio is not held up by another user's
+///    prompt.
+fn plan(
+    slots: &[Option<SlotState>],
+    prefill_chunk: usize,
+    opening_chunk: usize,
+) -> Vec<(usize, usize)> {
+    let running = || {
+        slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.filter(|s| s.room).map(|s| (i, s)))
+    };
+    let mut out: Vec<(usize, usize)> = running()
+        .filter(|(_, s)| s.decoding)
+        .map(|(i, _)| (i, 1))
+        .collect();
+    let opening = running().any(|(_, s)| s.decoding && s.opening);
+    let mut budget = if opening {
+        opening_chunk
+    } else {
+        prefill_chunk
+    };
+    let mut prefilling: Vec<(usize, SlotState)> = running()
+        .filter(|(_, s)| !s.decoding && s.remaining_prompt > 0)
+        .collect();
+    prefilling.sort_by_key(|(_, s)| (s.remaining_prompt, s.arrived));
+    for (i, s) in prefilling {
+        if budget == 0 {
+            break;
+        }
+        let take = s.remaining_prompt.min(budget);
+        budget -= take;
+        out.push((i, take));
+    }
+    out
+}
+
 /// Closes the inbox when the scheduler thread ends, even by a panic: requests already in it
 /// and any later one end at once instead of waiting for a thread that is gone.
 struct Closed(Arc<Shared>);
@@ -611,70 +669,47 @@ impl Scheduler {
         });
     }
 
-    /// Builds and runs one decode step; returns false when no answer could take part (all
-    /// wait for their readers).
-    ///
-    /// The policy, latency first:
-    /// 1. every decoding answer whose reader has room gets its next token (a step of a few
-    ///    tokens costs little more than one: the weights are read once per step);
-    /// 2. prompt tokens of new turns fill the rest, shortest remaining prompt first (a
-    ///    follow-up turn whose history is cached is read before a long cold prompt), up to
-    ///    `prefill_chunk` per step, or `opening_prefill_chunk` while some decoding answer
-    ///    has not finished its first sentence, so that its first audio is not held up by
-    ///    another user's prompt.
+    /// Builds and runs one decode step (planned by [`plan`]); returns false when no answer
+    /// could take part (all wait for their readers).
     fn step(&mut self) -> bool {
         self.batch.clear();
-        let mut entries: Vec<Entry> = Vec::new();
-        let has_room = |job: &Job| job.tx.capacity() >= ROOM_PER_STEP;
-        let mut opening = false;
-        for (i, slot) in self.slots.iter().enumerate() {
-            let Some(job) = &slot.job else { continue };
-            let Some(next) = job.next else { continue };
-            if !has_room(job) {
-                continue;
-            }
-            opening |= job.opening;
-            entries.push(Entry {
-                slot: i,
-                tokens: vec![next],
-                logits: None,
-            });
-        }
-        let mut budget = if opening {
-            self.config.opening_prefill_chunk
-        } else {
-            self.config.prefill_chunk
-        };
-        let mut prefilling: Vec<(usize, usize, u64)> = self
+        let states: Vec<Option<SlotState>> = self
             .slots
             .iter()
-            .enumerate()
-            .filter_map(|(i, slot)| {
+            .map(|slot| {
                 let job = slot.job.as_ref()?;
-                let remaining = job.prompt.len().saturating_sub(slot.cached.len());
-                (job.next.is_none() && remaining > 0 && has_room(job)).then_some((
-                    i,
-                    remaining,
-                    job.arrived,
-                ))
+                Some(SlotState {
+                    decoding: job.next.is_some(),
+                    opening: job.opening,
+                    room: job.tx.capacity() >= ROOM_PER_STEP,
+                    remaining_prompt: job.prompt.len().saturating_sub(slot.cached.len()),
+                    arrived: job.arrived,
+                })
             })
             .collect();
-        prefilling.sort_by_key(|&(_, remaining, arrived)| (remaining, arrived));
-        for (i, remaining, _) in prefilling {
-            if budget == 0 {
-                break;
-            }
-            let take = remaining.min(budget);
-            budget -= take;
+        let mut entries: Vec<Entry> = plan(
+            &states,
+            self.config.prefill_chunk,
+            self.config.opening_prefill_chunk,
+        )
+        .into_iter()
+        .map(|(i, take)| {
             let slot = &self.slots[i];
-            let job = slot.job.as_ref().expect("prefilling slots have a job");
-            let start = slot.cached.len();
-            entries.push(Entry {
+            let job = slot.job.as_ref().expect("planned slots have a job");
+            let tokens = match job.next {
+                Some(next) => vec![next],
+                None => {
+                    let start = slot.cached.len();
+                    job.prompt[start..start + take].to_vec()
+                }
+            };
+            Entry {
                 slot: i,
-                tokens: job.prompt[start..start + take].to_vec(),
+                tokens,
                 logits: None,
-            });
-        }
+            }
+        })
+        .collect();
         if entries.is_empty() {
             return false;
         }
@@ -760,5 +795,55 @@ impl Scheduler {
         }
         job.next = Some(token);
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoding(opening: bool) -> Option<SlotState> {
+        Some(SlotState {
+            decoding: true,
+            opening,
+            room: true,
+            remaining_prompt: 0,
+            arrived: 0,
+        })
+    }
+
+    fn prefilling(remaining_prompt: usize, arrived: u64) -> Option<SlotState> {
+        Some(SlotState {
+            decoding: false,
+            opening: true,
+            room: true,
+            remaining_prompt,
+            arrived,
+        })
+    }
+
+    #[test]
+    fn every_answer_gets_a_token_and_prompts_share_the_chunk_shortest_first() {
+        let slots = [decoding(false), prefilling(200, 1), None, prefilling(20, 2)];
+        // The short follow-up's whole tail, then the long prompt gets the rest of the chunk.
+        assert_eq!(plan(&slots, 64, 16), vec![(0, 1), (3, 20), (1, 44)]);
+    }
+
+    #[test]
+    fn an_opening_answer_caps_the_prompt_chunk() {
+        let slots = [decoding(true), prefilling(200, 1), decoding(false)];
+        assert_eq!(plan(&slots, 64, 16), vec![(0, 1), (2, 1), (1, 16)]);
+        // A prefilling turn is not "opening" for the cap: nothing decodes yet.
+        let slots = [prefilling(200, 1), prefilling(30, 2)];
+        assert_eq!(plan(&slots, 64, 16), vec![(1, 30), (0, 34)]);
+    }
+
+    #[test]
+    fn a_reader_without_room_sits_out_and_does_not_cap_others() {
+        let mut lagging = decoding(true);
+        lagging.as_mut().unwrap().room = false;
+        let slots = [lagging, prefilling(100, 1)];
+        assert_eq!(plan(&slots, 64, 16), vec![(1, 64)]);
+        assert_eq!(plan(&[lagging, None], 64, 16), vec![]);
     }
 }
