@@ -5,7 +5,8 @@
 # `duplex-replay`, and prints per-turn latencies (end of speech -> vad.speech_stopped -> final
 # transcript -> first assistant text -> first assistant audio), the word error rate of the
 # transcripts, and the server's resident memory. Then `cargo bench -p duplex-local` measures
-# each engine alone (WER, tokens/s, synthesis speed). Figures only; nothing is asserted.
+# each engine alone (WER, tokens/s, synthesis speed) and the LLM under 1-4 concurrent
+# questions, batched and one at a time. Figures only; nothing is asserted.
 #
 # Usage: scripts/bench-local.sh [--engines-only | --server-only]
 set -euo pipefail
@@ -62,4 +63,6 @@ fi
 if [ "$what" != --server-only ]; then
   log "each engine alone (cargo bench -p duplex-local)"
   cargo bench --locked -p duplex-local --bench engines
+  log "the LLM with 1-4 questions at once, batched and one at a time (cargo bench -p duplex-local --bench llm_concurrency)"
+  cargo bench --locked -p duplex-local --bench llm_concurrency
 fi

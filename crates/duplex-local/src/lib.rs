@@ -7,6 +7,7 @@
 //! [`provider`] puts the engines behind duplex's STT/LLM/TTS traits; every inference step runs
 //! on the blocking pool behind one fair [`ComputeGate`], never on the async runtime.
 
+pub mod batched;
 pub mod bytelevel;
 pub mod ct2;
 pub mod espeak;
@@ -19,6 +20,7 @@ pub mod provider;
 pub mod utterance;
 pub mod whisper;
 
+pub use batched::{BatchConfig, BatchedLlama};
 pub use gate::ComputeGate;
 pub use llama::LlamaChat;
 pub use llm::{ChatModel, GenParams};

@@ -44,7 +44,7 @@ const SEQ: i32 = 0;
 /// after it is freed, so it lives in a static and is never dropped.
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
 
-fn backend() -> &'static LlamaBackend {
+pub(crate) fn backend() -> &'static LlamaBackend {
     BACKEND.get_or_init(|| {
         // Before anything else of llama.cpp runs: it logs ~140 lines per model load to stderr
         // by default, which would break the server's JSON logs.
@@ -108,34 +108,7 @@ impl LlamaChat {
     /// Loads a GGUF model and makes its context; `threads` run each decode (prompt batches
     /// and single tokens alike).
     pub fn load(path: &Path, threads: usize) -> Result<LlamaChat, Error> {
-        let err = |e: &dyn std::fmt::Display| Error::Model(format!("{}: {e}", path.display()));
-        if !path.is_file() {
-            return Err(err(&"no such file"));
-        }
-        let backend = backend();
-        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
-            .map_err(|e| err(&format!("llama.cpp could not load it ({e})")))?;
-        let vocab = model.vocab();
-        let single = |text: &str| match vocab.tokenize(text.as_bytes(), false, true).as_slice() {
-            [t] => Some(*t),
-            _ => None,
-        };
-        if single(IM_START).is_none() || single(IM_END).is_none() {
-            return Err(err(
-                &"the vocabulary has no ChatML tokens (<|im_start|>, <|im_end|>)",
-            ));
-        }
-        // End-of-generation tokens (EOS, EOT, <|im_end|> ...) are also asked of llama.cpp
-        // per token; these two are named because ChatModel stops at them.
-        let stops: Vec<LlamaToken> = [IM_END, END_OF_TEXT]
-            .iter()
-            .filter_map(|t| single(t))
-            .collect();
-        let name = model
-            .meta_val_str("general.name")
-            .unwrap_or_else(|_| "llama.cpp model".to_string());
-        // Leaked only once it is known to be a ChatML model (see the struct's doc).
-        let model: &'static LlamaModel = Box::leak(Box::new(model));
+        let ChatVocab { model, stops, name } = load_model(path)?;
         let n_ctx = model.n_ctx_train().clamp(1, CONTEXT_TOKENS);
         let threads = i32::try_from(threads.max(1)).unwrap_or(i32::MAX);
         let params = LlamaContextParams::default()
@@ -144,9 +117,12 @@ impl LlamaChat {
             .with_n_ubatch(BATCH_TOKENS as u32)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let ctx = model
-            .new_context(backend, params)
-            .map_err(|e| err(&format!("llama.cpp could not make a context ({e})")))?;
+        let ctx = model.new_context(backend(), params).map_err(|e| {
+            Error::Model(format!(
+                "{}: llama.cpp could not make a context ({e})",
+                path.display()
+            ))
+        })?;
         Ok(LlamaChat {
             model,
             context_length: ctx.n_ctx() as usize,
@@ -201,7 +177,7 @@ impl LlamaChat {
             completion_tokens: 0,
             stopped: false,
         };
-        let mut sampler = self.sampler(params);
+        let mut sampler = sampler(self.model, params);
         let mut logits = self.decode(&prompt[reused..], gate)?;
         let vocab = self.model.vocab();
         let mut text = Utf8Stream::default();
@@ -283,29 +259,70 @@ impl LlamaChat {
         }
         Ok(logits)
     }
+}
 
-    /// The sampler chain for `params`: [`ChatModel`]'s semantics (repetition penalty on the
-    /// answer's last `repeat_last_n` tokens, then greedy, or temperature and top-p).
-    fn sampler(&self, params: &GenParams) -> LlamaSampler {
-        let mut chain = Vec::new();
-        if params.repeat_penalty != 1.0 && params.repeat_last_n > 0 {
-            chain.push(LlamaSampler::penalties(
-                self.model.n_vocab(),
-                i32::try_from(params.repeat_last_n).unwrap_or(i32::MAX),
-                params.repeat_penalty,
-                0.0,
-                0.0,
-            ));
-        }
-        if params.temperature <= 0.0 {
-            chain.push(LlamaSampler::greedy());
-        } else {
-            // llama.cpp's seeds are 32 bits, and u32::MAX means "pick one at random".
-            let seed = (params.seed ^ (params.seed >> 32)) as u32;
-            chain.push(LlamaSampler::temp(params.temperature as f32));
-            chain.push(LlamaSampler::top_p(params.top_p as f32, 1));
-            chain.push(LlamaSampler::dist(seed.min(u32::MAX - 1)));
-        }
-        LlamaSampler::chain(chain, true)
+/// A loaded ChatML model (leaked, see [`LlamaChat`]) and what generation needs of its
+/// vocabulary.
+pub(crate) struct ChatVocab {
+    pub model: &'static LlamaModel,
+    /// Tokens that end an answer besides llama.cpp's own end-of-generation tokens.
+    pub stops: Vec<LlamaToken>,
+    pub name: String,
+}
+
+/// Loads a GGUF model and checks that it speaks ChatML.
+pub(crate) fn load_model(path: &Path) -> Result<ChatVocab, Error> {
+    let err = |e: &dyn std::fmt::Display| Error::Model(format!("{}: {e}", path.display()));
+    if !path.is_file() {
+        return Err(err(&"no such file"));
     }
+    let model = LlamaModel::load_from_file(backend(), path, &LlamaModelParams::default())
+        .map_err(|e| err(&format!("llama.cpp could not load it ({e})")))?;
+    let vocab = model.vocab();
+    let single = |text: &str| match vocab.tokenize(text.as_bytes(), false, true).as_slice() {
+        [t] => Some(*t),
+        _ => None,
+    };
+    if single(IM_START).is_none() || single(IM_END).is_none() {
+        return Err(err(
+            &"the vocabulary has no ChatML tokens (<|im_start|>, <|im_end|>)",
+        ));
+    }
+    // End-of-generation tokens (EOS, EOT, <|im_end|> ...) are also asked of llama.cpp per
+    // token; these two are named because ChatModel stops at them.
+    let stops: Vec<LlamaToken> = [IM_END, END_OF_TEXT]
+        .iter()
+        .filter_map(|t| single(t))
+        .collect();
+    let name = model
+        .meta_val_str("general.name")
+        .unwrap_or_else(|_| "llama.cpp model".to_string());
+    // Leaked only once it is known to be a ChatML model (see LlamaChat's doc).
+    let model: &'static LlamaModel = Box::leak(Box::new(model));
+    Ok(ChatVocab { model, stops, name })
+}
+
+/// The sampler chain for `params`: [`ChatModel`]'s semantics (repetition penalty on the
+/// answer's last `repeat_last_n` tokens, then greedy, or temperature and top-p).
+pub(crate) fn sampler(model: &LlamaModel, params: &GenParams) -> LlamaSampler {
+    let mut chain = Vec::new();
+    if params.repeat_penalty != 1.0 && params.repeat_last_n > 0 {
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            i32::try_from(params.repeat_last_n).unwrap_or(i32::MAX),
+            params.repeat_penalty,
+            0.0,
+            0.0,
+        ));
+    }
+    if params.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        // llama.cpp's seeds are 32 bits, and u32::MAX means "pick one at random".
+        let seed = (params.seed ^ (params.seed >> 32)) as u32;
+        chain.push(LlamaSampler::temp(params.temperature as f32));
+        chain.push(LlamaSampler::top_p(params.top_p as f32, 1));
+        chain.push(LlamaSampler::dist(seed.min(u32::MAX - 1)));
+    }
+    LlamaSampler::chain(chain, true)
 }

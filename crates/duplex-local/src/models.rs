@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::Error;
+use crate::batched::{BatchConfig, BatchedLlama};
 use crate::gate::ComputeGate;
 use crate::llama::LlamaChat;
 use crate::llm::{ChatModel, GenParams};
@@ -28,10 +29,14 @@ pub enum LlmChoice {
 /// Which inference engine runs the chat model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LlmEngine {
-    /// llama.cpp (the default): ~2.5x faster to the first token, keeps the conversation's KV
-    /// cache between turns.
+    /// llama.cpp (the default): ~2.5x faster to the first token, keeps each conversation's
+    /// KV cache between turns, and answers several conversations at once (continuous
+    /// batching, [`BatchedLlama`]).
     #[default]
     Llama,
+    /// llama.cpp one request at a time, with one KV cache ([`LlamaChat`]): the engine before
+    /// continuous batching, kept for comparison.
+    LlamaSerial,
     /// candle (pure Rust).
     Candle,
 }
@@ -40,6 +45,7 @@ impl LlmEngine {
     pub fn parse(s: &str) -> Option<LlmEngine> {
         match s {
             "llama" => Some(LlmEngine::Llama),
+            "llama-serial" => Some(LlmEngine::LlamaSerial),
             "candle" => Some(LlmEngine::Candle),
             _ => None,
         }
@@ -150,10 +156,16 @@ impl ModelDir {
         engine: LlmEngine,
         gate: &ComputeGate,
         params: GenParams,
+        batch: &BatchConfig,
     ) -> Result<LocalLlm, Error> {
         let path = self.require(self.llm(choice))?;
         Ok(match engine {
             LlmEngine::Llama => {
+                let model = BatchedLlama::load(&path, batch.clone(), gate.clone())
+                    .map_err(|e| self.corrupt(e))?;
+                LocalLlm::batched(model, params)
+            }
+            LlmEngine::LlamaSerial => {
                 let model =
                     LlamaChat::load(&path, compute_threads()).map_err(|e| self.corrupt(e))?;
                 LocalLlm::new(model, gate.clone(), params)

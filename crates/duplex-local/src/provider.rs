@@ -16,6 +16,7 @@ use duplex_providers::{
 };
 use tokio::sync::mpsc;
 
+use crate::batched::{BatchedLlama, GenEvent};
 use crate::espeak::Espeak;
 use crate::gate::ComputeGate;
 use crate::llama::LlamaChat;
@@ -206,10 +207,20 @@ impl ChatEngine for LlamaChat {
     }
 }
 
+/// How the model is shared by sessions.
+#[derive(Clone)]
+enum Backend {
+    /// One generation at a time holds the model for its whole answer (candle, and
+    /// `LlamaChat`).
+    Exclusive(Arc<Mutex<dyn ChatEngine>>),
+    /// llama.cpp with continuous batching: every session's answer runs at once.
+    Batched(BatchedLlama),
+}
+
 /// A GGUF chat model as a streaming language model.
 #[derive(Clone)]
 pub struct LocalLlm {
-    model: Arc<Mutex<dyn ChatEngine>>,
+    backend: Backend,
     /// `local:<model>`, the provider's name.
     name: String,
     /// The model's own name, as usage records carry it.
@@ -224,10 +235,30 @@ impl LocalLlm {
         LocalLlm {
             name: format!("local:{}", model.model_name()),
             model_name: model.model_name().to_owned(),
-            model: Arc::new(Mutex::new(model)),
+            backend: Backend::Exclusive(Arc::new(Mutex::new(model))),
             gate,
             params,
             meter: Meter::none(),
+        }
+    }
+
+    /// The batched llama.cpp engine (it holds its own gate).
+    pub fn batched(model: BatchedLlama, params: GenParams) -> LocalLlm {
+        LocalLlm {
+            name: format!("local:{}", model.name),
+            model_name: model.name.clone(),
+            backend: Backend::Batched(model),
+            gate: ComputeGate::new(),
+            params,
+            meter: Meter::none(),
+        }
+    }
+
+    /// The batched engine's counters (queue length, running answers), if it is batched.
+    pub fn batch_stats(&self) -> Option<&crate::batched::BatchStats> {
+        match &self.backend {
+            Backend::Batched(b) => Some(b.stats()),
+            Backend::Exclusive(_) => None,
         }
     }
 
@@ -238,9 +269,12 @@ impl LocalLlm {
         self
     }
 
-    /// No generation is running (none holds the model).
+    /// No generation is running (none holds the model) or waiting.
     pub fn is_idle(&self) -> bool {
-        self.model.try_lock().is_ok()
+        match &self.backend {
+            Backend::Exclusive(model) => model.try_lock().is_ok(),
+            Backend::Batched(b) => b.is_idle(),
+        }
     }
 }
 
@@ -250,12 +284,6 @@ impl LanguageModel for LocalLlm {
     }
 
     fn stream(&self, request: LlmRequest) -> LlmStream {
-        let (tx, mut rx) = mpsc::channel::<Result<LlmEvent, ProviderError>>(LLM_EVENT_CAPACITY);
-        let model = self.model.clone();
-        let gate = self.gate.clone();
-        let name = self.name.clone();
-        let meter = self.meter.clone();
-        let model_name = self.model_name.clone();
         let mut params = self.params.clone();
         if let Some(max) = request.max_tokens {
             params.max_tokens = params.max_tokens.min(max as usize);
@@ -263,19 +291,98 @@ impl LanguageModel for LocalLlm {
         // Vary the sampling seed per request so that a repeated question is not answered
         // word for word.
         params.seed = params.seed.wrapping_add(rand::random::<u64>());
+        let mut messages: Vec<(Speaker, String)> = Vec::new();
+        if !request.messages.iter().any(|m| m.role == Role::System) {
+            messages.push((Speaker::System, SPOKEN_SYSTEM_PROMPT.to_owned()));
+        }
+        for m in &request.messages {
+            let who = match m.role {
+                Role::System => Speaker::System,
+                Role::User => Speaker::User,
+                Role::Assistant => Speaker::Assistant,
+            };
+            messages.push((who, m.content.clone()));
+        }
+        let done = Finish {
+            meter: self.meter.clone(),
+            session_id: request.session_id.clone(),
+            model_name: self.model_name.clone(),
+            name: self.name.clone(),
+        };
+        match &self.backend {
+            Backend::Batched(engine) => {
+                let mut generation = engine.generate(&request.session_id, messages, params);
+                // Dropping the stream drops the generation: the scheduler ends the answer at
+                // its next step.
+                Box::pin(
+                    futures::stream::poll_fn(move |cx| {
+                        let event = std::task::ready!(generation.poll_recv(cx));
+                        std::task::Poll::Ready(event.map(|e| match e {
+                            GenEvent::Text(text) => Ok(LlmEvent::Delta(text)),
+                            GenEvent::Done(stats) => Ok(done.done(stats)),
+                            GenEvent::Failed(e) => Err(internal(e)),
+                        }))
+                    })
+                    .filter(|e| {
+                        // Tokens that complete no character yet are not sent on.
+                        let empty = matches!(e, Ok(LlmEvent::Delta(t)) if t.is_empty());
+                        std::future::ready(!empty)
+                    }),
+                )
+            }
+            Backend::Exclusive(model) => {
+                self.stream_exclusive(model.clone(), messages, params, done)
+            }
+        }
+    }
+}
+
+/// What ends an answer: its usage, metered and reported.
+struct Finish {
+    meter: Meter,
+    session_id: String,
+    model_name: String,
+    name: String,
+}
+
+impl Finish {
+    fn done(&self, stats: GenStats) -> LlmEvent {
+        let (model, sid) = (self.model_name.as_str(), &self.session_id);
+        let prompt = stats.prompt_tokens as f64;
+        self.meter
+            .record(sid, "local", model, UsageKind::LlmPromptTokens, prompt);
+        let completion = stats.completion_tokens as f64;
+        self.meter.record(
+            sid,
+            "local",
+            model,
+            UsageKind::LlmCompletionTokens,
+            completion,
+        );
+        LlmEvent::Done {
+            usage: Some(TokenUsage {
+                prompt_tokens: stats.prompt_tokens as u32,
+                completion_tokens: stats.completion_tokens as u32,
+            }),
+            model: self.name.clone(),
+        }
+    }
+}
+
+impl LocalLlm {
+    /// One generation on the blocking pool, holding the model for the whole answer.
+    fn stream_exclusive(
+        &self,
+        model: Arc<Mutex<dyn ChatEngine>>,
+        messages: Vec<(Speaker, String)>,
+        params: GenParams,
+        done: Finish,
+    ) -> LlmStream {
+        let (tx, mut rx) = mpsc::channel::<Result<LlmEvent, ProviderError>>(LLM_EVENT_CAPACITY);
+        let gate = self.gate.clone();
         tokio::task::spawn_blocking(move || {
-            let mut messages: Vec<(Speaker, &str)> = Vec::new();
-            if !request.messages.iter().any(|m| m.role == Role::System) {
-                messages.push((Speaker::System, SPOKEN_SYSTEM_PROMPT));
-            }
-            for m in &request.messages {
-                let who = match m.role {
-                    Role::System => Speaker::System,
-                    Role::User => Speaker::User,
-                    Role::Assistant => Speaker::Assistant,
-                };
-                messages.push((who, m.content.as_str()));
-            }
+            let messages: Vec<(Speaker, &str)> =
+                messages.iter().map(|(w, t)| (*w, t.as_str())).collect();
             // The session dropped the stream (barge-in) before we started: nothing to do.
             if tx.is_closed() {
                 return;
@@ -292,27 +399,7 @@ impl LanguageModel for LocalLlm {
             });
             drop(model);
             let last = match result {
-                Ok(stats) => Ok({
-                    let model = model_name.as_str();
-                    let sid = &request.session_id;
-                    let prompt = stats.prompt_tokens as f64;
-                    meter.record(sid, "local", model, UsageKind::LlmPromptTokens, prompt);
-                    let completion = stats.completion_tokens as f64;
-                    meter.record(
-                        sid,
-                        "local",
-                        model,
-                        UsageKind::LlmCompletionTokens,
-                        completion,
-                    );
-                    LlmEvent::Done {
-                        usage: Some(TokenUsage {
-                            prompt_tokens: stats.prompt_tokens as u32,
-                            completion_tokens: stats.completion_tokens as u32,
-                        }),
-                        model: name,
-                    }
-                }),
+                Ok(stats) => Ok(done.done(stats)),
                 Err(e) => Err(internal(e)),
             };
             let _ = tx.blocking_send(last);

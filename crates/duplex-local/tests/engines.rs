@@ -50,6 +50,7 @@ fn engines() -> Option<(&'static Engines, MutexGuard<'static, ()>)> {
                     duplex_local::LlmEngine::Llama,
                     &gate,
                     GenParams::default(),
+                    &duplex_local::BatchConfig::default(),
                 )
                 .unwrap_or_else(|e| panic!("{e}")),
             candle: dir
@@ -58,6 +59,7 @@ fn engines() -> Option<(&'static Engines, MutexGuard<'static, ()>)> {
                     duplex_local::LlmEngine::Candle,
                     &gate,
                     GenParams::default(),
+                    &duplex_local::BatchConfig::default(),
                 )
                 .unwrap_or_else(|e| panic!("{e}")),
             piper: dir.load_piper(&gate).unwrap_or_else(|e| panic!("{e}")),

@@ -110,7 +110,13 @@ pub fn build(
                 ..duplex_local::GenParams::default()
             };
             let llm = models
-                .load_llm(config.local_llm, config.local_llm_engine, &gate, params)
+                .load_llm(
+                    config.local_llm,
+                    config.local_llm_engine,
+                    &gate,
+                    params,
+                    &duplex_local::BatchConfig::default(),
+                )
                 .map_err(failed("language model"))?
                 .with_meter(meter.clone());
             loaded("llm", t);
