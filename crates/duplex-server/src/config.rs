@@ -634,10 +634,11 @@ pub const VARS: &[Var] = &[
         name: "LOCAL_LLM_ENGINE",
         section: Section::Engines,
         default: "llama",
-        help: "Engine of the local language model: `llama` (llama.cpp: faster, keeps each conversation's KV cache) or `candle` (pure Rust, slower).",
+        help: "Engine of the local language model: `llama` (llama.cpp with continuous batching: several conversations decode together, each keeps its KV cache), `llama-serial` (llama.cpp, one answer at a time: the engine before batching, for comparison) or `candle` (pure Rust, slower).",
         parse: |c, v| {
             v.one_of(&[
                 ("llama", duplex_local::LlmEngine::Llama),
+                ("llama-serial", duplex_local::LlmEngine::LlamaSerial),
                 ("candle", duplex_local::LlmEngine::Candle),
             ])
             .map(|e| c.engines.local_llm_engine = e)
