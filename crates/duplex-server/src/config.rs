@@ -190,6 +190,10 @@ pub struct EnginesConfig {
     pub local_llm: duplex_local::LlmChoice,
     pub local_llm_engine: duplex_local::LlmEngine,
     pub local_llm_max_tokens: usize,
+    /// Answers the batched local LLM decodes at once; further turns queue.
+    pub local_llm_max_sequences: usize,
+    /// KV cache tokens per conversation (prompt and answer) of the batched local LLM.
+    pub local_llm_context_tokens: usize,
     pub scripted_llm_first_token: Duration,
     pub scripted_llm_token_interval: Duration,
     pub scripted_tts_latency: Duration,
@@ -650,6 +654,20 @@ pub const VARS: &[Var] = &[
         default: "120",
         help: "Longest local LLM answer in tokens.",
         parse: |c, v| v.at_least(1).map(|n| c.engines.local_llm_max_tokens = n),
+    },
+    Var {
+        name: "LOCAL_LLM_MAX_SEQUENCES",
+        section: Section::Engines,
+        default: "4",
+        help: "Local LLM (`llama`): answers decoded together in one batch; further turns wait in a queue (never refused). Each costs `LOCAL_LLM_CONTEXT_TOKENS` x ~12 KiB of KV cache with the default model.",
+        parse: |c, v| v.at_least(1).map(|n| c.engines.local_llm_max_sequences = n),
+    },
+    Var {
+        name: "LOCAL_LLM_CONTEXT_TOKENS",
+        section: Section::Engines,
+        default: "2048",
+        help: "Local LLM (`llama`): KV cache tokens per conversation, prompt and answer together (older history is cut from the front beyond it).",
+        parse: |c, v| v.at_least(256).map(|n| c.engines.local_llm_context_tokens = n),
     },
     Var {
         name: "SCRIPTED_LLM_FIRST_TOKEN_MS",

@@ -115,7 +115,11 @@ pub fn build(
                     config.local_llm_engine,
                     &gate,
                     params,
-                    &duplex_local::BatchConfig::default(),
+                    &duplex_local::BatchConfig {
+                        max_sequences: config.local_llm_max_sequences,
+                        context_per_sequence: config.local_llm_context_tokens,
+                        ..duplex_local::BatchConfig::default()
+                    },
                 )
                 .map_err(failed("language model"))?
                 .with_meter(meter.clone());
