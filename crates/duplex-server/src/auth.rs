@@ -497,6 +497,70 @@ mod tests {
         .unwrap()
     }
 
+    mod arbitrary_tokens {
+        use super::*;
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        use proptest::prelude::*;
+
+        /// A JWT-shaped token: any header JSON (any `alg`, `kid`, `typ`), any claims, any
+        /// signature; or any text at all.
+        fn token() -> impl Strategy<Value = String> {
+            let alg = prop::sample::select(vec![
+                "HS256", "RS256", "none", "ES256", "HS512", "", "RS256\0",
+            ]);
+            let header = (
+                alg,
+                prop::option::of(".{0,20}"),
+                prop::option::of("[A-Z]{0,4}"),
+            )
+                .prop_map(|(alg, kid, typ)| {
+                    let mut h = json!({"alg": alg});
+                    if let Some(k) = kid {
+                        h["kid"] = json!(k);
+                    }
+                    if let Some(t) = typ {
+                        h["typ"] = json!(t);
+                    }
+                    B64.encode(h.to_string())
+                });
+            let claims = (prop::option::of(".{0,12}"), any::<i64>(), ".{0,12}").prop_map(
+                |(sub, exp, aud)| {
+                    B64.encode(json!({"sub": sub, "exp": exp, "aud": aud}).to_string())
+                },
+            );
+            let sig = prop::collection::vec(any::<u8>(), 0..80).prop_map(|b| B64.encode(b));
+            prop_oneof![
+                (header, claims, sig).prop_map(|(h, c, s)| format!("{h}.{c}.{s}")),
+                ".{0,200}",
+                "[A-Za-z0-9_.=-]{0,300}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// No token that was not signed with the server's secret gets through, and none
+            /// makes the verifier panic, whichever header or place it arrives in.
+            #[test]
+            fn unsigned_or_garbled_tokens_are_refused(t in token(), scheme in "(Bearer|bearer|Basic| )") {
+                let auth = Authenticator::new(&config(&[("JWT_SECRET", "s3cret")]));
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let mut headers = HeaderMap::new();
+                if let Ok(v) = header::HeaderValue::from_str(&format!("{scheme} {t}")) {
+                    headers.insert(header::AUTHORIZATION, v);
+                }
+                if let Ok(v) = header::HeaderValue::from_str(&format!("duplex.v1, bearer.{t}")) {
+                    headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+                }
+                let query = HashMap::from([("token".to_owned(), t.clone())]);
+                let found = token_from_request(&headers, &query);
+                prop_assert!(rt.block_on(auth.authenticate(found)).is_err());
+                prop_assert!(rt.block_on(auth.authenticate(Some(&t))).is_err());
+            }
+        }
+    }
+
     #[tokio::test]
     async fn hs256_claims_are_checked() {
         let auth = Authenticator::new(&config(&[

@@ -667,7 +667,10 @@ pub const VARS: &[Var] = &[
         section: Section::Engines,
         default: "2048",
         help: "Local LLM (`llama`): KV cache tokens per conversation, prompt and answer together (older history is cut from the front beyond it).",
-        parse: |c, v| v.at_least(256).map(|n| c.engines.local_llm_context_tokens = n),
+        parse: |c, v| {
+            v.at_least(256)
+                .map(|n| c.engines.local_llm_context_tokens = n)
+        },
     },
     Var {
         name: "SCRIPTED_LLM_FIRST_TOKEN_MS",
