@@ -441,7 +441,9 @@ impl Store {
     /// record of `seq`. Returns `false`, changing nothing, when the session already had a
     /// write numbered `seq` or higher applied: a replay of a write whose answer was lost (it
     /// timed out after committing). A session's `seq`s must only grow, one write at a time
-    /// (what `duplex_metering::SessionMeter` does), so no write is ever skipped.
+    /// (what `duplex_metering::SessionMeter` does), so no write is ever skipped. The write also
+    /// stamps the session's row with `at` (its liveness, see `reap_silent_sessions`).
+    #[allow(clippy::too_many_arguments)] // one write's identity, amounts and time, all required
     pub async fn add_session_usage(
         &self,
         session_id: &str,
