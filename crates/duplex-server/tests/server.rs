@@ -23,6 +23,11 @@ mod ops;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Held by the tests that run conversations on the embedded engines (debug builds of Whisper,
+/// the LLM and Piper on two cores): one such test at a time, so that their timing (a question
+/// answered before the next one is spoken) does not depend on which other test overlaps.
+static LOCAL_ENGINES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Scripted providers with short, realistic delays.
 fn test_config() -> Config {
     let mut c = Config::for_tests();

@@ -417,6 +417,7 @@ async fn a_spoken_conversation_in_chromium_on_the_local_engines() {
     let Some(config) = local::local_config() else {
         return;
     };
+    let _engines = super::LOCAL_ENGINES.lock().await;
     let ts = TestServer::start(config).await;
     let questions = [
         "What is the capital of France?",

@@ -40,6 +40,7 @@ pub(super) fn local_config() -> Option<Config> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoken_question_gets_a_spoken_answer_from_the_local_engines() {
     let Some(config) = local_config() else { return };
+    let _engines = LOCAL_ENGINES.lock().await;
     let ts = TestServer::start(config).await;
     let question = "What is the capital of France?";
     let mut cfg = SessionConfig::new(ts.url());
@@ -80,6 +81,67 @@ async fn a_spoken_question_gets_a_spoken_answer_from_the_local_engines() {
         .expect("resident memory on /metrics");
     // The models are loaded: hundreds of MB.
     assert!(rss.parse::<f64>().unwrap() > 200e6, "{rss}");
+}
+
+/// Three conversations at once on the embedded engines (the LLM decodes them in one batch):
+/// all get their answers, and one of them barging in on its own answer does not stall the
+/// other two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sessions_asking_at_once_all_get_answers_and_a_barge_in_stalls_no_one() {
+    let Some(config) = local_config() else { return };
+    let _engines = LOCAL_ENGINES.lock().await;
+    let ts = TestServer::start(config).await;
+    let base = |turns: usize| {
+        let mut cfg = SessionConfig::new(ts.url());
+        // Debug builds on two shared cores: generous bounds; the benchmark measures speed.
+        cfg.turn_timeout = Duration::from_secs(150);
+        cfg.ready_timeout = Duration::from_secs(30);
+        cfg.turns = turns;
+        cfg
+    };
+    let france = [piper_speech("What is the capital of France?")];
+    let week = [piper_speech("How many days are in a week?")];
+    let story = [
+        piper_speech("Tell me a long story about a dragon."),
+        piper_speech("What color is the sky on a clear day?"),
+    ];
+    let (a_cfg, b_cfg) = (base(1), base(1));
+    let mut c_cfg = base(2);
+    // The third user interrupts the story with the next question once it is audible.
+    c_cfg.barge_in_after_ms = Some(300);
+    let (a, b, c) = tokio::join!(
+        run_session(&a_cfg, &france),
+        run_session(&b_cfg, &week),
+        run_session(&c_cfg, &story),
+    );
+    for (name, r) in [("france", &a), ("week", &b), ("story", &c)] {
+        assert!(r.ok, "{name}: {r:#?}");
+    }
+    let answer = |r: &duplex_replay::SessionReport, i: usize| {
+        r.turns[i]
+            .assistant_text
+            .clone()
+            .unwrap_or_default()
+            .to_lowercase()
+    };
+    assert_eq!(a.turns[0].outcome, TurnOutcome::Completed, "{a:#?}");
+    assert!(answer(&a, 0).contains("paris"), "{:?}", answer(&a, 0));
+    assert_eq!(b.turns[0].outcome, TurnOutcome::Completed, "{b:#?}");
+    let week_answer = answer(&b, 0);
+    assert!(
+        week_answer.contains("seven") || week_answer.contains('7'),
+        "{week_answer:?}"
+    );
+    assert_eq!(c.turns[0].outcome, TurnOutcome::Interrupted, "{c:#?}");
+    assert_eq!(c.turns[1].outcome, TurnOutcome::Completed, "{c:#?}");
+    // The question that interrupted was heard and answered (what a 0.5B model says about the
+    // sky after half a dragon story varies: "blue", "white"...).
+    let heard = c.turns[1].user_transcript.as_deref().unwrap_or_default();
+    assert!(
+        wer("What color is the sky on a clear day?", heard) <= 0.5,
+        "heard {heard:?}"
+    );
+    assert!(!answer(&c, 1).trim().is_empty(), "{c:#?}");
 }
 
 #[tokio::test]
