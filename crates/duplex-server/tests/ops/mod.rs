@@ -360,6 +360,7 @@ async fn the_binary_started_as_the_manifests_say_holds_a_turn() {
         eprintln!("skipped: set DUPLEX_TEST_LOCAL=1 after scripts/setup-models.sh --test-data");
         return;
     }
+    let _engines = super::LOCAL_ENGINES.lock().await;
     let models = duplex_local::ModelDir::from_env().root().to_path_buf();
     let models = std::fs::canonicalize(&models).expect("the models directory exists");
     let env = manifest_env();
