@@ -826,29 +826,15 @@ impl Store {
         now: OffsetDateTime,
         reason: &str,
     ) -> Result<Vec<StaleSession>> {
-        let mut tx = self.begin().await?;
-        let rows = sqlx::query(
+        self.close_open_sessions(
             "SELECT s.id, users.external_id, s.started_at FROM sessions s
              JOIN users ON users.id = s.user_id
              WHERE s.ended_at IS NULL AND s.started_at < $1 ORDER BY s.started_at, s.id",
+            started_before,
+            now,
+            reason,
         )
-        .bind(to_ms(started_before))
-        .fetch_all(&mut *tx.tx)
-        .await?;
-        let stale = rows.iter().map(stale_session).collect::<Result<Vec<_>>>()?;
-        for s in &stale {
-            sqlx::query(
-                "UPDATE sessions SET ended_at = $2, close_reason = $3
-                 WHERE id = $1 AND ended_at IS NULL",
-            )
-            .bind(&s.session_id)
-            .bind(to_ms(now))
-            .bind(reason)
-            .execute(&mut *tx.tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(stale)
+        .await
     }
 }
 
@@ -863,16 +849,32 @@ impl Store {
         now: OffsetDateTime,
         reason: &str,
     ) -> Result<Vec<StaleSession>> {
-        let mut tx = self.begin().await?;
-        let rows = sqlx::query(
+        self.close_open_sessions(
             "SELECT s.id, users.external_id, s.started_at FROM sessions s
              JOIN users ON users.id = s.user_id
              WHERE s.ended_at IS NULL AND COALESCE(s.last_seen_at, s.started_at) < $1
              ORDER BY s.started_at, s.id",
+            silent_since,
+            now,
+            reason,
         )
-        .bind(to_ms(silent_since))
-        .fetch_all(&mut *tx.tx)
-        .await?;
+        .await
+    }
+
+    /// Ends (`now`, `reason`) every open session that `select` (with `$1` = `before`) lists, in
+    /// one transaction; returns them in its order.
+    async fn close_open_sessions(
+        &self,
+        select: &'static str,
+        before: OffsetDateTime,
+        now: OffsetDateTime,
+        reason: &str,
+    ) -> Result<Vec<StaleSession>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(select)
+            .bind(to_ms(before))
+            .fetch_all(&mut *tx.tx)
+            .await?;
         let stale = rows.iter().map(stale_session).collect::<Result<Vec<_>>>()?;
         for s in &stale {
             sqlx::query(
