@@ -121,6 +121,14 @@ impl T {
         })))
     }
 
+    fn llm(&mut self, turn: TurnId, event: LlmIn) -> &mut T {
+        self.input(Input::Llm { turn, event })
+    }
+
+    fn tts(&mut self, turn: TurnId, event: TtsIn) -> &mut T {
+        self.input(Input::Tts { turn, event })
+    }
+
     fn text(&mut self, json: &str) -> &mut T {
         self.input(Input::Client(ClientIn::Text(json.to_owned())))
     }
@@ -475,14 +483,11 @@ fn an_oversized_message_is_fatal_and_later_messages_get_session_ended() {
 /// Runs a typed turn up to the assistant speaking: returns with audio flowing.
 fn speak(t: &mut T, turn: TurnId) {
     t.text(r#"{"type":"input.text","text":"tell me a story"}"#);
-    t.input(Input::Llm {
+    t.llm(
         turn,
-        event: LlmIn::Delta("Once upon a time. There was a fox.".into()),
-    });
-    t.input(Input::Tts {
-        turn,
-        event: tts_audio(200),
-    });
+        LlmIn::Delta("Once upon a time. There was a fox.".into()),
+    );
+    t.tts(turn, tts_audio(200));
 }
 
 #[test]
@@ -527,14 +532,8 @@ fn barge_in_during_a_metered_turn_cancels_the_streams_and_metering_goes_on() {
         1100   send usage_update seconds_today=1 session_seconds=1
     "#]]);
     // Late events of the cancelled turn are ignored; the meter keeps counting.
-    t.input(Input::Tts {
-        turn: 1,
-        event: tts_audio(100),
-    });
-    t.input(Input::Llm {
-        turn: 1,
-        event: LlmIn::Delta(" The end.".into()),
-    });
+    t.tts(1, tts_audio(100));
+    t.llm(1, LlmIn::Delta(" The end.".into()));
     t.advance(Duration::from_millis(3900));
     t.check(expect![[r#"
         5000   persist user=7 seq=1 seconds=5 tts_chars=17 last=false
@@ -604,14 +603,8 @@ fn the_limit_reached_while_the_assistant_speaks_lets_the_turn_finish_then_closes
     assert!(!log.contains("close"), "{log}");
     t.ack_persists();
     t.cmds.clear();
-    t.input(Input::Tts {
-        turn: 1,
-        event: TtsIn::Finished,
-    });
-    t.input(Input::Llm {
-        turn: 1,
-        event: LlmIn::Done { tokens: Some(12) },
-    });
+    t.tts(1, TtsIn::Finished);
+    t.llm(1, LlmIn::Done { tokens: Some(12) });
     // The turn's audio is played out (200 ms queued at 4 s: done by 5.5 s) -> the session ends.
     t.advance(Duration::from_millis(100));
     t.ack_persists();
@@ -659,14 +652,8 @@ fn drain_during_a_turn_waits_for_the_turn_then_closes_1001() {
     speak(&mut t, 1);
     t.log.clear();
     t.input(Input::Shutdown);
-    t.input(Input::Tts {
-        turn: 1,
-        event: TtsIn::Finished,
-    });
-    t.input(Input::Llm {
-        turn: 1,
-        event: LlmIn::Done { tokens: None },
-    });
+    t.tts(1, TtsIn::Finished);
+    t.llm(1, LlmIn::Done { tokens: None });
     t.advance(Duration::from_millis(300));
     t.ack_persists();
     t.check(expect![[r#"
@@ -1026,10 +1013,7 @@ fn fault_matrix_each_provider_fault_gives_its_error_and_the_session_goes_on() {
             name: "LLM fails before its first token",
             fault: |t| {
                 t.text(r#"{"type":"input.text","text":"first"}"#);
-                t.input(Input::Llm {
-                    turn: 1,
-                    event: LlmIn::Error("HTTP 500".into()),
-                });
+                t.llm(1, LlmIn::Error("HTTP 500".into()));
             },
             code: ErrorCode::LlmError,
         },
@@ -1037,10 +1021,7 @@ fn fault_matrix_each_provider_fault_gives_its_error_and_the_session_goes_on() {
             name: "LLM stream cut mid-answer",
             fault: |t| {
                 speak(t, 1);
-                t.input(Input::Llm {
-                    turn: 1,
-                    event: LlmIn::Ended,
-                });
+                t.llm(1, LlmIn::Ended);
             },
             code: ErrorCode::LlmError,
         },
@@ -1048,10 +1029,7 @@ fn fault_matrix_each_provider_fault_gives_its_error_and_the_session_goes_on() {
             name: "LLM fails mid-answer",
             fault: |t| {
                 speak(t, 1);
-                t.input(Input::Llm {
-                    turn: 1,
-                    event: LlmIn::Error("connection reset".into()),
-                });
+                t.llm(1, LlmIn::Error("connection reset".into()));
             },
             code: ErrorCode::LlmError,
         },
@@ -1059,14 +1037,8 @@ fn fault_matrix_each_provider_fault_gives_its_error_and_the_session_goes_on() {
             name: "TTS fails before any audio",
             fault: |t| {
                 t.text(r#"{"type":"input.text","text":"first"}"#);
-                t.input(Input::Llm {
-                    turn: 1,
-                    event: LlmIn::Delta("Hello there.".into()),
-                });
-                t.input(Input::Tts {
-                    turn: 1,
-                    event: TtsIn::Error("401 unauthorized".into()),
-                });
+                t.llm(1, LlmIn::Delta("Hello there.".into()));
+                t.tts(1, TtsIn::Error("401 unauthorized".into()));
             },
             code: ErrorCode::TtsError,
         },
@@ -1074,10 +1046,7 @@ fn fault_matrix_each_provider_fault_gives_its_error_and_the_session_goes_on() {
             name: "TTS stream cut mid-audio",
             fault: |t| {
                 speak(t, 1);
-                t.input(Input::Tts {
-                    turn: 1,
-                    event: TtsIn::Ended,
-                });
+                t.tts(1, TtsIn::Ended);
             },
             code: ErrorCode::TtsError,
         },
@@ -1100,14 +1069,8 @@ fn fault_matrix_each_provider_fault_gives_its_error_and_the_session_goes_on() {
         let errors = t.errors();
         assert_eq!(errors, vec![(case.code, false)], "{}: {}", case.name, t.log);
         // Whatever was in flight finishes or is dropped; then a new turn runs end to end.
-        t.input(Input::Llm {
-            turn: 1,
-            event: LlmIn::Done { tokens: None },
-        });
-        t.input(Input::Tts {
-            turn: 1,
-            event: TtsIn::Finished,
-        });
+        t.llm(1, LlmIn::Done { tokens: None });
+        t.tts(1, TtsIn::Finished);
         t.advance_acking(Duration::from_secs(3));
         t.cmds.clear();
         t.text(r#"{"type":"input.text","text":"again"}"#);
@@ -1119,22 +1082,10 @@ fn fault_matrix_each_provider_fault_gives_its_error_and_the_session_goes_on() {
                 _ => None,
             })
             .unwrap_or_else(|| panic!("{}: no next turn:\n{}", case.name, t.log));
-        t.input(Input::Llm {
-            turn,
-            event: LlmIn::Delta("Sure.".into()),
-        });
-        t.input(Input::Llm {
-            turn,
-            event: LlmIn::Done { tokens: Some(5) },
-        });
-        t.input(Input::Tts {
-            turn,
-            event: tts_audio(100),
-        });
-        t.input(Input::Tts {
-            turn,
-            event: TtsIn::Finished,
-        });
+        t.llm(turn, LlmIn::Delta("Sure.".into()));
+        t.llm(turn, LlmIn::Done { tokens: Some(5) });
+        t.tts(turn, tts_audio(100));
+        t.tts(turn, TtsIn::Finished);
         t.advance_acking(Duration::from_secs(1));
         let ends: Vec<String> = t
             .cmds
