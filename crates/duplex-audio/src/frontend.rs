@@ -10,7 +10,7 @@ use duplex_proto::Encoding;
 use crate::endpoint::{EndpointConfig, EndpointEvent, Endpointer, FRAME_MS};
 use crate::reframe::Reframer;
 use crate::resample::Resampler;
-use crate::vad::{Vad, VadMode};
+use crate::vad::{VAD_RATE_8K, Vad, VadMode};
 use crate::{AudioError, codec};
 
 /// The pipeline's internal rate: what the VAD and the STT providers get.
@@ -71,6 +71,12 @@ pub struct FrontEnd {
     decoded: Vec<i16>,
     resampled: Vec<i16>,
     reframer: Reframer,
+    /// For 8 kHz input: the client's own samples in 20 ms frames, which the VAD classifies
+    /// (libfvad works at 8 kHz internally, so upsampling for it would only be undone inside).
+    /// Frame `k` here and frame `k` of `reframer` cover the same 20 ms: both streams start at
+    /// the client's first sample (the resampler's delay is skipped), and the upsampled stream
+    /// is never ahead of its input, so this one always has the frame ready.
+    vad_input: Option<Reframer>,
     vad: Vad,
     endpointer: Endpointer,
     frames: u64,
@@ -83,6 +89,14 @@ impl FrontEnd {
         // 100 ms at the client rate: larger than any sane client frame, so no growth in
         // steady state.
         let capacity = config.input_rate as usize / 10;
+        let (vad_input, vad) = if config.input_rate == VAD_RATE_8K {
+            (
+                Some(Reframer::new(FRAME_SAMPLES / 2)),
+                Vad::with_rate(VAD_RATE_8K, config.vad_mode)?,
+            )
+        } else {
+            (None, Vad::new(config.vad_mode))
+        };
         Ok(FrontEnd {
             encoding: config.encoding,
             skip: resampler.delay_samples(),
@@ -90,7 +104,8 @@ impl FrontEnd {
             decoded: Vec::with_capacity(capacity),
             resampled: Vec::with_capacity(capacity),
             reframer: Reframer::new(FRAME_SAMPLES),
-            vad: Vad::new(config.vad_mode),
+            vad_input,
+            vad,
             endpointer: Endpointer::new(config.endpoint),
             frames: 0,
         })
@@ -121,15 +136,28 @@ impl FrontEnd {
         let skipped = self.skip.min(self.resampled.len());
         self.skip -= skipped;
         self.reframer.push(&self.resampled[skipped..]);
+        if let Some(vad_input) = &mut self.vad_input {
+            vad_input.push(&self.decoded);
+        }
 
         while let Some(frame) = self.reframer.pop() {
             let samples: [i16; FRAME_SAMPLES] = frame
                 .try_into()
                 .expect("the reframer yields FRAME_SAMPLES-sample frames");
-            let voiced = self
-                .vad
-                .is_voiced(&samples)
-                .expect("FRAME_SAMPLES is a valid 16 kHz VAD frame length");
+            let voiced = match &mut self.vad_input {
+                Some(vad_input) => {
+                    let own = vad_input
+                        .pop()
+                        .expect("the 8 kHz input is never behind its upsampled frames");
+                    self.vad
+                        .is_voiced(own)
+                        .expect("20 ms at 8 kHz is a valid VAD frame length")
+                }
+                None => self
+                    .vad
+                    .is_voiced(&samples)
+                    .expect("FRAME_SAMPLES is a valid 16 kHz VAD frame length"),
+            };
             let audio_ms = self.frames * FRAME_MS;
             self.frames += 1;
             events.push(FrontEndEvent::Frame {
