@@ -498,6 +498,44 @@ impl SessionMeter {
             .is_some_and(|l| l.phase == Phase::Finished)
     }
 
+    /// Hands over every write the store has not acknowledged, and finishes: the write in
+    /// flight or of unknown outcome as it was sent (same `seq`, marked `retried`, so a store
+    /// that did commit it applies it once), then each unsent day as a new write with the next
+    /// `seq`, `last` set. For a session that stops waiting for the store: whoever takes the
+    /// writes (the server's backlog) must apply them, in order, until each is acknowledged.
+    pub fn take_unpersisted(&mut self) -> Vec<UsageDelta> {
+        let Some(live) = self.live.as_mut() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for mut d in live.in_flight.take().into_iter().chain(live.unacked.take()) {
+            d.retried = true;
+            out.push(d);
+        }
+        let days = std::mem::take(&mut live.pending);
+        for (day, acc) in days {
+            if acc.is_empty() {
+                continue;
+            }
+            out.push(UsageDelta {
+                seq: live.next_seq,
+                day,
+                seconds: acc.ms.div_ceil(1000),
+                trial_seconds: acc.trial_ms.div_ceil(1000),
+                tts_characters: acc.tts_characters,
+                llm_tokens: acc.llm_tokens,
+                stt_ms: acc.stt_ms,
+                cost_micros: acc.cost_micros,
+                last: true,
+                retried: false,
+            });
+            live.next_seq += 1;
+        }
+        live.retry_at = None;
+        live.phase = Phase::Finished;
+        out
+    }
+
     /// Usage not yet acknowledged by the store, summed over days (sent or not): what a crash
     /// now would lose. For logs when the shell gives up on a store that stays down.
     pub fn unpersisted(&self) -> Option<UsageDelta> {

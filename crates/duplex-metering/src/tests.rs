@@ -905,3 +905,39 @@ fn a_write_that_committed_but_timed_out_is_not_counted_twice() {
     assert_eq!(sim.store.tts[&day.month()], 50);
     assert_eq!(sim.store.spend[&day], 1_600);
 }
+
+#[test]
+fn a_session_that_stops_waiting_hands_over_every_unacknowledged_write_and_replays_apply_once() {
+    let plans = plans(3_600, 0);
+    let free = plans.get("free").unwrap();
+    let mut sim = Sim::new(NOON);
+    let a = sim.start(0.0, "A", free);
+    sim.run_until(7.0);
+    // The 10 s heartbeat's write commits but its answer is lost; later writes fail outright.
+    sim.store.answers_lost = true;
+    sim.run_until(10.5);
+    sim.store.answers_lost = false;
+    sim.store.down = true;
+    sim.input(12.3, a, MeterInput::Ending);
+    sim.run_until(14.0);
+    let before = sim.store.seconds.values().sum::<u64>();
+    let deltas = sim.sessions[a].meter.take_unpersisted();
+    assert!(sim.sessions[a].meter.is_finished());
+    assert!(sim.sessions[a].meter.take_unpersisted().is_empty());
+    // The write of unknown outcome first, unchanged and marked as a replay; then the rest.
+    assert!(deltas[0].retried, "{deltas:?}");
+    let seqs: Vec<u64> = deltas.iter().map(|d| d.seq).collect();
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(seqs, sorted, "in order, no seq twice: {deltas:?}");
+    // Whoever takes them applies them all once the store is back: the store then holds the
+    // session's 12.3 s rounded up, no second twice.
+    sim.store.down = false;
+    for d in &deltas {
+        sim.store.add("A", d);
+    }
+    let after = sim.store.seconds.values().sum::<u64>();
+    assert!(before >= 5, "the 5 s heartbeat was acknowledged: {before}");
+    assert_eq!(after, 13, "before {before}, deltas {deltas:?}");
+}

@@ -45,6 +45,7 @@ pub struct Server {
     serve: JoinHandle<std::io::Result<()>>,
     grace: std::time::Duration,
     store: Store,
+    usage_backlog: metering::UsageBacklog,
 }
 
 impl Server {
@@ -121,6 +122,8 @@ impl Server {
         );
         let spend_cache =
             metering::SpendCache::new(config.metering.usage_heartbeat, metrics.clone());
+        let usage_backlog =
+            metering::UsageBacklog::spawn(store.clone(), spend_cache.clone(), metrics.clone());
         // Ended with the server (it stops at `shutdown`).
         drop(metering::spawn_reaper(
             store.clone(),
@@ -177,6 +180,7 @@ impl Server {
                 usage_routes,
                 turn_limiter: duplex_metering::UserTurnLimiter::default(),
                 spend_cache,
+                usage_backlog: usage_backlog.clone(),
             },
         });
         let app = http::router(state.clone());
@@ -195,6 +199,7 @@ impl Server {
             serve,
             grace,
             store,
+            usage_backlog,
         })
     }
 
@@ -228,6 +233,10 @@ impl Server {
             tracing::warn!("sessions still open after the grace period; exiting anyway");
         }
         let _ = tokio::time::timeout(margin, self.serve).await;
+        // Writes that ended sessions handed over: applied before the store closes, within the
+        // margin; what remains is logged as lost (a crash would lose it too, and the reaper
+        // closes the rows).
+        self.usage_backlog.flush(margin).await;
     }
 }
 

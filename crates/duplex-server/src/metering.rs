@@ -272,3 +272,219 @@ pub(crate) fn spawn_reaper(
         }
     })
 }
+
+/// Writes that ended sessions could not get acknowledged in time, kept and applied by the
+/// server after their session is gone.
+///
+/// A session waits for its final usage write only so long (its deadline; shorter while the
+/// server drains). Under an overloaded or briefly unavailable store that deadline passes with
+/// writes unacknowledged; the session hands them here instead of dropping them. One task
+/// applies them in order, each until the store acknowledges it (retrying with backoff). A
+/// replay of a write that did commit adds nothing: the store applies a `(session, seq)` once.
+/// Bounded: beyond [`UsageBacklog::CAPACITY`] writes, a new hand-off is refused, and its
+/// seconds are logged at error level and counted in `duplex_usage_lost_seconds_total`, as are
+/// writes still queued when the server exits ([`UsageBacklog::flush`]).
+#[derive(Clone)]
+pub(crate) struct UsageBacklog {
+    inner: Arc<BacklogInner>,
+}
+
+struct BacklogInner {
+    queue: Mutex<std::collections::VecDeque<Handed>>,
+    wake: tokio::sync::Notify,
+    metrics: crate::metrics::Metrics,
+}
+
+struct Handed {
+    session_id: String,
+    user_id: i64,
+    delta: duplex_metering::UsageDelta,
+}
+
+impl UsageBacklog {
+    /// Writes held at most: ~100 bytes each, so a few MiB at worst.
+    pub const CAPACITY: usize = 65_536;
+
+    /// Starts the task that applies handed-over writes; it lives as long as the runtime (it
+    /// has nothing to do once the queue is empty).
+    pub fn spawn(store: Store, spend: SpendCache, metrics: crate::metrics::Metrics) -> Self {
+        let backlog = UsageBacklog {
+            inner: Arc::new(BacklogInner {
+                queue: Mutex::new(std::collections::VecDeque::new()),
+                wake: tokio::sync::Notify::new(),
+                metrics,
+            }),
+        };
+        let inner = backlog.inner.clone();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let next = inner
+                    .queue
+                    .lock()
+                    .expect("backlog lock")
+                    .front()
+                    .map(|h| (h.session_id.clone(), h.user_id, h.delta.clone()));
+                let Some((session_id, user_id, delta)) = next else {
+                    inner.wake.notified().await;
+                    continue;
+                };
+                let written = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    persist(&store, &spend, &session_id, user_id, &delta),
+                )
+                .await;
+                match written {
+                    Ok(Ok(_)) => {
+                        failures = 0;
+                        let mut q = inner.queue.lock().expect("backlog lock");
+                        q.pop_front();
+                        inner.metrics.usage_backlog_writes.set(q.len() as i64);
+                        tracing::info!(
+                            session = %session_id,
+                            seq = delta.seq,
+                            seconds = delta.seconds,
+                            "backlog: a session's usage write applied after the session ended"
+                        );
+                    }
+                    Ok(Err(e)) => {
+                        failures += 1;
+                        tracing::warn!(error = %e, session = %session_id, seq = delta.seq, "backlog: usage write failed; retrying");
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        tracing::warn!(session = %session_id, seq = delta.seq, "backlog: usage write timed out; retrying");
+                    }
+                }
+                if failures > 0 {
+                    let backoff = 100u64.saturating_mul(1 << failures.min(6)).min(5_000);
+                    tokio::time::sleep(std::time::Duration::from_millis(backoff)).await;
+                }
+            }
+        });
+        backlog
+    }
+
+    /// Takes over the writes a session could not get acknowledged (in their order).
+    pub fn hand_off(&self, session_id: &str, user_id: i64, deltas: Vec<duplex_metering::UsageDelta>) {
+        let mut q = self.inner.queue.lock().expect("backlog lock");
+        for delta in deltas {
+            if q.len() >= Self::CAPACITY {
+                tracing::error!(
+                    session = %session_id,
+                    user_id,
+                    seq = delta.seq,
+                    seconds = delta.seconds,
+                    cost_micros = delta.cost_micros,
+                    "USAGE LOST: the usage backlog is full (the store has not answered for a long time)"
+                );
+                self.inner.metrics.usage_lost_seconds_total.inc_by(delta.seconds);
+                continue;
+            }
+            q.push_back(Handed {
+                session_id: session_id.to_owned(),
+                user_id,
+                delta,
+            });
+        }
+        self.inner.metrics.usage_backlog_writes.set(q.len() as i64);
+        drop(q);
+        self.inner.wake.notify_one();
+    }
+
+    /// Writes waiting.
+    pub fn len(&self) -> usize {
+        self.inner.queue.lock().expect("backlog lock").len()
+    }
+
+    /// At exit: waits up to `within` for the queue to empty; what is still queued then is
+    /// logged at error level and counted as lost. Returns the seconds lost.
+    pub async fn flush(&self, within: std::time::Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.len() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let q = self.inner.queue.lock().expect("backlog lock");
+        let mut lost = 0;
+        for h in q.iter() {
+            lost += h.delta.seconds;
+            tracing::error!(
+                session = %h.session_id,
+                user_id = h.user_id,
+                seq = h.delta.seq,
+                seconds = h.delta.seconds,
+                cost_micros = h.delta.cost_micros,
+                "USAGE LOST: the server exits with this usage write unacknowledged"
+            );
+        }
+        self.inner.metrics.usage_lost_seconds_total.inc_by(lost);
+        lost
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(seq: u64, seconds: u64, retried: bool) -> duplex_metering::UsageDelta {
+        duplex_metering::UsageDelta {
+            seq,
+            day: duplex_metering::UtcDate::from_ymd(2026, 12, 2).unwrap(),
+            seconds,
+            trial_seconds: 0,
+            tts_characters: 0,
+            llm_tokens: 0,
+            stt_ms: 0,
+            cost_micros: 0,
+            last: true,
+            retried,
+        }
+    }
+
+    async fn seconds_on_the_day(store: &Store, user_id: i64) -> i64 {
+        let day = time::Date::from_calendar_date(2026, time::Month::December, 2).unwrap();
+        store.usage_for_day(user_id, day).await.unwrap().conversation_ms / 1000
+    }
+
+    #[tokio::test]
+    async fn handed_over_writes_are_applied_once_each_after_the_session_is_gone() {
+        let db = duplex_store::testing::TestDb::sqlite("backlog");
+        let store = Store::open(&db.url).await.unwrap();
+        let user = store.ensure_user("u1").await.unwrap();
+        store
+            .session_started("s1", user.id, time::OffsetDateTime::now_utc())
+            .await
+            .unwrap();
+        let metrics = crate::Metrics::new();
+        let spend = SpendCache::new(std::time::Duration::from_secs(5), metrics.clone());
+        // Write 1 committed but its answer was lost: the session hands it over as a replay,
+        // with the never-sent rest as write 2.
+        persist(&store, &spend, "s1", user.id, &delta(1, 5, false))
+            .await
+            .unwrap();
+        let backlog = UsageBacklog::spawn(store.clone(), spend, metrics.clone());
+        backlog.hand_off("s1", user.id, vec![delta(1, 5, true), delta(2, 7, false)]);
+        assert_eq!(backlog.flush(std::time::Duration::from_secs(10)).await, 0);
+        assert_eq!(seconds_on_the_day(&store, user.id).await, 12);
+        assert_eq!(metrics.usage_backlog_writes.get(), 0);
+        assert_eq!(metrics.usage_lost_seconds_total.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_stays_down_keeps_the_writes_queued_and_counts_them_lost_at_exit() {
+        let db = duplex_store::testing::TestDb::sqlite("backlog_down");
+        let store = Store::open(&db.url).await.unwrap();
+        let user = store.ensure_user("u1").await.unwrap();
+        let metrics = crate::Metrics::new();
+        let spend = SpendCache::new(std::time::Duration::from_secs(5), metrics.clone());
+        let backlog = UsageBacklog::spawn(store.clone(), spend, metrics.clone());
+        store.close().await;
+        backlog.hand_off("s1", user.id, vec![delta(1, 4, false), delta(2, 3, false)]);
+        // Retried, never dropped while the server runs.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert_eq!(backlog.len(), 2);
+        assert_eq!(metrics.usage_backlog_writes.get(), 2);
+        assert_eq!(backlog.flush(std::time::Duration::from_millis(100)).await, 7);
+        assert_eq!(metrics.usage_lost_seconds_total.get(), 7);
+    }
+}

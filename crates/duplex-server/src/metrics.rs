@@ -89,6 +89,12 @@ pub struct Metrics {
     pub audio_too_fast_total: IntCounter,
     /// Open session rows closed because their server stopped writing (crashed or killed).
     pub sessions_reaped_total: IntCounter,
+    /// Usage writes of ended sessions that the store did not acknowledge in time, waiting in
+    /// the server's backlog (applied in order as the store answers).
+    pub usage_backlog_writes: IntGauge,
+    /// Seconds of conversation the server could not write at all (backlog full, or still
+    /// queued when the server exited): each is also logged at error level.
+    pub usage_lost_seconds_total: IntCounter,
     /// Provider consumption by provider, model and kind (seconds, tokens, characters).
     pub provider_usage_total: CounterVec,
     /// Estimated provider cost in USD (from the price table; see `duplex_providers::usage`).
@@ -195,6 +201,16 @@ impl Metrics {
         let frames_out_total =
             IntCounter::new("duplex_audio_frames_out_total", "Binary audio frames sent")
                 .expect("valid metric");
+        let usage_backlog_writes = IntGauge::new(
+            "duplex_usage_backlog_writes",
+            "Usage writes of ended sessions waiting for the store in the server's backlog",
+        )
+        .expect("valid metric");
+        let usage_lost_seconds_total = IntCounter::new(
+            "duplex_usage_lost_seconds_total",
+            "Seconds of conversation never written to the store (backlog full or server exited first)",
+        )
+        .expect("valid metric");
         let sessions_reaped_total = IntCounter::new(
             "duplex_sessions_reaped_total",
             "Open session rows closed by the reaper: no usage write for a long time (their server died)",
@@ -328,6 +344,8 @@ impl Metrics {
             Box::new(stt_frames_dropped_total.clone()),
             Box::new(audio_too_fast_total.clone()),
             Box::new(sessions_reaped_total.clone()),
+            Box::new(usage_backlog_writes.clone()),
+            Box::new(usage_lost_seconds_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -345,6 +363,8 @@ impl Metrics {
             stt_frames_dropped_total,
             audio_too_fast_total,
             sessions_reaped_total,
+            usage_backlog_writes,
+            usage_lost_seconds_total,
             provider_usage_total,
             provider_cost_usd_total,
             resident_memory_bytes,

@@ -288,6 +288,14 @@ pub enum Command {
     MeteringStarted { user_id: i64 },
     /// Write this usage delta; answer with [`Input::Persisted`].
     Persist { user_id: i64, delta: UsageDelta },
+    /// The session stopped waiting for the store (its final write's deadline passed): these
+    /// writes were never acknowledged. Hand them to something that outlives the session and
+    /// applies them in order until each is acknowledged (the store applies a `(session, seq)`
+    /// once, so a replay of a write that did commit adds nothing). No answer comes back.
+    HandOff {
+        user_id: i64,
+        deltas: Vec<UsageDelta>,
+    },
     /// The connection is over: drop every provider stream, stop reading the client, and let
     /// the writer finish what is queued. Only [`Input::Persisted`] and deadlines matter now.
     Release,

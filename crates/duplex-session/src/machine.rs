@@ -335,10 +335,19 @@ impl Session {
         }
         if let Some(f) = &self.finishing {
             if f.give_up_at <= now {
-                warn!(
-                    unpersisted = ?self.metering.meter.unpersisted(),
-                    "gave up writing the session's final usage"
-                );
+                let deltas = self.metering.meter.take_unpersisted();
+                if let (Some(a), false) = (&self.metering.account, deltas.is_empty()) {
+                    let seconds: u64 = deltas.iter().map(|d| d.seconds).sum();
+                    warn!(
+                        writes = deltas.len(),
+                        seconds,
+                        "the store did not acknowledge the session's final usage in time: handing it to the server's backlog"
+                    );
+                    self.commands.push_back(Command::HandOff {
+                        user_id: a.user_id,
+                        deltas,
+                    });
+                }
                 self.end(now);
                 return;
             }

@@ -271,6 +271,17 @@ fn render(c: &Command) -> String {
             "persist user={user_id} seq={} seconds={} tts_chars={} last={}",
             delta.seq, delta.seconds, delta.tts_characters, delta.last
         ),
+        Command::HandOff { user_id, deltas } => format!(
+            "hand_off user={user_id} {}",
+            deltas
+                .iter()
+                .map(|d| format!(
+                    "seq={} seconds={} last={} retried={}",
+                    d.seq, d.seconds, d.last, d.retried
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Command::Release => "release".into(),
         Command::RecordEnd { reason } => format!("record_end {reason}"),
         Command::Done => "done".into(),
@@ -793,7 +804,7 @@ fn a_slow_consumer_during_a_turn_loses_no_usage() {
 }
 
 #[test]
-fn the_final_write_gives_up_at_its_deadline_and_still_records_the_end() {
+fn the_final_write_gives_up_at_its_deadline_hands_its_usage_over_and_still_records_the_end() {
     let mut t = T::new(true);
     t.admit(plan(Some(3600), None), 0).start();
     t.advance(Duration::from_millis(2500));
@@ -812,6 +823,7 @@ fn the_final_write_gives_up_at_its_deadline_and_still_records_the_end() {
         0      send usage_update seconds_today=0 session_seconds=0
         2500   release
         2500   persist user=7 seq=1 seconds=3 tts_chars=0 last=true
+        17500  hand_off user=7 seq=1 seconds=3 last=true retried=true
         17500  record_end closed
         17500  done
     "#]]);

@@ -263,6 +263,7 @@ struct Checker {
     closed: bool,
     released: bool,
     writes: Vec<u64>,
+    handed_off: bool,
 }
 
 impl Checker {
@@ -291,7 +292,22 @@ impl Checker {
                     assert!(!self.released, "released twice");
                     self.released = true;
                 }
-                Command::Persist { delta, .. } => self.writes.push(delta.seq),
+                Command::Persist { delta, .. } => {
+                    assert!(!self.handed_off, "a write after the hand-off");
+                    self.writes.push(delta.seq)
+                }
+                Command::HandOff { deltas, .. } => {
+                    assert!(!self.handed_off, "handed off twice");
+                    self.handed_off = true;
+                    let newest = self.writes.iter().max().copied().unwrap_or(0);
+                    for d in deltas {
+                        if d.retried {
+                            assert!(self.writes.contains(&d.seq), "a replay of a write never sent: {d:?}");
+                        } else {
+                            assert!(d.seq > newest, "a new write reuses a seq: {d:?}");
+                        }
+                    }
+                }
                 Command::Done => self.done = true,
                 _ => {}
             }

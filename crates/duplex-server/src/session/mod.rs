@@ -72,6 +72,7 @@ pub(crate) struct SessionContext {
     pub usage_routes: crate::metering::SessionUsage,
     pub turn_limiter: duplex_metering::UserTurnLimiter,
     pub spend_cache: crate::metering::SpendCache,
+    pub usage_backlog: crate::metering::UsageBacklog,
 }
 
 /// The session machine's settings from the server's configuration.
@@ -510,6 +511,9 @@ impl Shell {
                         (delta.seq, r)
                     };
                     self.persists.spawn(write.in_current_span());
+                }
+                Command::HandOff { user_id, deltas } => {
+                    self.ctx.usage_backlog.hand_off(&self.id, user_id, deltas);
                 }
                 Command::Release => {
                     self.stt = None;
