@@ -303,6 +303,8 @@ pub async fn run(settings: &SoakSettings, speech: &Wav) {
             format!("{:.0} / {:.0}", m.value("duplex_turns_total", &[]), m.value("duplex_interruptions_total", &[])));
     }
     row("active sessions (server gauge, mean of samples)", format!("{active_mean:.0}"));
+    row("duplex_runtime_alive_tasks peak during the load",
+        samples.iter().map(|s| s.tasks).max().unwrap_or(-1).to_string());
     row("RSS baseline / warm-up / end of load / after / peak",
         format!("{} / {} / {} / {} / {}",
             mib(rss_baseline), mib(warm), mib(rss_end_of_load), mib(rss_after), mib(rss_peak)));
