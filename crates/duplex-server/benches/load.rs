@@ -473,7 +473,10 @@ impl ServerProcess {
         let t0 = Instant::now();
         while t0.elapsed() < within {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return format!("exited ({status}) after {:.1} s", t0.elapsed().as_secs_f64());
+                return format!(
+                    "exited ({status}) after {:.1} s",
+                    t0.elapsed().as_secs_f64()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -216,7 +216,12 @@ enum End {
     Server(Instant, String),
 }
 
-async fn one_session(cfg: &ChurnConfig, stats: &ChurnStats, rng: &mut Rng, stop: &CancellationToken) {
+async fn one_session(
+    cfg: &ChurnConfig,
+    stats: &ChurnStats,
+    rng: &mut Rng,
+    stop: &CancellationToken,
+) {
     ChurnStats::add(&stats.connects, 1);
     let start = SessionStart {
         sample_rate: RATE,

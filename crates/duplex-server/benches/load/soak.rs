@@ -28,7 +28,7 @@ use duplex_replay::Wav;
 use tokio_util::sync::CancellationToken;
 
 use crate::churn::{self, ChurnConfig, ChurnStats};
-use crate::{ServerProcess, cpu_ticks, clock_ticks_per_sec, http_get, parse_prometheus, rss_kib};
+use crate::{ServerProcess, clock_ticks_per_sec, cpu_ticks, http_get, parse_prometheus, rss_kib};
 
 /// Tasks the idle server may have beyond its baseline when the run is over: the connection
 /// task of the `/metrics` scrape itself is in both figures, so this only absorbs a keep-alive
@@ -81,7 +81,13 @@ fn churn_config(url: String, sessions: usize, speech: &Wav) -> ChurnConfig {
         sessions,
         // 20 ms a session: 500 sessions connect over 10 s.
         ramp: Duration::from_millis(20 * sessions as u64),
-        speech: Arc::new(speech.samples.iter().flat_map(|s| s.to_le_bytes()).collect()),
+        speech: Arc::new(
+            speech
+                .samples
+                .iter()
+                .flat_map(|s| s.to_le_bytes())
+                .collect(),
+        ),
         life: (Duration::from_secs(20), Duration::from_secs(90)),
         pause: (Duration::from_millis(500), Duration::from_secs(4)),
         barge_in: 0.3,
@@ -222,7 +228,10 @@ pub async fn run(settings: &SoakSettings, speech: &Wav) {
     let down = Instant::now();
     match tokio::time::timeout(WIND_DOWN, driver).await {
         Ok(r) => r.expect("the churn driver does not panic"),
-        Err(_) => println!("  the clients did not finish within {} s", WIND_DOWN.as_secs()),
+        Err(_) => println!(
+            "  the clients did not finish within {} s",
+            WIND_DOWN.as_secs()
+        ),
     }
     let clients_done = down.elapsed();
     let mut last = (i64::MAX, i64::MAX);
@@ -268,56 +277,143 @@ pub async fn run(settings: &SoakSettings, speech: &Wav) {
     let drift_kib = rss_end_of_load as i64 - warm as i64;
     let rss_peak = samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
     let active_mean = {
-        let a: Vec<i64> = samples.iter().map(|s| s.active).filter(|a| *a >= 0).collect();
+        let a: Vec<i64> = samples
+            .iter()
+            .map(|s| s.active)
+            .filter(|a| *a >= 0)
+            .collect();
         a.iter().sum::<i64>() as f64 / a.len().max(1) as f64
     };
 
     let row = |k: &str, v: String| println!("  {k:<60} {v:>18}");
     println!();
-    row("sessions completed (session.ready, then ended)", sessions.to_string());
-    row("  clean closes / abrupt TCP closes / closed by server",
-        format!("{} / {} / {}",
+    row(
+        "sessions completed (session.ready, then ended)",
+        sessions.to_string(),
+    );
+    row(
+        "  clean closes / abrupt TCP closes / closed by server",
+        format!(
+            "{} / {} / {}",
             ChurnStats::get(&stats.clean_closes),
             ChurnStats::get(&stats.abrupt_closes),
-            ChurnStats::get(&stats.server_closes)));
-    row("  server close codes", ChurnStats::map_line(&stats.server_close_codes));
-    row("connects / failed / no session.ready",
-        format!("{} / {} / {}",
+            ChurnStats::get(&stats.server_closes)
+        ),
+    );
+    row(
+        "  server close codes",
+        ChurnStats::map_line(&stats.server_close_codes),
+    );
+    row(
+        "connects / failed / no session.ready",
+        format!(
+            "{} / {} / {}",
             ChurnStats::get(&stats.connects),
             ChurnStats::get(&stats.connect_failed),
-            ChurnStats::get(&stats.not_ready)));
-    row("turns spoken / replies complete / timed out",
-        format!("{} / {} / {}",
+            ChurnStats::get(&stats.not_ready)
+        ),
+    );
+    row(
+        "turns spoken / replies complete / timed out",
+        format!(
+            "{} / {} / {}",
             ChurnStats::get(&stats.turns_spoken),
             ChurnStats::get(&stats.replies_complete),
-            ChurnStats::get(&stats.replies_timed_out)));
-    row("barge-ins (client) / interrupted (server)",
-        format!("{} / {}", ChurnStats::get(&stats.barge_ins), ChurnStats::get(&stats.interrupted)));
-    row("errors received by code", ChurnStats::map_line(&stats.error_codes));
+            ChurnStats::get(&stats.replies_timed_out)
+        ),
+    );
+    row(
+        "barge-ins (client) / interrupted (server)",
+        format!(
+            "{} / {}",
+            ChurnStats::get(&stats.barge_ins),
+            ChurnStats::get(&stats.interrupted)
+        ),
+    );
+    row(
+        "errors received by code",
+        ChurnStats::map_line(&stats.error_codes),
+    );
     if let Some(m) = &metrics {
-        row("server: sessions accepted (duplex_sessions_total)",
-            format!("{:.0}", m.value("duplex_sessions_total", &[])));
-        row("server: errors{code=slow_consumer}",
-            format!("{:.0}", m.value("duplex_errors_total", &[("code", "slow_consumer")])));
-        row("server: turns / interruptions",
-            format!("{:.0} / {:.0}", m.value("duplex_turns_total", &[]), m.value("duplex_interruptions_total", &[])));
+        row(
+            "server: sessions accepted (duplex_sessions_total)",
+            format!("{:.0}", m.value("duplex_sessions_total", &[])),
+        );
+        row(
+            "server: errors{code=slow_consumer}",
+            format!(
+                "{:.0}",
+                m.value("duplex_errors_total", &[("code", "slow_consumer")])
+            ),
+        );
+        row(
+            "server: turns / interruptions",
+            format!(
+                "{:.0} / {:.0}",
+                m.value("duplex_turns_total", &[]),
+                m.value("duplex_interruptions_total", &[])
+            ),
+        );
     }
-    row("active sessions (server gauge, mean of samples)", format!("{active_mean:.0}"));
-    row("duplex_runtime_alive_tasks peak during the load",
-        samples.iter().map(|s| s.tasks).max().unwrap_or(-1).to_string());
-    row("RSS baseline / warm-up / end of load / after / peak",
-        format!("{} / {} / {} / {} / {}",
-            mib(rss_baseline), mib(warm), mib(rss_end_of_load), mib(rss_after), mib(rss_peak)));
-    row("RSS drift after warm-up (end of load - warm-up)",
-        format!("{:+.1} MiB ({:+.1} %)", drift_kib as f64 / 1024.0,
-            drift_kib as f64 / warm.max(1) as f64 * 100.0));
-    row("RSS slope after warm-up (least squares)",
-        slope(&after_warmup).map_or("-".into(), |s| format!("{s:+.1} MiB/h")));
-    row("stored conversation seconds (SQLite usage_daily)", format!("{store_secs:.1}"));
-    row("seconds the clients held (session.ready -> close)", format!("{held_secs:.1}"));
-    row("stored - held", format!("{diff:+.1} s ({:+.3} s/session)", diff / sessions.max(1) as f64));
-    row("allowed slack (one heartbeat per session)", format!("{slack:.0} s"));
-    row("wall time", format!("{:.0} s", wall.elapsed().as_secs_f64()));
+    row(
+        "active sessions (server gauge, mean of samples)",
+        format!("{active_mean:.0}"),
+    );
+    row(
+        "duplex_runtime_alive_tasks peak during the load",
+        samples
+            .iter()
+            .map(|s| s.tasks)
+            .max()
+            .unwrap_or(-1)
+            .to_string(),
+    );
+    row(
+        "RSS baseline / warm-up / end of load / after / peak",
+        format!(
+            "{} / {} / {} / {} / {}",
+            mib(rss_baseline),
+            mib(warm),
+            mib(rss_end_of_load),
+            mib(rss_after),
+            mib(rss_peak)
+        ),
+    );
+    row(
+        "RSS drift after warm-up (end of load - warm-up)",
+        format!(
+            "{:+.1} MiB ({:+.1} %)",
+            drift_kib as f64 / 1024.0,
+            drift_kib as f64 / warm.max(1) as f64 * 100.0
+        ),
+    );
+    row(
+        "RSS slope after warm-up (least squares)",
+        slope(&after_warmup).map_or("-".into(), |s| format!("{s:+.1} MiB/h")),
+    );
+    row(
+        "stored conversation seconds (SQLite usage_daily)",
+        format!("{store_secs:.1}"),
+    );
+    row(
+        "seconds the clients held (session.ready -> close)",
+        format!("{held_secs:.1}"),
+    );
+    row(
+        "stored - held",
+        format!(
+            "{diff:+.1} s ({:+.3} s/session)",
+            diff / sessions.max(1) as f64
+        ),
+    );
+    row(
+        "allowed slack (one heartbeat per session)",
+        format!("{slack:.0} s"),
+    );
+    row(
+        "wall time",
+        format!("{:.0} s", wall.elapsed().as_secs_f64()),
+    );
     println!();
     let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
     let rss_ok = (drift_kib as f64) <= warm as f64 * RSS_DRIFT_TOLERANCE;

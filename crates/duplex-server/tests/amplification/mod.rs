@@ -85,7 +85,9 @@ async fn open(addr: std::net::SocketAddr) -> Ws {
         .await
         .expect("the upgrade succeeds");
     let start = serde_json::to_string(&ClientMessage::SessionStart(start(16_000))).unwrap();
-    ws.send(Message::text(start)).await.expect("session.start sent");
+    ws.send(Message::text(start))
+        .await
+        .expect("session.start sent");
     let ready = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
         .expect("session.ready in time")
@@ -118,7 +120,12 @@ fn small_mss(socket: &TcpSocket) {
             std::mem::size_of::<i32>() as u32,
         )
     };
-    assert_eq!(rc, 0, "setsockopt(TCP_MAXSEG): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt(TCP_MAXSEG): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// The flood's messages, in the order each client cycles through them.
@@ -270,7 +277,10 @@ async fn clients_that_never_read_cannot_grow_the_server_beyond_the_per_connectio
         );
         // ...and maximal messages are accepted, not rejected as too large.
         assert_eq!(too_large, 0.0, "{summary}");
-        assert!(growth <= bound, "RSS grew beyond the documented bound: {summary}");
+        assert!(
+            growth <= bound,
+            "RSS grew beyond the documented bound: {summary}"
+        );
 
         // The server is still fine.
         let (status, _) = http_get(server.addr, "/healthz").await;

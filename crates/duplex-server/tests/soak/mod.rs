@@ -88,7 +88,10 @@ impl ServerProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("server {label} exited during startup ({status}):\n{}", server.log());
+                panic!(
+                    "server {label} exited during startup ({status}):\n{}",
+                    server.log()
+                );
             }
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
                 return server;
@@ -181,7 +184,9 @@ impl Drop for ServerProcess {
 /// Conversation milliseconds of every user, every day, in the store of `data_dir`.
 async fn stored_ms(data_dir: &std::path::Path) -> i64 {
     let url = duplex_store::sqlite_url_in(data_dir);
-    let store = duplex_store::Store::open(&url).await.expect("the store opens");
+    let store = duplex_store::Store::open(&url)
+        .await
+        .expect("the store opens");
     let today = time::OffsetDateTime::now_utc().date();
     let rows = store
         .usage_between(today.previous_day().expect("not day one"), today)
@@ -265,7 +270,11 @@ async fn churning_sessions_lose_no_usage_and_leave_no_tasks_behind() {
         assert!(get(&stats.abrupt_closes) > 0, "{summary}");
         assert!(get(&stats.clean_closes) > 0, "{summary}");
         assert!(get(&stats.interrupted) > 0, "{summary}");
-        assert_eq!(get(&stats.not_ready) + get(&stats.connect_failed), 0, "{summary}");
+        assert_eq!(
+            get(&stats.not_ready) + get(&stats.connect_failed),
+            0,
+            "{summary}"
+        );
         assert!(busy_tasks > baseline, "{summary}");
 
         server.terminate();
