@@ -244,8 +244,19 @@ async fn one_session(
     client.set_keep_log(false);
     let ready_at = match client.next_event(READY_TIMEOUT).await {
         Ok(Some(e)) if matches!(e.json(), Some(ServerMessage::SessionReady(_))) => e.at,
-        _ => {
+        other => {
             ChurnStats::add(&stats.not_ready, 1);
+            let why = match &other {
+                Ok(Some(e)) => match e.json() {
+                    Some(ServerMessage::Error(err)) => {
+                        format!("before ready: {}", err.code.as_str())
+                    }
+                    _ => format!("before ready: {}", e.label()),
+                },
+                Ok(None) => "no session.ready in time".into(),
+                Err(_) => "closed before session.ready".into(),
+            };
+            ChurnStats::count(&stats.error_codes, why);
             drop(client);
             tokio::time::sleep(RETRY_PAUSE).await;
             return;

@@ -19,7 +19,10 @@
 //! - tasks back to baseline, within [`TASK_TOLERANCE`];
 //! - zero lost usage: |stored - held| at most one heartbeat (`USAGE_HEARTBEAT_SECS`) per
 //!   session. Each session's stored time is rounded up to a whole second once, so stored is
-//!   normally a little above held.
+//!   normally a little above held (about +0.5 s a session).
+//!
+//! A fourth line counts the final usage writes the server gave up on (from its log): the
+//! aggregate check above can pass while single sessions lost more than a heartbeat.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -435,7 +438,36 @@ pub async fn run(settings: &SoakSettings, speech: &Wav) {
         verdict(usage_ok),
         diff.abs()
     );
+    let (given_up, given_up_secs, given_up_max) = given_up_final_writes(&server.log_path);
+    println!(
+        "  {} no final usage given up: {given_up} sessions' final writes given up (server log), \
+         holding {given_up_secs} s, at most {given_up_max} s in one",
+        verdict(given_up == 0)
+    );
     crate::print_log_summary(&server.log_path);
+}
+
+/// Final usage writes the server gave up on (its log line carries the unwritten delta): how
+/// many, their seconds, and the most in one. The aggregate check above allows a heartbeat per
+/// session; this shows where usage was lost.
+fn given_up_final_writes(log: &std::path::Path) -> (u64, u64, u64) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut out = (0, 0, 0);
+    for line in text
+        .lines()
+        .filter(|l| l.contains("gave up writing the session's final usage"))
+    {
+        out.0 += 1;
+        // `UsageDelta { seq: N, day: UtcDate { .. }, seconds: N, ..`
+        let secs = line
+            .split_once("}, seconds: ")
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        out.1 += secs;
+        out.2 = out.2.max(secs);
+    }
+    out
 }
 
 /// Conversation milliseconds of every user from `day0` to today in the server's SQLite store.
