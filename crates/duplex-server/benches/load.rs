@@ -11,8 +11,8 @@
 //! process) at several call counts, mu-law 8 kHz, and prints the ratios duplex / bare.
 //!
 //! Environment (the defaults take about four minutes on two cores):
-//! - `BENCH_SCENARIOS`: comma list of `floor`, `echo`, `conversation`, `bargein` (default
-//!   `floor,echo,conversation`).
+//! - `BENCH_SCENARIOS`: comma list of `floor`, `echo`, `conversation`, `bargein`, `soak`
+//!   (default `floor,echo,conversation`).
 //! - `BENCH_QUICK=1`: the CI version, seconds in all: only `floor` (unless `BENCH_SCENARIOS`
 //!   says otherwise) at 20 calls for 2 s.
 //! - `BENCH_SESSIONS`: one number for every scenario but `floor`, or
@@ -29,6 +29,13 @@
 //!   from before a change), `bare` (tungstenite's default read buffer) and `bare@BYTES` (a read
 //!   buffer of BYTES), compared with the first bare one (default `bare,duplex`).
 //!
+//! The `soak` scenario (`load/soak.rs`, driven by `load/churn.rs`) holds many sessions with
+//! churn (barge-ins, abrupt disconnects, reconnects) for a long time and checks that RSS stays
+//! flat, the server's task count returns to its baseline and the store holds every second the
+//! clients held; its variables are `BENCH_SOAK_SESSIONS` (500), `BENCH_SOAK_SECS` (1800),
+//! `BENCH_SOAK_REPORT_SECS` (60) and `BENCH_SOAK_WARMUP_SECS` (300). It is not part of the
+//! default list: the full run takes half an hour.
+//!
 //! The client runs in this process on the same machine: on a small box the figures include
 //! the client's own CPU contention, which is printed next to the server's.
 
@@ -44,8 +51,12 @@ use duplex_replay::{LoadConfig, LoadReport, Mode, Summary, Wav, run_load};
 
 #[path = "load/bare_echo.rs"]
 mod bare_echo;
+#[path = "load/churn.rs"]
+mod churn;
 #[path = "load/floor.rs"]
 mod floor;
+#[path = "load/soak.rs"]
+mod soak;
 
 /// The speech every conversation turn (and the echo stream) plays: about four seconds, long
 /// enough to be one clear turn for the endpointer.
@@ -126,6 +137,8 @@ impl Scenario {
 struct Settings {
     /// Run the `floor` comparison first.
     floor: Option<floor::FloorSettings>,
+    /// Run the `soak` last.
+    soak: Option<soak::SoakSettings>,
     scenarios: Vec<Scenario>,
     sessions: BTreeMap<&'static str, usize>,
     hold: Duration,
@@ -151,9 +164,13 @@ impl Settings {
             .iter()
             .any(|n| n == "floor")
             .then(|| floor::FloorSettings::from_env(quick));
+        let soak = names
+            .iter()
+            .any(|n| n == "soak")
+            .then(soak::SoakSettings::from_env);
         let scenarios: Vec<Scenario> = names
             .iter()
-            .filter(|n| *n != "floor")
+            .filter(|n| *n != "floor" && *n != "soak")
             .map(|n| Scenario::parse(n))
             .collect();
         let mut sessions: BTreeMap<&'static str, usize> =
@@ -184,6 +201,7 @@ impl Settings {
         };
         Settings {
             floor,
+            soak,
             scenarios,
             sessions,
             hold: Duration::from_secs(num("BENCH_SECONDS", 20)),
@@ -220,6 +238,9 @@ fn main() {
     for &scenario in &settings.scenarios {
         let sessions = settings.sessions[scenario.name()];
         runtime.block_on(run_scenario(scenario, sessions, &settings, &speech));
+    }
+    if let Some(soak) = &settings.soak {
+        runtime.block_on(soak::run(soak, &speech));
     }
     println!("\ntotal wall time: {:.1} s", wall.elapsed().as_secs_f64());
 }
@@ -437,6 +458,31 @@ impl ServerProcess {
 
     fn pid(&self) -> String {
         self.child.id().to_string()
+    }
+
+    /// Stops the server gracefully (SIGTERM, as an orchestrator does) and waits at most
+    /// `within` for it to exit; kills it after that. Describes how it ended.
+    fn terminate(&mut self, within: Duration) -> String {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !sent {
+            return "SIGTERM could not be sent".into();
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return format!(
+                    "exited ({status}) after {:.1} s",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        format!("still running after {} s: killed", within.as_secs())
     }
 }
 

@@ -76,6 +76,9 @@ const USER_HZ: f64 = 100.0;
 pub struct Metrics {
     registry: Registry,
     pub active_sessions: IntGauge,
+    /// Tasks alive on the tokio runtime that serves `/metrics`, sampled at each scrape: a
+    /// count that stays above its idle baseline once every session is gone is a task leak.
+    runtime_alive_tasks: IntGauge,
     pub sessions_total: IntCounter,
     pub connections_rejected: IntCounterVec,
     pub turns_total: IntCounter,
@@ -147,6 +150,11 @@ impl Metrics {
         let active_sessions =
             IntGauge::new("duplex_active_sessions", "WebSocket sessions open now")
                 .expect("valid metric");
+        let runtime_alive_tasks = IntGauge::new(
+            "duplex_runtime_alive_tasks",
+            "Tasks alive on the server's tokio runtime, sampled when /metrics is scraped",
+        )
+        .expect("valid metric");
         let sessions_total =
             IntCounter::new("duplex_sessions_total", "WebSocket sessions accepted")
                 .expect("valid metric");
@@ -329,6 +337,7 @@ impl Metrics {
             Box::new(max_daily_spend_usd.clone()),
             Box::new(busiest_user_seconds_today.clone()),
             Box::new(active_sessions.clone()),
+            Box::new(runtime_alive_tasks.clone()),
             Box::new(resident_memory_bytes.clone()),
             Box::new(provider_usage_total.clone()),
             Box::new(provider_cost_usd_total.clone()),
@@ -352,6 +361,7 @@ impl Metrics {
         Metrics {
             registry,
             active_sessions,
+            runtime_alive_tasks,
             sessions_total,
             connections_rejected,
             turns_total,
@@ -441,6 +451,12 @@ impl Metrics {
                 self.cpu_seconds_total.inc_by(delta);
             }
         }
+        // Outside a runtime (a unit test rendering directly) the gauge keeps its last value.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let alive = handle.metrics().num_alive_tasks();
+            self.runtime_alive_tasks
+                .set(i64::try_from(alive).unwrap_or(i64::MAX));
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
@@ -520,6 +536,7 @@ mod tests {
             "duplex_ready",
             "duplex_daily_spend_usd",
             "duplex_busiest_user_seconds_today",
+            "duplex_runtime_alive_tasks",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),
@@ -527,6 +544,36 @@ mod tests {
             );
         }
         assert!(text.contains("duplex_process_cpu_seconds_total "), "{text}");
+    }
+
+    /// The gauge follows the runtime: tasks started before a scrape are counted, and gone
+    /// again at the next scrape once they ended.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_alive_tasks_gauge_counts_the_runtime_tasks_at_each_scrape() {
+        fn alive(text: &str) -> i64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix("duplex_runtime_alive_tasks "))
+                .expect("the gauge is rendered")
+                .parse()
+                .expect("a whole number")
+        }
+        let m = Metrics::new();
+        let before = alive(&m.render());
+        let (release, wait) = tokio::sync::watch::channel(false);
+        let tasks: Vec<_> = (0..5)
+            .map(|_| {
+                let mut wait = wait.clone();
+                tokio::spawn(async move {
+                    let _ = wait.wait_for(|go| *go).await;
+                })
+            })
+            .collect();
+        assert_eq!(alive(&m.render()), before + 5);
+        release.send(true).expect("the tasks hold receivers");
+        for t in tasks {
+            t.await.expect("the task ends");
+        }
+        assert_eq!(alive(&m.render()), before);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use duplex_replay::{Mode, SessionConfig, TurnOutcome, Wav, run_session};
 use duplex_server::{Config, Metrics, ProviderMode, Server};
 
 mod admin;
+mod amplification;
 mod auth;
 mod billing;
 mod browser;
@@ -20,6 +21,7 @@ mod cloud;
 mod local;
 mod metering;
 mod ops;
+mod soak;
 
 const WAIT: Duration = Duration::from_secs(10);
 
