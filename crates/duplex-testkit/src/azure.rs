@@ -98,6 +98,11 @@ impl AzureFake {
     pub fn open(&self) -> usize {
         self.inner.lock().expect("not poisoned").open.get()
     }
+
+    /// TCP connections open to the fake (see [`crate::ServerHandle::tcp_connections`]).
+    pub fn tcp_connections(&self) -> usize {
+        self.server.tcp_connections()
+    }
 }
 
 fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {

@@ -97,6 +97,11 @@ impl ElevenLabsFake {
     pub fn open(&self) -> usize {
         self.inner.lock().expect("not poisoned").open.get()
     }
+
+    /// TCP connections open to the fake (see [`crate::ServerHandle::tcp_connections`]).
+    pub fn tcp_connections(&self) -> usize {
+        self.server.tcp_connections()
+    }
 }
 
 /// A refused handshake as ElevenLabs answers HTTP errors: the status and a `detail` body.

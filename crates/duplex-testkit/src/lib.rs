@@ -33,11 +33,79 @@ pub mod openai;
 pub struct ServerHandle {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    tcp: Gauge,
 }
 
 impl ServerHandle {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// TCP connections open to the server: requests in progress, WebSocket sessions, and
+    /// the idle keep-alive connections a client's pool holds.
+    pub fn tcp_connections(&self) -> usize {
+        self.tcp.get()
+    }
+}
+
+/// A listener that counts its accepted connections while they are open.
+struct CountingListener {
+    inner: tokio::net::TcpListener,
+    tcp: Gauge,
+}
+
+impl axum::serve::Listener for CountingListener {
+    type Io = Counted;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Counted, SocketAddr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        let guard = self.tcp.enter();
+        (Counted { io, _guard: guard }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted connection, counted until it is dropped.
+struct Counted {
+    io: tokio::net::TcpStream,
+    _guard: GaugeGuard,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -120,10 +188,15 @@ pub(crate) async fn serve_with(router: axum::Router, recv_buffer: Option<u32>) -
     let addr = listener
         .local_addr()
         .expect("a bound listener has an address");
+    let tcp = Gauge::default();
+    let listener = CountingListener {
+        inner: listener,
+        tcp: tcp.clone(),
+    };
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    ServerHandle { addr, task }
+    ServerHandle { addr, task, tcp }
 }
 
 /// Polls `cond` every 10 ms until it holds or `within` passes; returns whether it held.

@@ -176,6 +176,11 @@ impl OpenAiFake {
         self.lock().open.get()
     }
 
+    /// TCP connections open to the fake (see [`crate::ServerHandle::tcp_connections`]).
+    pub fn tcp_connections(&self) -> usize {
+        self.server.tcp_connections()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("not poisoned")
     }
