@@ -21,8 +21,8 @@ use serde_json::{Value, json};
 use crate::{Gauge, GaugeGuard, ServerHandle, le_bytes, serve, tone_for_text};
 
 /// How the next request to an API misbehaves. `N` counts content tokens (chat) or body
-/// pieces (speech); a transcription's body is one piece, so any `N` cuts it after its first
-/// bytes.
+/// pieces (speech); a transcription's answer is one JSON value, so `N` does not count there:
+/// a stall trickles whitespace before it, a disconnect cuts it after its first bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
     /// HTTP 401 with OpenAI's `invalid_api_key` error body, whatever the key.
@@ -46,7 +46,7 @@ pub enum Fault {
     MalformedAfter(usize),
 }
 
-/// Keep-alive comments of a stalled chat stream.
+/// Keep-alive comments of a stalled chat stream, whitespace of a stalled transcription.
 const STALL_COMMENT_EVERY: Duration = Duration::from_millis(50);
 
 /// Which API a fault applies to.
@@ -657,21 +657,25 @@ async fn transcriptions(State(inner): Shared, headers: HeaderMap, body: Bytes) -
         Some(Fault::StallAfter(_) | Fault::DisconnectAfter(_)) => fault,
         _ => return ok_json(body),
     };
-    // The status line, the headers and the first bytes of the JSON; then nothing more, or
-    // a cut connection.
+    // The status line and the headers; then a cut after the first bytes of the JSON, or a
+    // stall that trickles the whitespace JSON allows before a value, a byte every 50 ms,
+    // so that only a deadline on the whole answer (not one on silence) can end it.
     let (tx, stream) = channel_body();
     tokio::spawn(async move {
         let _guard = guard;
+        if matches!(cut, Some(Fault::StallAfter(_))) {
+            loop {
+                if tx.send(Ok(Bytes::from_static(b" "))).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(STALL_COMMENT_EVERY).await;
+            }
+        }
         let first = Bytes::copy_from_slice(&body.as_bytes()[..body.len() / 2]);
         if tx.send(Ok(first)).await.is_err() {
             return;
         }
-        match cut {
-            Some(Fault::StallAfter(_)) => tx.closed().await,
-            _ => {
-                let _ = tx.send(Err(std::io::Error::other("fake disconnect"))).await;
-            }
-        }
+        let _ = tx.send(Err(std::io::Error::other("fake disconnect"))).await;
     });
     Response::builder()
         .status(StatusCode::OK)

@@ -10,7 +10,7 @@
 //! |---|---|---|---|---|---|---|
 //! | 401, 429, 500 | handshake | request | request | handshake | request | request |
 //! | hang before first byte | handshake | request | request | handshake | request | request |
-//! | stall after the first answer | transcript | first body bytes | token | audio | PCM piece | PCM piece |
+//! | stall after the first answer | transcript | headers (then whitespace) | token | audio | PCM piece | PCM piece |
 //! | disconnect mid-stream | transcript | first body bytes | token | audio | PCM piece | PCM piece |
 //! | malformed data | transcript | body | token | audio | — | — |
 //!
@@ -240,6 +240,7 @@ impl Column {
             (Column::Deepgram, Mode::Stall) => &["timed out", "Deepgram did not take a frame"],
             (Column::ElevenLabs, Mode::Stall) => &["timed out", "ElevenLabs sent nothing"],
             (Column::Chat, Mode::Stall) => &["timed out", "openai sent no token"],
+            (Column::OpenAiStt, Mode::Stall) => &["timed out", "OpenAI transcription"],
             (_, Mode::Stall) => &["timed out"],
             (Column::Deepgram, Mode::Disconnect) => &["Deepgram"],
             (Column::ElevenLabs, Mode::Disconnect) => &["ElevenLabs"],
