@@ -327,7 +327,8 @@ async fn connect(request: &WsRequest) -> Result<WsStream, ProviderError> {
     Ok(ws)
 }
 
-/// The kernel's send buffer of a vendor socket (Linux doubles it): 2 s of 16 kHz PCM16.
+/// The kernel's send buffer of a vendor socket: 2 s of 16 kHz PCM16 (Linux reserves twice
+/// that).
 /// Left to autotuning it grows to megabytes — minutes of audio queued for a peer that has
 /// stopped reading, which would pass unnoticed that long before a write blocks and
 /// [`WsRequest::send_timeout`] can tell. Live audio older than that is worthless anyway.
