@@ -33,7 +33,10 @@ const MAX_ERROR_BODY: usize = 500;
 
 /// A reqwest client for streaming APIs: a connect timeout, a read timeout per read (first
 /// byte and idle), no total timeout (streams are long), pooled connections.
-pub(crate) fn http_client_with(connect_timeout: Duration, read_timeout: Duration) -> reqwest::Client {
+pub(crate) fn http_client_with(
+    connect_timeout: Duration,
+    read_timeout: Duration,
+) -> reqwest::Client {
     crate::install_crypto_provider();
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)

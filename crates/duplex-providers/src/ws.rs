@@ -344,7 +344,11 @@ async fn tcp_connect(
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri
         .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
     let mut last = format!("{host}:{port} has no address");
     for addr in tokio::net::lookup_host((host, port))
         .await

@@ -206,12 +206,18 @@ async fn listen(
 fn refuse(status: u16) -> Response {
     let (code, msg) = match status {
         401 => ("INVALID_AUTH", "Invalid credentials."),
-        402 => ("ASR_PAYMENT_REQUIRED", "Project does not have enough credits."),
+        402 => (
+            "ASR_PAYMENT_REQUIRED",
+            "Project does not have enough credits.",
+        ),
         429 => (
             "TOO_MANY_REQUESTS",
             "Too many requests. Please try again later",
         ),
-        _ => ("INTERNAL_SERVER_ERROR", "An internal server error occurred."),
+        _ => (
+            "INTERNAL_SERVER_ERROR",
+            "An internal server error occurred.",
+        ),
     };
     let body = json!({
         "err_code": code,

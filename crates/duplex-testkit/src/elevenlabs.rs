@@ -112,7 +112,10 @@ fn refuse(status: u16) -> Response {
             "too_many_concurrent_requests",
             "Too many concurrent requests for your subscription.",
         ),
-        _ => ("internal_server_error", "An internal server error occurred."),
+        _ => (
+            "internal_server_error",
+            "An internal server error occurred.",
+        ),
     };
     let body = json!({"detail": {"status": kind, "message": message}});
     (
@@ -197,15 +200,13 @@ async fn voice(socket: &mut WebSocket, text: &str, rate: u32, fault: &mut Option
             return false;
         }
         match fault.take() {
-            Some(Fault::StallAfterFirst) => {
-                loop {
-                    tokio::time::sleep(STALL_PING).await;
-                    let ping = Message::Ping(Bytes::from_static(b"stall"));
-                    if socket.send(ping).await.is_err() {
-                        return false;
-                    }
+            Some(Fault::StallAfterFirst) => loop {
+                tokio::time::sleep(STALL_PING).await;
+                let ping = Message::Ping(Bytes::from_static(b"stall"));
+                if socket.send(ping).await.is_err() {
+                    return false;
                 }
-            }
+            },
             // Dropping the socket closes TCP without a close frame.
             Some(Fault::DisconnectAfterFirst) => return false,
             Some(Fault::MalformedAfterFirst) => {
@@ -280,7 +281,9 @@ async fn session(
         }
         match t {
             Some("") => {
-                if !buffered.trim().is_empty() && !voice(&mut socket, buffered.trim(), rate, &mut fault).await {
+                if !buffered.trim().is_empty()
+                    && !voice(&mut socket, buffered.trim(), rate, &mut fault).await
+                {
                     break;
                 }
                 let _ = socket

@@ -352,9 +352,12 @@ async fn column_cases(column: Column) {
     let mut c = connect(&ts).await;
     healthy_turn(column, &mut c, &format!("{column:?} healthy")).await;
     c.close().await.expect("closed");
-    let settled =
-        duplex_testkit::eventually(SETTLE_WITHIN, || fakes.open() == [0; 4]).await;
-    assert!(settled, "{column:?}: the fakes still serve {:?}", fakes.open());
+    let settled = duplex_testkit::eventually(SETTLE_WITHIN, || fakes.open() == [0; 4]).await;
+    assert!(
+        settled,
+        "{column:?}: the fakes still serve {:?}",
+        fakes.open()
+    );
     // Let stragglers (connection tasks finishing their close) go before the count is taken.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let baseline = tasks(&fakes);
@@ -377,7 +380,10 @@ async fn column_cases(column: Column) {
         assert!(!err.fatal, "{case}: {err:?}");
         assert!(err.message.starts_with(column.stage()), "{case}: {err:?}");
         for needle in column.expected(mode) {
-            assert!(err.message.contains(needle), "{case}: {needle:?} in {err:?}");
+            assert!(
+                err.message.contains(needle),
+                "{case}: {needle:?} in {err:?}"
+            );
         }
         if column.spoken() {
             // The recognizer reconnects with backoff (50-100 ms for a first failure).
