@@ -31,6 +31,8 @@ pub struct AzureTtsConfig {
     pub sample_rate: u32,
     /// No byte for this long (before the headers or between body pieces) fails the turn.
     pub read_timeout: std::time::Duration,
+    /// TCP + TLS setup.
+    pub connect_timeout: std::time::Duration,
 }
 
 impl AzureTtsConfig {
@@ -43,6 +45,7 @@ impl AzureTtsConfig {
             language: "en-US".into(),
             sample_rate: 24_000,
             read_timeout: crate::http::READ_TIMEOUT,
+            connect_timeout: crate::http::CONNECT_TIMEOUT,
         }
     }
 
@@ -125,7 +128,7 @@ pub struct AzureTts {
 impl AzureTts {
     pub fn new(config: AzureTtsConfig, meter: Meter) -> AzureTts {
         AzureTts {
-            client: crate::http::http_client_with(config.read_timeout),
+            client: crate::http::http_client_with(config.connect_timeout, config.read_timeout),
             config,
             meter,
         }

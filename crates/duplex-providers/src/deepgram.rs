@@ -61,6 +61,9 @@ pub struct DeepgramConfig {
     /// Longest wait for the `from_finalize` answer before the accumulated text is final.
     pub finalize_timeout: Duration,
     pub connect_timeout: Duration,
+    /// The longest one frame may wait to be written: past it the peer has stopped reading
+    /// and the stream fails.
+    pub send_timeout: Duration,
 }
 
 impl DeepgramConfig {
@@ -78,6 +81,7 @@ impl DeepgramConfig {
             // a few hundred ms; past this, what was final already is the transcript.
             finalize_timeout: Duration::from_millis(1500),
             connect_timeout: Duration::from_secs(5),
+            send_timeout: crate::ws::SEND_TIMEOUT,
         }
     }
 
@@ -123,6 +127,7 @@ impl SpeechToText for DeepgramStt {
             url: self.config.listen_url(&params),
             headers: vec![("Authorization", format!("Token {}", self.config.api_key))],
             connect_timeout: self.config.connect_timeout,
+            send_timeout: self.config.send_timeout,
         };
         let codec = DeepgramCodec::new(&self.config, params.sample_rate);
         let meter = self.meter.clone();

@@ -46,6 +46,9 @@ pub struct ElevenLabsConfig {
     pub stability: f32,
     pub similarity_boost: f32,
     pub connect_timeout: Duration,
+    /// The longest one frame may wait to be written: past it the peer has stopped reading
+    /// and the stream fails.
+    pub send_timeout: Duration,
     /// The longest the server may stay silent while audio is owed (text sent and not yet
     /// voiced, or the end not yet confirmed): first audio of a sentence, or the next message.
     pub response_timeout: Duration,
@@ -63,6 +66,7 @@ impl ElevenLabsConfig {
             stability: 0.5,
             similarity_boost: 0.8,
             connect_timeout: Duration::from_secs(5),
+            send_timeout: crate::ws::SEND_TIMEOUT,
             // Flash models answer in ~100 ms; 10 s of silence with audio owed is a hung
             // stream, and the turn should fail rather than wait forever.
             response_timeout: Duration::from_secs(10),
@@ -107,6 +111,7 @@ impl TextToSpeech for ElevenLabsTts {
             url: self.config.stream_url(&voice),
             headers: vec![("xi-api-key", self.config.api_key.clone())],
             connect_timeout: self.config.connect_timeout,
+            send_timeout: self.config.send_timeout,
         };
         let codec = ElevenLabsCodec::new(&self.config);
         let meter = self.meter.clone();

@@ -20,7 +20,8 @@ use futures::StreamExt;
 use crate::{ProviderError, TtsEvent, TtsInput, TtsTask};
 
 /// TCP + TLS setup longer than this means the endpoint is unreachable; failover beats waiting.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Adapters take it from their config (`connect_timeout`).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest an HTTP vendor may stay silent while an answer is owed: before the response
 /// headers (first byte) and between body pieces (idle). A live vendor streams audio or tokens
 /// well within a second; 15 s of nothing is a hung connection, and waiting longer only holds
@@ -30,17 +31,15 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Error bodies are logged and shown; a few hundred bytes say what went wrong.
 const MAX_ERROR_BODY: usize = 500;
 
-/// A reqwest client for streaming APIs: a connect timeout, a [`READ_TIMEOUT`] per read (first
+/// A reqwest client for streaming APIs: a connect timeout, a read timeout per read (first
 /// byte and idle), no total timeout (streams are long), pooled connections.
-pub(crate) fn http_client() -> reqwest::Client {
-    http_client_with(READ_TIMEOUT)
-}
-
-/// [`http_client`] with another read timeout (first byte and idle).
-pub(crate) fn http_client_with(read_timeout: Duration) -> reqwest::Client {
+pub(crate) fn http_client_with(
+    connect_timeout: Duration,
+    read_timeout: Duration,
+) -> reqwest::Client {
     crate::install_crypto_provider();
     reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_timeout(connect_timeout)
         .read_timeout(read_timeout)
         .user_agent(concat!("duplex/", env!("CARGO_PKG_VERSION")))
         .build()

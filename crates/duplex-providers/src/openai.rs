@@ -28,7 +28,10 @@ use async_openai::types::chat::{
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 
-use crate::http::{HttpRequest, http_client, http_error, reqwest_error, run_chunked_tts};
+use crate::http::{
+    CONNECT_TIMEOUT, HttpRequest, READ_TIMEOUT, http_client_with, http_error, reqwest_error,
+    run_chunked_tts,
+};
 use crate::router::channel_stream;
 use crate::usage::{Meter, UsageKind};
 use crate::{
@@ -100,13 +103,24 @@ impl std::fmt::Debug for OpenAiLlm {
 
 impl OpenAiLlm {
     pub fn new(endpoint: OpenAiEndpoint, meter: Meter) -> OpenAiLlm {
+        OpenAiLlm::with_timeouts(endpoint, meter, CONNECT_TIMEOUT, READ_TIMEOUT)
+    }
+
+    /// With another connect timeout and read timeout (no byte for this long, before the
+    /// headers or between body pieces, fails the request).
+    pub fn with_timeouts(
+        endpoint: OpenAiEndpoint,
+        meter: Meter,
+        connect_timeout: Duration,
+        read_timeout: Duration,
+    ) -> OpenAiLlm {
         let config = OpenAIConfig::new()
             .with_api_base(endpoint.base_url.trim_end_matches('/'))
             .with_api_key(endpoint.api_key.clone());
         // async-openai's default executor retries 429/5xx/connect errors itself, with
         // backoff honouring Retry-After: that would hold a voice turn on one sick endpoint.
         // The router owns retries and failover, so requests go out exactly once.
-        let http = http_client();
+        let http = http_client_with(connect_timeout, read_timeout);
         let client = async_openai::Client::build(http.clone(), config)
             .with_http_service(async_openai::middleware::ReqwestService::new(http));
         OpenAiLlm {
@@ -342,6 +356,8 @@ pub struct OpenAiTtsConfig {
     pub voice: String,
     /// No byte for this long (before the headers or between body pieces) fails the turn.
     pub read_timeout: Duration,
+    /// TCP + TLS setup.
+    pub connect_timeout: Duration,
 }
 
 impl OpenAiTtsConfig {
@@ -351,7 +367,8 @@ impl OpenAiTtsConfig {
             base_url: OPENAI_BASE_URL.into(),
             model: "gpt-4o-mini-tts".into(),
             voice: "alloy".into(),
-            read_timeout: crate::http::READ_TIMEOUT,
+            read_timeout: READ_TIMEOUT,
+            connect_timeout: CONNECT_TIMEOUT,
         }
     }
 }
@@ -367,7 +384,7 @@ pub struct OpenAiTts {
 impl OpenAiTts {
     pub fn new(config: OpenAiTtsConfig, meter: Meter) -> OpenAiTts {
         OpenAiTts {
-            client: crate::http::http_client_with(config.read_timeout),
+            client: http_client_with(config.connect_timeout, config.read_timeout),
             config,
             meter,
         }
@@ -441,6 +458,12 @@ pub struct OpenAiSttConfig {
     /// No byte of the answer for this long (before the headers or between body pieces)
     /// fails the transcription.
     pub read_timeout: Duration,
+    /// TCP + TLS setup.
+    pub connect_timeout: Duration,
+    /// The whole transcription of one utterance (upload, recognition, the answer's body)
+    /// must be done within this; a server that trickles its answer resets the read timeout
+    /// at every byte but not this one.
+    pub response_timeout: Duration,
 }
 
 impl OpenAiSttConfig {
@@ -451,7 +474,10 @@ impl OpenAiSttConfig {
             model: "whisper-1".into(),
             max_utterance: Duration::from_secs(30),
             min_utterance: Duration::from_millis(100),
-            read_timeout: crate::http::READ_TIMEOUT,
+            read_timeout: READ_TIMEOUT,
+            connect_timeout: CONNECT_TIMEOUT,
+            // Whisper answers a 30 s utterance in a few seconds; the user waits for it.
+            response_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -467,7 +493,7 @@ pub struct OpenAiStt {
 impl OpenAiStt {
     pub fn new(config: OpenAiSttConfig, meter: Meter) -> OpenAiStt {
         OpenAiStt {
-            client: crate::http::http_client_with(config.read_timeout),
+            client: http_client_with(config.connect_timeout, config.read_timeout),
             config,
             meter,
         }
@@ -541,10 +567,18 @@ impl SpeechToText for OpenAiStt {
                             let this = this.clone();
                             let params = params.clone();
                             pending.push_back(async move {
-                                match utterance {
-                                    Some(samples) => this.transcribe(samples, rate, &params).await,
-                                    None => Ok(String::new()),
-                                }
+                                let Some(samples) = utterance else {
+                                    return Ok(String::new());
+                                };
+                                let limit = this.config.response_timeout;
+                                tokio::time::timeout(limit, this.transcribe(samples, rate, &params))
+                                    .await
+                                    .unwrap_or_else(|_| {
+                                        Err(ProviderError::Timeout(format!(
+                                            "OpenAI transcription not answered within {} ms",
+                                            limit.as_millis()
+                                        )))
+                                    })
                             });
                         }
                         None => return,

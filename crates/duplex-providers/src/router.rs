@@ -446,6 +446,9 @@ impl ResponseCache {
 pub struct RouterConfig {
     /// No first token within this (connect included) counts as a failure of the endpoint.
     pub first_token_timeout: Duration,
+    /// After the first token, a gap this long without the next one ends the answer with
+    /// [`ProviderError::Timeout`] (no failover: the user already heard the start).
+    pub idle_timeout: Duration,
     /// Extra passes over the chain after all of it failed before the first token.
     pub retries: u32,
     pub backoff_base: Duration,
@@ -462,6 +465,10 @@ impl Default for RouterConfig {
             // A voice user notices ~1 s of silence; 5 s without a token means the endpoint is
             // stuck, and the next one is still faster than waiting.
             first_token_timeout: Duration::from_secs(5),
+            // Tokens come every few tens of ms; an endpoint that stops for 10 s mid-answer
+            // (bytes may still flow: SSE keep-alive comments) is stuck, and the turn should
+            // end with an error rather than hold the user.
+            idle_timeout: Duration::from_secs(10),
             retries: 1,
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(2),
@@ -1010,8 +1017,18 @@ impl LanguageModel for LlmRouter {
                     if tx.send(Ok(LlmEvent::Delta(t))).await.is_err() {
                         return;
                     }
+                    let idle = this.config.idle_timeout;
                     loop {
-                        let end = match stream.next().await {
+                        let next = tokio::time::timeout(idle, stream.next())
+                            .await
+                            .unwrap_or_else(|_| {
+                                Some(Err(ProviderError::Timeout(format!(
+                                    "{} sent no token for {} ms after the first",
+                                    this.endpoints[endpoint].name(),
+                                    idle.as_millis()
+                                ))))
+                            });
+                        let end = match next {
                             Some(Ok(LlmEvent::Delta(t))) => {
                                 text.push_str(&t);
                                 if tx.send(Ok(LlmEvent::Delta(t))).await.is_err() {

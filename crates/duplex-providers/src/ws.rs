@@ -10,7 +10,9 @@
 //! [`run`] is the only code that owns a vendor socket: it connects (with a timeout, abandoned
 //! on cancel), then loops — drain the codec's outputs, then wait for whichever comes first of
 //! a session input, a frame, the codec's deadline or cancellation, and hand it to the codec.
-//! It decides nothing about the protocol.
+//! Every write is bounded too ([`WsRequest::send_timeout`]): a peer that stops reading fills
+//! the socket's buffers and would otherwise hold the driver in a write forever, deaf to the
+//! codec's deadlines. It decides nothing about the protocol.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,11 @@ use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
 
 use crate::usage::UsageKind;
 use crate::{CancellationToken, ProviderError};
+
+/// Default of [`WsRequest::send_timeout`]: a live vendor reads as fast as we write (audio at
+/// 32 KB/s, text a sentence at a time), so a frame that cannot be written for 5 s means the
+/// peer stopped reading and the buffers on both sides are full.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A frame from the socket, or what happened to it, as a codec sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +120,9 @@ pub struct WsRequest {
     /// Extra handshake headers (authentication).
     pub headers: Vec<(&'static str, String)>,
     pub connect_timeout: Duration,
+    /// The longest one frame may wait to be written (the peer stopped reading and the
+    /// socket's buffers are full); past it the stream fails with [`ProviderError::Timeout`].
+    pub send_timeout: Duration,
 }
 
 /// Runs `codec` over a socket opened with `request` until the codec finishes, the session
@@ -143,11 +153,24 @@ pub async fn run<C: WsCodec>(
     let mut input_closed = false;
     loop {
         let watch = (!input_closed).then_some(&cancel);
-        match drain(&mut codec, &events, &meter, Some((&mut sink, watch))).await {
+        let writer = Writer {
+            sink: &mut sink,
+            watch,
+            timeout: request.send_timeout,
+        };
+        match drain(&mut codec, &events, &meter, Some(writer)).await {
             Drained::Continue => {}
             Drained::Over => return,
             Drained::SendFailed(e) => {
                 codec.handle_frame(now(), WsIn::Error(e));
+                continue;
+            }
+            Drained::SendTimedOut => {
+                codec.handle_failure(ProviderError::Timeout(format!(
+                    "{} did not take a frame within {} ms (it stopped reading)",
+                    request.vendor,
+                    request.send_timeout.as_millis()
+                )));
                 continue;
             }
             Drained::Cancelled => {
@@ -201,33 +224,47 @@ enum Drained {
     Over,
     /// Writing a frame failed; the rest of the outputs were dropped.
     SendFailed(String),
+    /// A frame waited longer than the send timeout; the rest of the outputs were dropped.
+    SendTimedOut,
     /// The session dropped the stream while a write waited; the rest of the outputs were
     /// dropped.
     Cancelled,
 }
 
-/// Runs the codec's queued outputs. `sink` is `None` before a socket exists; with it comes
-/// the cancel token to watch while a write waits (`None` once the codec knows of the drop),
-/// so a stalled socket cannot delay a barge-in.
+/// Where [`drain`] writes: the socket, the cancel token to watch while a write waits (`None`
+/// once the codec knows of the drop, so a stalled socket cannot delay a barge-in), and the
+/// longest a write may wait.
+struct Writer<'a> {
+    sink: &'a mut WsSink,
+    watch: Option<&'a CancellationToken>,
+    timeout: Duration,
+}
+
+/// Runs the codec's queued outputs. `writer` is `None` before a socket exists.
 async fn drain<C: WsCodec>(
     codec: &mut C,
     events: &mpsc::Sender<C::Event>,
     meter: &impl Fn(UsageKind, f64),
-    mut sink: Option<(&mut WsSink, Option<&CancellationToken>)>,
+    mut writer: Option<Writer<'_>>,
 ) -> Drained {
     while let Some(out) = codec.poll_output() {
         match out {
             WsOutput::Send(frame) => {
-                let Some((sink, watch)) = sink.as_mut() else {
+                let Some(Writer {
+                    sink,
+                    watch,
+                    timeout,
+                }) = writer.as_mut()
+                else {
                     continue;
                 };
-                let write = async {
+                let write = tokio::time::timeout(*timeout, async {
                     match frame {
                         WsFrame::Text(t) => sink.send(Message::Text(t.into())).await,
                         WsFrame::Binary(b) => sink.send(Message::Binary(b.into())).await,
                         WsFrame::Close => sink.close().await,
                     }
-                };
+                });
                 let sent = match watch {
                     Some(cancel) => tokio::select! {
                         biased;
@@ -239,10 +276,18 @@ async fn drain<C: WsCodec>(
                     },
                     None => write.await,
                 };
-                if let Err(e) = sent {
-                    // What was queued after the failed write belongs to a stream that is gone.
-                    while codec.poll_output().is_some() {}
-                    return Drained::SendFailed(e.to_string());
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        // What was queued after the failed write belongs to a stream that is
+                        // gone.
+                        while codec.poll_output().is_some() {}
+                        return Drained::SendFailed(e.to_string());
+                    }
+                    Err(_elapsed) => {
+                        while codec.poll_output().is_some() {}
+                        return Drained::SendTimedOut;
+                    }
                 }
             }
             WsOutput::Event(ev) => {
@@ -270,14 +315,60 @@ async fn connect(request: &WsRequest) -> Result<WsStream, ProviderError> {
             .map_err(|_| ProviderError::InvalidRequest("API key is not a valid header".into()))?;
         req.headers_mut().insert(*name, value);
     }
-    let (ws, _) = tokio::time::timeout(
-        request.connect_timeout,
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    .map_err(|_| ProviderError::Timeout(format!("{vendor} connect")))?
-    .map_err(connect_error)?;
+    let handshake = async {
+        let tcp = tcp_connect(&req).await.map_err(ProviderError::Connect)?;
+        tokio_tungstenite::client_async_tls(req, tcp)
+            .await
+            .map_err(connect_error)
+    };
+    let (ws, _) = tokio::time::timeout(request.connect_timeout, handshake)
+        .await
+        .map_err(|_| ProviderError::Timeout(format!("{vendor} connect")))??;
     Ok(ws)
+}
+
+/// The kernel's send buffer of a vendor socket: 2 s of 16 kHz PCM16 (Linux reserves twice
+/// that).
+/// Left to autotuning it grows to megabytes — minutes of audio queued for a peer that has
+/// stopped reading, which would pass unnoticed that long before a write blocks and
+/// [`WsRequest::send_timeout`] can tell. Live audio older than that is worthless anyway.
+const SEND_BUFFER: u32 = 64 * 1024;
+
+/// TCP to the request's host and port (the first address that answers), with
+/// [`SEND_BUFFER`].
+async fn tcp_connect(
+    req: &tungstenite::handshake::client::Request,
+) -> Result<tokio::net::TcpStream, String> {
+    let uri = req.uri();
+    let host = uri.host().ok_or("no host in the URL")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
+    let mut last = format!("{host}:{port} has no address");
+    for addr in tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("{host}: {e}"))?
+    {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(|e| e.to_string())?;
+        socket
+            .set_send_buffer_size(SEND_BUFFER)
+            .map_err(|e| e.to_string())?;
+        match socket.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 fn now() -> Instant {

@@ -267,6 +267,7 @@ async fn collect(
 fn fast_router() -> RouterConfig {
     RouterConfig {
         first_token_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_millis(500),
         retries: 0,
         backoff_base: Duration::from_millis(10),
         backoff_max: Duration::from_millis(50),

@@ -808,6 +808,51 @@ pub const VARS: &[Var] = &[
         parse: |c, v| v.ms().map(|d| c.engines.cloud.llm_first_token_timeout = d),
     },
     Var {
+        name: "LLM_IDLE_TIMEOUT_MS",
+        section: Section::Cloud,
+        default: "10000",
+        help: "After the first token, no next token within this (SSE keep-alive comments do not count) ends the answer with `llm_error` (no failover: the start was already spoken).",
+        parse: |c, v| v.ms().map(|d| c.engines.cloud.llm_idle_timeout = d),
+    },
+    Var {
+        name: "PROVIDER_CONNECT_TIMEOUT_MS",
+        section: Section::Cloud,
+        default: "5000",
+        help: "Cloud providers: TCP and TLS setup, and for Deepgram and ElevenLabs the WebSocket handshake; past it the stage fails.",
+        parse: |c, v| v.ms().map(|d| c.engines.cloud.connect_timeout = d),
+    },
+    Var {
+        name: "PROVIDER_READ_TIMEOUT_MS",
+        section: Section::Cloud,
+        default: "15000",
+        help: "HTTP providers (LLM endpoints, OpenAI and Azure TTS, OpenAI transcription): no byte within this, before the response headers or between two pieces of the body, fails the stage.",
+        parse: |c, v| v.ms().map(|d| c.engines.cloud.read_timeout = d),
+    },
+    Var {
+        name: "PROVIDER_SEND_TIMEOUT_MS",
+        section: Section::Cloud,
+        default: "5000",
+        help: "WebSocket providers (Deepgram audio, ElevenLabs text): a frame the provider has not taken within this (it stopped reading) fails the stream.",
+        parse: |c, v| v.ms().map(|d| c.engines.cloud.send_timeout = d),
+    },
+    Var {
+        name: "ELEVENLABS_RESPONSE_TIMEOUT_MS",
+        section: Section::Cloud,
+        default: "10000",
+        help: "ElevenLabs sending nothing this long while audio is owed (before the first audio, or between two messages) fails the turn's speech.",
+        parse: |c, v| {
+            v.ms()
+                .map(|d| c.engines.cloud.elevenlabs_response_timeout = d)
+        },
+    },
+    Var {
+        name: "OPENAI_STT_TIMEOUT_MS",
+        section: Section::Cloud,
+        default: "15000",
+        help: "OpenAI transcription: the whole request of one utterance (upload, recognition, answer) must finish within this, however the answer trickles.",
+        parse: |c, v| v.ms().map(|d| c.engines.cloud.openai_stt_timeout = d),
+    },
+    Var {
         name: "LLM_RETRIES",
         section: Section::Cloud,
         default: "1",
@@ -1626,6 +1671,17 @@ pub struct CloudConfig {
     pub llm_endpoints: Vec<LlmEndpointConfig>,
     pub llm_routes: Vec<duplex_providers::router::Route>,
     pub llm_first_token_timeout: Duration,
+    /// The longest gap between two tokens after the first.
+    pub llm_idle_timeout: Duration,
+    /// TCP + TLS (+ WebSocket handshake) of every cloud provider.
+    pub connect_timeout: Duration,
+    /// HTTP providers: silence before the headers or between body pieces.
+    pub read_timeout: Duration,
+    /// WebSocket providers: one frame's write.
+    pub send_timeout: Duration,
+    pub elevenlabs_response_timeout: Duration,
+    /// One OpenAI transcription, whole.
+    pub openai_stt_timeout: Duration,
     pub llm_retries: u32,
     pub llm_breaker_failures: u32,
     pub llm_breaker_cool_down: Duration,

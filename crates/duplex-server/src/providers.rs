@@ -91,6 +91,8 @@ pub fn build(
             let mut c = DeepgramConfig::new(key(&cloud.deepgram_api_key));
             c.base_url = cloud.deepgram_base_url.clone();
             c.model = cloud.deepgram_model.clone();
+            c.connect_timeout = cloud.connect_timeout;
+            c.send_timeout = cloud.send_timeout;
             Arc::new(DeepgramStt::new(c, meter.clone()))
         }
         SttEngine::OpenAi => {
@@ -98,6 +100,9 @@ pub fn build(
             c.base_url = cloud.openai_base_url.clone();
             c.model = cloud.openai_stt_model.clone();
             c.max_utterance = max_turn.max(std::time::Duration::from_secs(1));
+            c.connect_timeout = cloud.connect_timeout;
+            c.read_timeout = cloud.read_timeout;
+            c.response_timeout = cloud.openai_stt_timeout;
             Arc::new(OpenAiStt::new(c, meter.clone()))
         }
     };
@@ -132,7 +137,7 @@ pub fn build(
                 .llm_endpoints
                 .iter()
                 .map(|e| {
-                    Arc::new(OpenAiLlm::new(
+                    Arc::new(OpenAiLlm::with_timeouts(
                         OpenAiEndpoint {
                             name: e.name.clone(),
                             base_url: e.base_url.clone(),
@@ -140,11 +145,14 @@ pub fn build(
                             model: e.model.clone(),
                         },
                         meter.clone(),
+                        cloud.connect_timeout,
+                        cloud.read_timeout,
                     )) as Arc<dyn LanguageModel>
                 })
                 .collect();
             let router = RouterConfig {
                 first_token_timeout: cloud.llm_first_token_timeout,
+                idle_timeout: cloud.llm_idle_timeout,
                 retries: cloud.llm_retries,
                 breaker: BreakerConfig {
                     failure_threshold: cloud.llm_breaker_failures,
@@ -178,6 +186,8 @@ pub fn build(
                 AzureTtsConfig::new(key(&cloud.azure_speech_key), &cloud.azure_speech_region);
             c.endpoint = cloud.azure_speech_endpoint.clone();
             c.voice = cloud.azure_speech_voice.clone();
+            c.connect_timeout = cloud.connect_timeout;
+            c.read_timeout = cloud.read_timeout;
             Arc::new(AzureTts::new(c, meter.clone()))
         }
         TtsEngine::ElevenLabs => {
@@ -185,6 +195,9 @@ pub fn build(
                 ElevenLabsConfig::new(key(&cloud.elevenlabs_api_key), &cloud.elevenlabs_voice_id);
             c.base_url = cloud.elevenlabs_base_url.clone();
             c.model_id = cloud.elevenlabs_model.clone();
+            c.connect_timeout = cloud.connect_timeout;
+            c.send_timeout = cloud.send_timeout;
+            c.response_timeout = cloud.elevenlabs_response_timeout;
             Arc::new(ElevenLabsTts::new(c, meter.clone()))
         }
         TtsEngine::OpenAi => {
@@ -192,6 +205,8 @@ pub fn build(
             c.base_url = cloud.openai_base_url.clone();
             c.model = cloud.openai_tts_model.clone();
             c.voice = cloud.openai_tts_voice.clone();
+            c.connect_timeout = cloud.connect_timeout;
+            c.read_timeout = cloud.read_timeout;
             Arc::new(OpenAiTts::new(c, meter))
         }
     };

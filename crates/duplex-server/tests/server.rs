@@ -18,6 +18,7 @@ mod auth;
 mod billing;
 mod browser;
 mod cloud;
+mod faults;
 mod local;
 mod metering;
 mod ops;

@@ -4,7 +4,13 @@
 //! `User-Agent`, an unsupported `X-Microsoft-OutputFormat` (only the raw PCM formats here),
 //! a wrong `Content-Type` or SSML that is not `<speak version="1.0" … xml:lang="…"><voice
 //! name="…">text</voice></speak>`; otherwise it streams headerless PCM16 at the requested rate.
+//!
+//! Faults ([`crate::Fault`], queued per request): a refusal with the status (429, 500, …), a
+//! request never answered, and after the first piece of PCM a stall (the body stays open
+//! until the client drops it) or a cut body. `MalformedAfterFirst` does not exist here: a
+//! raw PCM body has no framing to break (any bytes are samples).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 
-use crate::{ServerHandle, le_bytes, serve, tone_for_text};
+use crate::{Fault, Gauge, ServerHandle, le_bytes, serve, tone_for_text};
 
 /// One request as the fake received it.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +39,8 @@ struct Inner {
     key: String,
     requests: Vec<Recorded>,
     rejected: Vec<String>,
+    faults: VecDeque<Fault>,
+    open: Gauge,
 }
 
 /// The Azure TTS fake server.
@@ -48,6 +56,8 @@ impl AzureFake {
             key: key.to_owned(),
             requests: Vec::new(),
             rejected: Vec::new(),
+            faults: VecDeque::new(),
+            open: Gauge::default(),
         }));
         let router = Router::new()
             .route("/cognitiveservices/v1", post(synthesize))
@@ -68,6 +78,30 @@ impl AzureFake {
     /// Why requests were refused.
     pub fn rejected(&self) -> Vec<String> {
         self.inner.lock().expect("not poisoned").rejected.clone()
+    }
+
+    /// The next valid request misbehaves as `fault` (faults queue up in order).
+    pub fn push_fault(&self, fault: Fault) {
+        assert_ne!(
+            fault,
+            Fault::MalformedAfterFirst,
+            "raw PCM cannot be malformed"
+        );
+        self.inner
+            .lock()
+            .expect("not poisoned")
+            .faults
+            .push_back(fault);
+    }
+
+    /// Requests whose answer is still being served (or withheld).
+    pub fn open(&self) -> usize {
+        self.inner.lock().expect("not poisoned").open.get()
+    }
+
+    /// TCP connections open to the fake (see [`crate::ServerHandle::tcp_connections`]).
+    pub fn tcp_connections(&self) -> usize {
+        self.server.tcp_connections()
     }
 }
 
@@ -154,21 +188,53 @@ async fn synthesize(
         Ok(p) => p,
         Err(e) => return reject(StatusCode::BAD_REQUEST, &e),
     };
-    inner.lock().expect("not poisoned").requests.push(Recorded {
-        output_format: format,
-        user_agent: h("user-agent"),
-        ssml,
-        language,
-        voice,
-        text: text.clone(),
-    });
+    let (fault, guard) = {
+        let mut g = inner.lock().expect("not poisoned");
+        g.requests.push(Recorded {
+            output_format: format,
+            user_agent: h("user-agent"),
+            ssml,
+            language,
+            voice,
+            text: text.clone(),
+        });
+        (g.faults.pop_front(), g.open.enter())
+    };
+    match fault {
+        Some(Fault::Refuse(status)) => {
+            let why = match status {
+                429 => "Too many requests",
+                401 => "Access denied due to invalid subscription key.",
+                _ => "Internal server error",
+            };
+            let status = StatusCode::from_u16(status).expect("a valid status");
+            return (status, why.to_owned()).into_response();
+        }
+        Some(Fault::HangBeforeFirstByte) => {
+            // Held until the client gives up and hyper drops this handler.
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            unreachable!("pending never completes");
+        }
+        _ => {}
+    }
     let pcm = le_bytes(&tone_for_text(&text, rate));
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
     tokio::spawn(async move {
+        let _guard = guard;
         // Odd-sized pieces split samples, as networks do.
         for piece in pcm.chunks(3201) {
             if tx.send(Ok(Bytes::copy_from_slice(piece))).await.is_err() {
                 return;
+            }
+            match fault {
+                // The body stays open until the client drops the response.
+                Some(Fault::StallAfterFirst) => return tx.closed().await,
+                Some(Fault::DisconnectAfterFirst) => {
+                    let _ = tx.send(Err(std::io::Error::other("fake disconnect"))).await;
+                    return;
+                }
+                _ => {}
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

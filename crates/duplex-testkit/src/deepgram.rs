@@ -9,12 +9,19 @@
 //! by `UtteranceEnd`. `{"type":"CloseStream"}` gets `Metadata` and a normal close. When
 //! neither audio nor `KeepAlive` arrives within `timeout` (Deepgram: 10 s), it closes with
 //! code 1011 and reason `NET-0001`, as Deepgram does.
+//!
+//! Faults ([`crate::Fault`], queued per connection): a refused handshake with Deepgram's
+//! `{"err_code","err_msg","request_id"}` body, a handshake never answered, and after the
+//! first `Results`: a stall (no reads, no writes; the small receive buffer of the fake's
+//! sockets makes the client's sends block within a second of audio), a dropped connection
+//! without a close frame, or a text frame that is not JSON.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -23,7 +30,7 @@ use axum::routing::get;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::{ServerHandle, rms_le, serve};
+use crate::{Fault, Gauge, GaugeGuard, ServerHandle, rms_le, serve_with};
 
 /// Query parameters duplex must send.
 pub const REQUIRED_PARAMS: &[&str] = &[
@@ -41,6 +48,13 @@ pub const REQUIRED_PARAMS: &[&str] = &[
 
 /// Loudness (RMS of 16-bit samples) that counts as speech for the fake.
 const LOUD_RMS: f64 = 500.0;
+
+/// Receive buffer of the fake's sockets: 16 kHz PCM16 is 32 KB/s, so a stalled fake fills
+/// it (and the client's send buffer behind it) within about a second of audio.
+const RECV_BUFFER: u32 = 8 * 1024;
+
+/// Pings of a stalled connection: how soon the fake notices that the client has gone.
+const STALL_PING: Duration = Duration::from_millis(50);
 
 /// What the fake saw on one connection.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -62,6 +76,8 @@ struct Inner {
     ms_per_word: u64,
     timeout: Duration,
     connections: Vec<Connection>,
+    faults: VecDeque<Fault>,
+    open: Gauge,
 }
 
 /// The Deepgram fake server.
@@ -82,11 +98,13 @@ impl DeepgramFake {
             // Deepgram's documented inactivity timeout.
             timeout: Duration::from_secs(10),
             connections: Vec::new(),
+            faults: VecDeque::new(),
+            open: Gauge::default(),
         }));
         let router = Router::new()
             .route("/v1/listen", get(listen))
             .with_state(inner.clone());
-        let server = Arc::new(serve(router).await);
+        let server = Arc::new(serve_with(router, Some(RECV_BUFFER)).await);
         DeepgramFake { inner, server }
     }
 
@@ -109,6 +127,21 @@ impl DeepgramFake {
         self.lock().connections.clone()
     }
 
+    /// The next connection misbehaves as `fault` (faults queue up in order).
+    pub fn push_fault(&self, fault: Fault) {
+        self.lock().faults.push_back(fault);
+    }
+
+    /// Handshakes and connections the fake is still serving.
+    pub fn open(&self) -> usize {
+        self.lock().open.get()
+    }
+
+    /// TCP connections open to the fake (see [`crate::ServerHandle::tcp_connections`]).
+    pub fn tcp_connections(&self) -> usize {
+        self.server.tcp_connections()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("not poisoned")
     }
@@ -122,7 +155,18 @@ async fn listen(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let key = inner.lock().expect("not poisoned").key.clone();
+    let (key, fault, guard) = {
+        let mut g = inner.lock().expect("not poisoned");
+        (g.key.clone(), g.faults.pop_front(), g.open.enter())
+    };
+    match fault {
+        Some(Fault::Refuse(status)) => return refuse(status),
+        Some(Fault::HangBeforeFirstByte) => {
+            // The guard is held until the client gives up and hyper drops this handler.
+            std::future::pending::<()>().await;
+        }
+        _ => {}
+    }
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -155,7 +199,51 @@ async fn listen(
         });
         g.connections.len() - 1
     };
-    ws.on_upgrade(move |socket| session(socket, inner, id, rate))
+    ws.on_upgrade(move |socket| session(socket, inner, id, rate, fault, guard))
+}
+
+/// A refused handshake as Deepgram answers it: the status and a JSON error body.
+fn refuse(status: u16) -> Response {
+    let (code, msg) = match status {
+        401 => ("INVALID_AUTH", "Invalid credentials."),
+        402 => (
+            "ASR_PAYMENT_REQUIRED",
+            "Project does not have enough credits.",
+        ),
+        429 => (
+            "TOO_MANY_REQUESTS",
+            "Too many requests. Please try again later",
+        ),
+        _ => (
+            "INTERNAL_SERVER_ERROR",
+            "An internal server error occurred.",
+        ),
+    };
+    let body = json!({
+        "err_code": code,
+        "err_msg": msg,
+        "request_id": "00000000-fake-4000-8000-000000000000",
+    });
+    (
+        StatusCode::from_u16(status).expect("a valid status"),
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// A stalled connection: nothing read, nothing sent but pings, until the client is gone.
+async fn stall(socket: &mut WebSocket) {
+    loop {
+        tokio::time::sleep(STALL_PING).await;
+        if socket
+            .send(Message::Ping(Bytes::from_static(b"stall")))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 fn results(text: &str, is_final: bool, from_finalize: bool, start: f64, dur: f64) -> Message {
@@ -177,7 +265,14 @@ fn results(text: &str, is_final: bool, from_finalize: bool, start: f64, dur: f64
     Message::Text(v.to_string().into())
 }
 
-async fn session(mut socket: WebSocket, inner: Arc<Mutex<Inner>>, id: usize, rate: u64) {
+async fn session(
+    mut socket: WebSocket,
+    inner: Arc<Mutex<Inner>>,
+    id: usize,
+    rate: u64,
+    mut fault: Option<Fault>,
+    _guard: GaugeGuard,
+) {
     let with = |f: &mut dyn FnMut(&mut Inner, usize)| {
         let mut g = inner.lock().expect("not poisoned");
         f(&mut g, id);
@@ -324,9 +419,28 @@ async fn session(mut socket: WebSocket, inner: Arc<Mutex<Inner>>, id: usize, rat
             Message::Close(_) => break,
             _ => {}
         }
+        let answered = out
+            .iter()
+            .any(|m| matches!(m, Message::Text(t) if t.as_str().contains("\"Results\"")));
         for m in out {
             if socket.send(m).await.is_err() {
                 break;
+            }
+        }
+        if answered {
+            match fault.take() {
+                Some(Fault::StallAfterFirst) => {
+                    stall(&mut socket).await;
+                    break;
+                }
+                // Dropping the socket closes TCP without a close frame.
+                Some(Fault::DisconnectAfterFirst) => break,
+                Some(Fault::MalformedAfterFirst) => {
+                    let _ = socket
+                        .send(Message::Text(r#"{"type":"Results","channel":{"#.into()))
+                        .await;
+                }
+                _ => {}
             }
         }
     }

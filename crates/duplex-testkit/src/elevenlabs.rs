@@ -7,20 +7,27 @@
 //! voiced when it carries `flush: true` or `try_trigger_generation: true` (or at the end), in
 //! two audio messages with base64 PCM and `alignment.chars`; `{"text":""}` ends the input and
 //! is answered with `{"isFinal":true}` and a normal close. A bad key closes with 1008.
+//!
+//! Faults ([`crate::Fault`], queued per connection): a refused handshake with ElevenLabs'
+//! `{"detail":{"status","message"}}` body, a handshake never answered, and after the first
+//! audio message: a stall (no reads, no writes but pings), a dropped connection without a
+//! close frame, or a text frame that is not JSON.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::{ServerHandle, le_bytes, serve, tone_for_text};
+use crate::{Fault, Gauge, GaugeGuard, ServerHandle, le_bytes, serve, tone_for_text};
 
 /// What the fake saw on one connection.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -33,9 +40,14 @@ pub struct Connection {
     pub finished: bool,
 }
 
+/// Pings of a stalled connection: how soon the fake notices that the client has gone.
+const STALL_PING: Duration = Duration::from_millis(50);
+
 struct Inner {
     key: String,
     connections: Vec<Connection>,
+    faults: VecDeque<Fault>,
+    open: Gauge,
 }
 
 /// The ElevenLabs fake server.
@@ -50,6 +62,8 @@ impl ElevenLabsFake {
         let inner = Arc::new(Mutex::new(Inner {
             key: key.to_owned(),
             connections: Vec::new(),
+            faults: VecDeque::new(),
+            open: Gauge::default(),
         }));
         let router = Router::new()
             .route(
@@ -69,6 +83,47 @@ impl ElevenLabsFake {
     pub fn connections(&self) -> Vec<Connection> {
         self.inner.lock().expect("not poisoned").connections.clone()
     }
+
+    /// The next connection misbehaves as `fault` (faults queue up in order).
+    pub fn push_fault(&self, fault: Fault) {
+        self.inner
+            .lock()
+            .expect("not poisoned")
+            .faults
+            .push_back(fault);
+    }
+
+    /// Handshakes and connections the fake is still serving.
+    pub fn open(&self) -> usize {
+        self.inner.lock().expect("not poisoned").open.get()
+    }
+
+    /// TCP connections open to the fake (see [`crate::ServerHandle::tcp_connections`]).
+    pub fn tcp_connections(&self) -> usize {
+        self.server.tcp_connections()
+    }
+}
+
+/// A refused handshake as ElevenLabs answers HTTP errors: the status and a `detail` body.
+fn refuse(status: u16) -> Response {
+    let (kind, message) = match status {
+        401 => ("invalid_api_key", "Invalid API key"),
+        429 => (
+            "too_many_concurrent_requests",
+            "Too many concurrent requests for your subscription.",
+        ),
+        _ => (
+            "internal_server_error",
+            "An internal server error occurred.",
+        ),
+    };
+    let body = json!({"detail": {"status": kind, "message": message}});
+    (
+        StatusCode::from_u16(status).expect("a valid status"),
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 type Shared = State<Arc<Mutex<Inner>>>;
@@ -80,6 +135,18 @@ async fn stream_input(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let (fault, guard) = {
+        let mut g = inner.lock().expect("not poisoned");
+        (g.faults.pop_front(), g.open.enter())
+    };
+    match fault {
+        Some(Fault::Refuse(status)) => return refuse(status),
+        Some(Fault::HangBeforeFirstByte) => {
+            // The guard is held until the client gives up and hyper drops this handler.
+            std::future::pending::<()>().await;
+        }
+        _ => {}
+    }
     let rate: Option<u32> = query
         .get("output_format")
         .and_then(|f| f.strip_prefix("pcm_"))
@@ -104,10 +171,12 @@ async fn stream_input(
         });
         g.connections.len() - 1
     };
-    ws.on_upgrade(move |socket| session(socket, inner, id, rate, header_key))
+    ws.on_upgrade(move |socket| session(socket, inner, id, rate, header_key, fault, guard))
 }
 
-async fn voice(socket: &mut WebSocket, text: &str, rate: u32) -> bool {
+/// Voices `text` in two audio messages; `false` when the connection is over (the client is
+/// gone, or a fault ended it after the first message).
+async fn voice(socket: &mut WebSocket, text: &str, rate: u32, fault: &mut Option<Fault>) -> bool {
     let chars: Vec<char> = text.chars().collect();
     let mid = chars.len() / 2;
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -130,6 +199,24 @@ async fn voice(socket: &mut WebSocket, text: &str, rate: u32) -> bool {
         {
             return false;
         }
+        match fault.take() {
+            Some(Fault::StallAfterFirst) => loop {
+                tokio::time::sleep(STALL_PING).await;
+                let ping = Message::Ping(Bytes::from_static(b"stall"));
+                if socket.send(ping).await.is_err() {
+                    return false;
+                }
+            },
+            // Dropping the socket closes TCP without a close frame.
+            Some(Fault::DisconnectAfterFirst) => return false,
+            Some(Fault::MalformedAfterFirst) => {
+                let bad = Message::Text(r#"{"audio":"AAAA","isFinal":"#.into());
+                if socket.send(bad).await.is_err() {
+                    return false;
+                }
+            }
+            other => *fault = other,
+        }
     }
     true
 }
@@ -140,6 +227,8 @@ async fn session(
     id: usize,
     rate: u32,
     header_key: Option<String>,
+    mut fault: Option<Fault>,
+    _guard: GaugeGuard,
 ) {
     let key = inner.lock().expect("not poisoned").key.clone();
     let mut first = true;
@@ -192,7 +281,9 @@ async fn session(
         }
         match t {
             Some("") => {
-                if !buffered.trim().is_empty() && !voice(&mut socket, buffered.trim(), rate).await {
+                if !buffered.trim().is_empty()
+                    && !voice(&mut socket, buffered.trim(), rate, &mut fault).await
+                {
                     break;
                 }
                 let _ = socket
@@ -213,7 +304,7 @@ async fn session(
                     || v.get("try_trigger_generation") == Some(&Value::Bool(true));
                 if flush {
                     let now = std::mem::take(&mut buffered);
-                    if !voice(&mut socket, now.trim(), rate).await {
+                    if !voice(&mut socket, now.trim(), rate, &mut fault).await {
                         break;
                     }
                 }

@@ -18,22 +18,36 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::{ServerHandle, le_bytes, serve, tone_for_text};
+use crate::{Gauge, GaugeGuard, ServerHandle, le_bytes, serve, tone_for_text};
 
-/// How the next request to an API misbehaves.
+/// How the next request to an API misbehaves. `N` counts content tokens (chat) or body
+/// pieces (speech); a transcription's answer is one JSON value, so `N` does not count there:
+/// a stall trickles whitespace before it, a disconnect cuts it after its first bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
+    /// HTTP 401 with OpenAI's `invalid_api_key` error body, whatever the key.
+    Unauthorized,
     /// HTTP 429 with `Retry-After` and OpenAI's rate-limit error body.
     RateLimited { retry_after_secs: u32 },
     /// HTTP 500 with a server-error body.
     ServerError,
     /// Accept the request and never answer (not even headers).
     HangBeforeFirstByte,
-    /// Send this many content tokens, then cut the connection.
+    /// Send this many content tokens (pieces), then keep the response open with nothing
+    /// more: no data, only the SSE comment lines (`: keep-alive`) some OpenAI-compatible
+    /// servers send while a model is slow, so that the bytes keep flowing and only a
+    /// token-level deadline can tell.
+    StallAfter(usize),
+    /// Send this many content tokens (pieces), then cut the connection.
     DisconnectAfter(usize),
-    /// Send this many content tokens, then a `data:` line that is not JSON.
+    /// Send this many content tokens, then a `data:` line that is not JSON; a transcription
+    /// answers 200 with a body that is not JSON. Speech has no such mode: raw PCM has no
+    /// framing to break.
     MalformedAfter(usize),
 }
+
+/// Keep-alive comments of a stalled chat stream, whitespace of a stalled transcription.
+const STALL_COMMENT_EVERY: Duration = Duration::from_millis(50);
 
 /// Which API a fault applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +80,7 @@ struct Inner {
     /// Chat streams whose client went away before the stream was complete.
     disconnects: usize,
     completed_streams: usize,
+    open: Gauge,
 }
 
 /// The OpenAI-compatible fake server.
@@ -92,6 +107,7 @@ impl OpenAiFake {
             requests: Vec::new(),
             disconnects: 0,
             completed_streams: 0,
+            open: Gauge::default(),
         }));
         let router = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -155,6 +171,16 @@ impl OpenAiFake {
         self.lock().completed_streams
     }
 
+    /// Requests whose answer is still being served (or withheld).
+    pub fn open(&self) -> usize {
+        self.lock().open.get()
+    }
+
+    /// TCP connections open to the fake (see [`crate::ServerHandle::tcp_connections`]).
+    pub fn tcp_connections(&self) -> usize {
+        self.server.tcp_connections()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("not poisoned")
     }
@@ -180,7 +206,7 @@ fn admit(
     headers: &HeaderMap,
     body: Value,
     wav_seconds: Option<f64>,
-) -> Result<Option<Fault>, Response> {
+) -> Result<(Option<Fault>, GaugeGuard), Response> {
     let mut g = inner.lock().expect("not poisoned");
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -205,7 +231,15 @@ fn admit(
         .iter_mut()
         .find(|(a, _)| *a == api)
         .and_then(|(_, q)| q.pop_front());
-    Ok(fault)
+    if fault == Some(Fault::Unauthorized) {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "Incorrect API key provided",
+            Some("invalid_api_key"),
+        ));
+    }
+    Ok((fault, g.open.enter()))
 }
 
 /// Answers the faults that happen before any body byte.
@@ -261,7 +295,7 @@ async fn chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response
             None,
         );
     };
-    let fault = match admit(&inner, Api::Chat, &headers, req.clone(), None) {
+    let (fault, guard) = match admit(&inner, Api::Chat, &headers, req.clone(), None) {
         Ok(f) => f,
         Err(r) => return r,
     };
@@ -303,6 +337,7 @@ async fn chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response
     let (tx, body) = channel_body();
     let state = inner.clone();
     tokio::spawn(async move {
+        let _guard = guard;
         let chunk = |delta: Value, finish: Value| {
             let c = json!({
                 "id": "chatcmpl-fake",
@@ -332,6 +367,13 @@ async fn chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response
                     let _ = tx.send(Err(std::io::Error::other("fake disconnect"))).await;
                     return;
                 }
+                Some(Fault::StallAfter(n)) if i == *n => loop {
+                    tokio::time::sleep(STALL_COMMENT_EVERY).await;
+                    let comment = Bytes::from_static(b": keep-alive\n\n");
+                    if tx.send(Ok(comment)).await.is_err() {
+                        return gone(&state);
+                    }
+                },
                 Some(Fault::MalformedAfter(n)) if i == *n => {
                     let _ = tx
                         .send(Ok(Bytes::from_static(b"data: {\"choices\": [oops\n\n")))
@@ -403,7 +445,7 @@ async fn speech(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Respon
             None,
         );
     };
-    let fault = match admit(&inner, Api::Speech, &headers, req.clone(), None) {
+    let (fault, guard) = match admit(&inner, Api::Speech, &headers, req.clone(), None) {
         Ok(f) => f,
         Err(r) => return r,
     };
@@ -426,8 +468,18 @@ async fn speech(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Respon
     let pcm = le_bytes(&tone_for_text(input, SPEECH_RATE));
     let (tx, body) = channel_body();
     tokio::spawn(async move {
+        let _guard = guard;
         // 4,801-byte pieces: every other piece splits a sample, as networks do.
-        for piece in pcm.chunks(4801) {
+        for (i, piece) in pcm.chunks(4801).enumerate() {
+            match &fault {
+                // The body stays open until the client drops the response.
+                Some(Fault::StallAfter(n)) if i == *n => return tx.closed().await,
+                Some(Fault::DisconnectAfter(n)) if i == *n => {
+                    let _ = tx.send(Err(std::io::Error::other("fake disconnect"))).await;
+                    return;
+                }
+                _ => {}
+            }
             if tx.send(Ok(Bytes::copy_from_slice(piece))).await.is_err() {
                 return;
             }
@@ -562,7 +614,7 @@ async fn transcriptions(State(inner): Shared, headers: HeaderMap, body: Bytes) -
             );
         }
     }
-    let fault = match admit(
+    let (fault, guard) = match admit(
         &inner,
         Api::Transcriptions,
         &headers,
@@ -592,10 +644,51 @@ async fn transcriptions(State(inner): Shared, headers: HeaderMap, body: Bytes) -
         );
     }
     let text = inner.lock().expect("not poisoned").transcript.clone();
+    let body = json!({ "text": text }).to_string();
+    let cut = match fault {
+        Some(Fault::MalformedAfter(_)) => {
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                "<html><body>502 Bad Gateway</body></html>",
+            )
+                .into_response();
+        }
+        Some(Fault::StallAfter(_) | Fault::DisconnectAfter(_)) => fault,
+        _ => return ok_json(body),
+    };
+    // The status line and the headers; then a cut after the first bytes of the JSON, or a
+    // stall that trickles the whitespace JSON allows before a value, a byte every 50 ms,
+    // so that only a deadline on the whole answer (not one on silence) can end it.
+    let (tx, stream) = channel_body();
+    tokio::spawn(async move {
+        let _guard = guard;
+        if matches!(cut, Some(Fault::StallAfter(_))) {
+            loop {
+                if tx.send(Ok(Bytes::from_static(b" "))).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(STALL_COMMENT_EVERY).await;
+            }
+        }
+        let first = Bytes::copy_from_slice(&body.as_bytes()[..body.len() / 2]);
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        let _ = tx.send(Err(std::io::Error::other("fake disconnect"))).await;
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(stream)
+        .expect("a valid response")
+}
+
+fn ok_json(body: String) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        json!({ "text": text }).to_string(),
+        body,
     )
         .into_response()
 }
