@@ -342,11 +342,13 @@ fn a_queued_turn_dropped_before_it_starts_never_prefills() {
     read_some(&mut one, 2);
     drop(one);
     drop(two);
+    // Bounded generously: on a loaded machine a two-answer step can take a second.
     let idle = Instant::now();
     while !llm.is_idle() {
-        assert!(idle.elapsed().as_secs() < 2, "the engine is still busy");
+        assert!(idle.elapsed().as_secs() < 20, "the engine is still busy");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    eprintln!("idle {:?} after the drops", idle.elapsed());
     assert_eq!(
         stats.started.load(Ordering::SeqCst),
         started,
