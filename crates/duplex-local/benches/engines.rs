@@ -149,7 +149,10 @@ fn serial_vs_concurrent<T: Send>(
         run(&mut instances[0], j);
         done.push(t.elapsed().as_secs_f64());
     }
-    let serial = (t.elapsed().as_secs_f64(), done.iter().sum::<f64>() / jobs as f64);
+    let serial = (
+        t.elapsed().as_secs_f64(),
+        done.iter().sum::<f64>() / jobs as f64,
+    );
     let t = Instant::now();
     let done: Vec<f64> = std::thread::scope(|s| {
         let handles: Vec<_> = instances
@@ -164,9 +167,15 @@ fn serial_vs_concurrent<T: Send>(
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("job")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("job"))
+            .collect()
     });
-    let concurrent = (t.elapsed().as_secs_f64(), done.iter().sum::<f64>() / jobs as f64);
+    let concurrent = (
+        t.elapsed().as_secs_f64(),
+        done.iter().sum::<f64>() / jobs as f64,
+    );
     println!(
         "  {label}, {jobs} at once: serial {:.2} s (mean {:.2} s), concurrent {:.2} s (mean {:.2} s)",
         serial.0, serial.1, concurrent.0, concurrent.1
@@ -186,8 +195,8 @@ fn bench_concurrency(dir: &ModelDir) {
             ))
             .expect("wav")
             .into_samples::<i16>()
-                .map(|s| f32::from(s.expect("sample")) / 32768.0)
-                .collect()
+            .map(|s| f32::from(s.expect("sample")) / 32768.0)
+            .collect()
         })
         .collect();
     println!(

@@ -30,8 +30,8 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
-use std::path::Path;
 use std::panic::AssertUnwindSafe;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -537,7 +537,10 @@ impl Scheduler {
     /// After a panic in `what`: the running answers fail (their caches may be half
     /// written, so they are emptied); queued turns and the scheduler go on.
     fn recover(&mut self, what: &str) {
-        tracing::error!(what, "the LLM scheduler panicked; its running answers fail, it goes on");
+        tracing::error!(
+            what,
+            "the LLM scheduler panicked; its running answers fail, it goes on"
+        );
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             if let Some(job) = slot.job.take() {

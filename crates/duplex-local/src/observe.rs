@@ -92,6 +92,10 @@ impl Observer {
 
 impl std::fmt::Debug for Observer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.get().is_some() { "Observer" } else { "Observer(none)" })
+        f.write_str(if self.get().is_some() {
+            "Observer"
+        } else {
+            "Observer(none)"
+        })
     }
 }

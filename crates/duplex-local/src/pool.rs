@@ -98,7 +98,12 @@ impl<T> Clone for Pool<T> {
 
 impl<T: Send + 'static> Pool<T> {
     /// A pool of `instances` (at least one) whose queue holds `max_waiting` jobs.
-    pub fn new(instances: Vec<T>, max_waiting: usize, engine: Engine, observer: Observer) -> Pool<T> {
+    pub fn new(
+        instances: Vec<T>,
+        max_waiting: usize,
+        engine: Engine,
+        observer: Observer,
+    ) -> Pool<T> {
         assert!(!instances.is_empty(), "a pool needs an instance");
         Pool {
             inner: Arc::new(Inner {
@@ -153,7 +158,11 @@ impl<T: Send + 'static> Pool<T> {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown".into());
-                tracing::error!(engine = inner.engine.label(), why, "a local engine panicked on a job");
+                tracing::error!(
+                    engine = inner.engine.label(),
+                    why,
+                    "a local engine panicked on a job"
+                );
                 Err(Error::Panicked(why))
             })
         });
@@ -231,11 +240,19 @@ mod tests {
     use std::time::Duration;
 
     fn pool(instances: usize, max_waiting: usize) -> Pool<usize> {
-        Pool::new((0..instances).collect(), max_waiting, Engine::Stt, Observer::none())
+        Pool::new(
+            (0..instances).collect(),
+            max_waiting,
+            Engine::Stt,
+            Observer::none(),
+        )
     }
 
     /// A job that holds its instance until `release` fires, then returns `value`.
-    fn blocked(value: u32, release: std::sync::mpsc::Receiver<()>) -> impl FnOnce(&mut usize, &Cancel) -> Result<u32, Error> + Send + 'static {
+    fn blocked(
+        value: u32,
+        release: std::sync::mpsc::Receiver<()>,
+    ) -> impl FnOnce(&mut usize, &Cancel) -> Result<u32, Error> + Send + 'static {
         move |_, _| {
             let _ = release.recv();
             Ok(value)
@@ -277,11 +294,20 @@ mod tests {
         assert_eq!(busy.await.unwrap().unwrap(), 1);
         // The instance went back to the pool, past the dropped job.
         let panicked = pool
-            .run(Priority::Needed, |_, _| -> Result<(), Error> { panic!("injected") })
+            .run(Priority::Needed, |_, _| -> Result<(), Error> {
+                panic!("injected")
+            })
             .await;
-        assert!(matches!(panicked, Err(Error::Panicked(ref why)) if why == "injected"), "{panicked:?}");
+        assert!(
+            matches!(panicked, Err(Error::Panicked(ref why)) if why == "injected"),
+            "{panicked:?}"
+        );
         let next = pool.run(Priority::Needed, |i, _| Ok(*i)).await;
-        assert_eq!(next.unwrap(), 0, "the pool serves the next job after a panic");
+        assert_eq!(
+            next.unwrap(),
+            0,
+            "the pool serves the next job after a panic"
+        );
         assert!(!ran.load(Ordering::SeqCst), "the dropped job never ran");
         assert_eq!(pool.stats().started.load(Ordering::SeqCst), 3);
         assert_eq!(pool.stats().panicked.load(Ordering::SeqCst), 1);
@@ -349,7 +375,9 @@ mod tests {
         });
         settle().await;
         job.abort();
-        let saw = tokio::task::spawn_blocking(move || saw.recv().unwrap()).await.unwrap();
+        let saw = tokio::task::spawn_blocking(move || saw.recv().unwrap())
+            .await
+            .unwrap();
         assert!(saw, "the running job stopped at its next step");
         // And the instance came back.
         assert_eq!(pool.run(Priority::Needed, |i, _| Ok(*i)).await.unwrap(), 0);

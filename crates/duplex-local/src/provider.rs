@@ -7,8 +7,8 @@
 //! the first one's step, and the gate keeps the order fair across engines.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use duplex_providers::usage::{Meter, UsageKind};

@@ -393,8 +393,15 @@ async fn a_cancelled_transcription_stops_at_its_next_step() {
     // Cancelled after the encoder and two decoder steps.
     let stop = || asked.fetch_add(1, Ordering::SeqCst) >= 3;
     let out = whisper.transcribe_with(&audio, None, &stop);
-    assert!(matches!(out, Err(duplex_local::Error::Cancelled)), "{out:?}");
-    assert_eq!(asked.load(Ordering::SeqCst), 4, "no step ran after the cancel");
+    assert!(
+        matches!(out, Err(duplex_local::Error::Cancelled)),
+        "{out:?}"
+    );
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        4,
+        "no step ran after the cancel"
+    );
     // The model is fine for the next utterance.
     assert!(!whisper.transcribe(&audio).unwrap().text.is_empty());
 }
@@ -433,9 +440,15 @@ async fn two_syntheses_at_once_sound_like_each_alone() {
     );
     for (text, alone, both) in [(a, &alone_a, &both_a), (b, &alone_b, &both_b)] {
         let ratio = both.len() as f64 / alone.len() as f64;
-        assert!((0.8..1.25).contains(&ratio), "{text:?}: {ratio:.2} of its length alone");
+        assert!(
+            (0.8..1.25).contains(&ratio),
+            "{text:?}: {ratio:.2} of its length alone"
+        );
         let heard = recognize(&e.stt, &resample(both, rate, 16_000)).await;
-        assert!(wer(text, &heard) <= 0.2, "Whisper heard {heard:?} for {text:?}");
+        assert!(
+            wer(text, &heard) <= 0.2,
+            "Whisper heard {heard:?} for {text:?}"
+        );
     }
 }
 
@@ -487,5 +500,9 @@ async fn a_turn_dropped_while_the_serial_llm_is_busy_never_starts() {
     // Give a wrongly started second turn the time to take the model.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(e.candle.is_idle(), "the dropped turn took the model");
-    assert_eq!(e.seen.started(Engine::Llm), started + 1, "only the essay started");
+    assert_eq!(
+        e.seen.started(Engine::Llm),
+        started + 1,
+        "only the essay started"
+    );
 }

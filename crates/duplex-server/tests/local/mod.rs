@@ -90,10 +90,19 @@ async fn a_spoken_question_gets_a_spoken_answer_from_the_local_engines() {
         assert!(sample(&metrics, &count) >= 1.0, "{metrics}");
     }
     assert_eq!(sample(&before, "duplex_local_llm_tokens_total"), 0.0);
-    assert!(sample(&metrics, "duplex_local_llm_tokens_total") >= tokens, "{metrics}");
-    assert!(sample(&metrics, "duplex_local_llm_batch_size_count") >= tokens, "{metrics}");
+    assert!(
+        sample(&metrics, "duplex_local_llm_tokens_total") >= tokens,
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "duplex_local_llm_batch_size_count") >= tokens,
+        "{metrics}"
+    );
     assert_eq!(sample(&metrics, "duplex_local_llm_active_sequences"), 0.0);
-    assert_eq!(sample(&metrics, "duplex_local_stt_queue_dropped_total"), 0.0);
+    assert_eq!(
+        sample(&metrics, "duplex_local_stt_queue_dropped_total"),
+        0.0
+    );
 }
 
 /// The value of the series `name` (with its labels) in a Prometheus text exposition.
