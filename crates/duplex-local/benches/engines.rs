@@ -2,8 +2,9 @@
 //! Whisper's word error rate and time per utterance on recorded speech (pocketsphinx-testdata),
 //! the LLM's time to first token and tokens per second on candle and on llama.cpp (and
 //! llama.cpp's second turn of a conversation, which reuses the first turn's KV cache), Piper's
-//! and espeak-ng's time per sentence, and the process's resident memory after each load.
-//! Prints figures; asserts nothing. Needs `scripts/setup-models.sh --test-data`.
+//! and espeak-ng's time per sentence, the process's resident memory after each load, and
+//! (`concurrency`) 1-3 transcriptions and Piper sentences one after another against all at
+//! once, which sized the engines' pools. Prints figures; asserts nothing. Needs `scripts/setup-models.sh --test-data`.
 
 use std::path::Path;
 use std::time::Instant;
