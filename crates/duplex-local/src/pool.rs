@@ -138,7 +138,14 @@ impl<T: Send + 'static> Pool<T> {
         let queued = Instant::now();
         let instance = match self.take(priority) {
             Ok(instance) => instance,
-            Err(grant) => grant.await.map_err(|_| Error::Cancelled)?,
+            Err(grant) => {
+                Ticket {
+                    grant: Some(grant),
+                    inner: self.inner.clone(),
+                }
+                .wait()
+                .await?
+            }
         };
         self.inner
             .observer
@@ -211,6 +218,33 @@ impl<T: Send + 'static> Pool<T> {
     fn dropped(&self) {
         self.inner.stats.dropped.fetch_add(1, Ordering::Relaxed);
         self.inner.observer.dropped(self.inner.engine);
+    }
+}
+
+/// A place in the queue. Dropped after an instance was handed to it but before the job took
+/// it (the job's future dropped in between), it gives the instance back: none is lost.
+struct Ticket<T> {
+    grant: Option<oneshot::Receiver<T>>,
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Ticket<T> {
+    async fn wait(mut self) -> Result<T, Error> {
+        let grant = self.grant.as_mut().expect("a ticket is waited on once");
+        let result = grant.await;
+        self.grant = None;
+        result.map_err(|_| Error::Cancelled)
+    }
+}
+
+impl<T> Drop for Ticket<T> {
+    fn drop(&mut self) {
+        if let Some(mut grant) = self.grant.take() {
+            grant.close();
+            if let Ok(instance) = grant.try_recv() {
+                self.inner.release(instance);
+            }
+        }
     }
 }
 
