@@ -52,8 +52,9 @@ fn internal(e: impl std::fmt::Display) -> ProviderError {
 
 /// Whisper instances (clones sharing the weights) transcribing at once. Two: a second
 /// session's utterance starts without waiting for the whole of the first one's, and their
-/// steps interleave through the gate. On 2 busy cores two at once took about as long as two
-/// in a row (8.7-10.0 s against 9.6-11.2 s, noisy), three at once made every one slower
+/// steps interleave through the gate. On 2 shared cores two at once took about as long as two
+/// in a row (6.0-8.7 s against 5.7-11.2 s through the gate, three runs under other builds'
+/// load), three at once made the mean wait worse
 /// (`cargo bench -p duplex-local --bench engines concurrency`).
 pub const WHISPER_INSTANCES: usize = 2;
 /// Transcription jobs that may wait for an instance: a few sessions' finals and speculations;
@@ -555,13 +556,12 @@ impl LocalLlm {
 
 /// Piper sessions (ONNX Runtime sessions of the same voice) serving sentences at once: two,
 /// so that a sentence never waits for another session's whole synthesis (phonemizing,
-/// normalising), while the model runs themselves take the gate in turn: on 2 cores two runs
-/// at once were slower than two in a row (1.45-1.53 s against 1.26-1.52 s, the mean
-/// latency 1.23 s against 0.89-1.07 s; `cargo bench -p duplex-local --bench engines
-/// concurrency`).
+/// normalising); the model runs themselves take the gate in turn, since on 2 cores two runs
+/// at once were no faster than two in a row (0.46-1.70 s against 0.85-1.5 s over three noisy
+/// runs; `cargo bench -p duplex-local --bench engines concurrency`).
 pub const PIPER_SESSIONS: usize = 2;
 /// Intra-op threads of each Piper session: one was as fast as two per sentence on the busy
-/// 2-core machine (0.46-0.64 s against 0.63-0.94 s) and leaves a core to the other engines.
+/// 2-core machine (0.26-0.69 s against 0.31-0.94 s) and leaves a core to the other engines.
 pub const PIPER_THREADS: usize = 1;
 /// Sentences that may wait for a voice: one per session speaking now, a few sessions.
 const TTS_MAX_WAITING: usize = 16;
