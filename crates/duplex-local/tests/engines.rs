@@ -445,8 +445,11 @@ async fn two_syntheses_at_once_sound_like_each_alone() {
             "{text:?}: {ratio:.2} of its length alone"
         );
         let heard = recognize(&e.stt, &resample(both, rate, 16_000)).await;
+        // Whisper tiny.en on the voice's sampling noise sometimes mishears a word or two of a
+        // six-word sentence ("Carishes the capital of France"); a broken synthesis (silence,
+        // noise, a cut sentence) misses most of them.
         assert!(
-            wer(text, &heard) <= 0.2,
+            wer(text, &heard) <= 0.35,
             "Whisper heard {heard:?} for {text:?}"
         );
     }
