@@ -2,8 +2,9 @@
 //! Whisper's word error rate and time per utterance on recorded speech (pocketsphinx-testdata),
 //! the LLM's time to first token and tokens per second on candle and on llama.cpp (and
 //! llama.cpp's second turn of a conversation, which reuses the first turn's KV cache), Piper's
-//! and espeak-ng's time per sentence, and the process's resident memory after each load.
-//! Prints figures; asserts nothing. Needs `scripts/setup-models.sh --test-data`.
+//! and espeak-ng's time per sentence, the process's resident memory after each load, and
+//! (`concurrency`) 1-3 transcriptions and Piper sentences one after another against all at
+//! once, which sized the engines' pools. Prints figures; asserts nothing. Needs `scripts/setup-models.sh --test-data`.
 
 use std::path::Path;
 use std::time::Instant;
@@ -135,12 +136,120 @@ fn ask<'m>(
     text
 }
 
+/// Runs `jobs` one after another, then all at once (one thread each), and prints the wall
+/// time of the lot and the mean time a job took from the start to its result.
+fn serial_vs_concurrent<T: Send>(
+    label: &str,
+    mut instances: Vec<T>,
+    jobs: usize,
+    run: impl Fn(&mut T, usize) + Sync,
+) {
+    let t = Instant::now();
+    let mut done = Vec::new();
+    for j in 0..jobs {
+        run(&mut instances[0], j);
+        done.push(t.elapsed().as_secs_f64());
+    }
+    let serial = (
+        t.elapsed().as_secs_f64(),
+        done.iter().sum::<f64>() / jobs as f64,
+    );
+    let t = Instant::now();
+    let done: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = instances
+            .iter_mut()
+            .take(jobs)
+            .enumerate()
+            .map(|(j, inst)| {
+                let run = &run;
+                s.spawn(move || {
+                    run(inst, j);
+                    t.elapsed().as_secs_f64()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("job"))
+            .collect()
+    });
+    let concurrent = (
+        t.elapsed().as_secs_f64(),
+        done.iter().sum::<f64>() / jobs as f64,
+    );
+    println!(
+        "  {label}, {jobs} at once: serial {:.2} s (mean {:.2} s), concurrent {:.2} s (mean {:.2} s)",
+        serial.0, serial.1, concurrent.0, concurrent.1
+    );
+}
+
+/// Several transcriptions and syntheses serial vs at once (one engine instance per job), the
+/// figures that size the pools (`cargo bench -p duplex-local --bench engines concurrency`;
+/// `RAYON_NUM_THREADS` sets candle's threads).
+fn bench_concurrency(dir: &ModelDir) {
+    let whisper = WhisperModel::load(&dir.whisper()).expect("whisper loads");
+    let clips: Vec<Vec<f32>> = ["0870", "0880", "0890"]
+        .iter()
+        .map(|id| {
+            hound::WavReader::open(format!(
+                "{LIBRIVOX}/sense_and_sensibility_01_austen_64kb-{id}.wav"
+            ))
+            .expect("wav")
+            .into_samples::<i16>()
+            .map(|s| f32::from(s.expect("sample")) / 32768.0)
+            .collect()
+        })
+        .collect();
+    println!(
+        "whisper (candle threads {}), clips of {:?} s:",
+        candle_core::utils::get_num_threads(),
+        clips.iter().map(|c| c.len() / 16_000).collect::<Vec<_>>()
+    );
+    for jobs in 1..=3 {
+        let pool = vec![whisper.clone(); jobs];
+        serial_vs_concurrent("transcriptions", pool, jobs, |m, j| {
+            m.transcribe(&clips[j % clips.len()]).expect("transcribes");
+        });
+        // As the server runs them: each step (encoder, decoder token) takes the gate.
+        let gate = ComputeGate::new();
+        let pool = vec![whisper.clone(); jobs];
+        serial_vs_concurrent("transcriptions, gate per step", pool, jobs, |m, j| {
+            m.transcribe_with(&clips[j % clips.len()], Some(&gate), &|| false)
+                .expect("transcribes");
+        });
+    }
+    let sentences = [
+        "Paris is the capital of France.",
+        "The weather is lovely today, so we are going to the park.",
+        "I would suggest a simple pasta with tomatoes and basil.",
+    ];
+    for (threads, spin) in [(2, false), (1, false)] {
+        println!("piper, {threads} intra-op threads per session, spinning {spin}:");
+        for jobs in 1..=3 {
+            let pool: Vec<PiperVoice> = (0..jobs)
+                .map(|_| {
+                    PiperVoice::load_with(&dir.piper_voice(), &dir.onnxruntime(), threads, spin)
+                        .expect("piper loads")
+                })
+                .collect();
+            serial_vs_concurrent("syntheses", pool, jobs, |v, j| {
+                v.synthesize(sentences[j % sentences.len()])
+                    .expect("synthesizes");
+            });
+        }
+    }
+}
+
 fn main() {
     let dir = ModelDir::from_env();
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let want = |what: &str| only.as_deref().is_none_or(|o| o == what);
     println!("threads: {}", duplex_local::models::compute_threads());
     println!("rss at start: {:.0} MiB", rss_mib());
+
+    if want("concurrency") {
+        bench_concurrency(&dir);
+    }
 
     if want("stt") {
         let t = Instant::now();

@@ -30,11 +30,12 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -49,6 +50,7 @@ use crate::bytelevel::Utf8Stream;
 use crate::gate::ComputeGate;
 use crate::llama::{ChatVocab, backend, load_model, sampler};
 use crate::llm::{ChatModel, GenParams, GenStats, Speaker};
+use crate::observe::{Engine, Observer};
 
 /// Events queued from the scheduler to one reader. The scheduler never blocks on a reader: an
 /// answer whose queue has fewer than [`ROOM_PER_STEP`] free places sits out the step.
@@ -142,6 +144,8 @@ pub struct BatchStats {
     pub active: AtomicUsize,
     /// Decode steps run.
     pub steps: AtomicU64,
+    /// Turns that got a sequence (started reading their prompt), since the start.
+    pub started: AtomicU64,
     /// Prompt tokens that came from a sequence's cache instead of being decoded.
     pub reused_tokens: AtomicU64,
 }
@@ -163,6 +167,9 @@ struct Shared {
     inbox: Mutex<Inbox>,
     wake: Condvar,
     stats: BatchStats,
+    observer: Observer,
+    /// Test hook: the next turn to start panics inside the scheduler.
+    panic_next: AtomicBool,
 }
 
 #[derive(Default)]
@@ -172,6 +179,8 @@ struct Inbox {
 }
 
 struct Request {
+    /// When the turn was asked for (its queue wait ends when its prompt starts).
+    sent: Instant,
     conversation: String,
     messages: Vec<(Speaker, String)>,
     params: GenParams,
@@ -218,6 +227,8 @@ impl BatchedLlama {
             inbox: Mutex::new(Inbox::default()),
             wake: Condvar::new(),
             stats: BatchStats::default(),
+            observer: Observer::none(),
+            panic_next: AtomicBool::new(false),
         });
         let mut scheduler = Scheduler {
             vocab,
@@ -282,6 +293,7 @@ impl BatchedLlama {
             return Generation { rx };
         }
         inbox.requests.push(Request {
+            sent: Instant::now(),
             conversation: conversation.to_owned(),
             messages,
             params,
@@ -293,6 +305,17 @@ impl BatchedLlama {
 
     pub fn stats(&self) -> &BatchStats {
         &self.inner.shared.stats
+    }
+
+    /// Where the scheduler reports queue waits, steps, tokens and running answers.
+    pub fn observer(&self) -> &Observer {
+        &self.inner.shared.observer
+    }
+
+    /// Test hook: the next turn to start panics inside the scheduler.
+    #[doc(hidden)]
+    pub fn panic_on_next_job(&self) {
+        self.inner.shared.panic_next.store(true, Ordering::SeqCst);
     }
 
     /// No answer is running or waiting.
@@ -484,7 +507,13 @@ impl Scheduler {
             self.drop_cancelled();
             self.admit();
             self.publish();
-            let stepped = self.step();
+            let stepped = match std::panic::catch_unwind(AssertUnwindSafe(|| self.step())) {
+                Ok(stepped) => stepped,
+                Err(_) => {
+                    self.recover("a decode step");
+                    true
+                }
+            };
             self.publish();
             if !stepped {
                 // Every running answer waits for its reader.
@@ -500,7 +529,27 @@ impl Scheduler {
         let s = &self.shared.stats;
         s.queued.store(self.queue.len(), Ordering::SeqCst);
         let active = self.slots.iter().filter(|s| s.job.is_some()).count();
-        s.active.store(active, Ordering::SeqCst);
+        if s.active.swap(active, Ordering::SeqCst) != active {
+            self.shared.observer.llm_active(active);
+        }
+    }
+
+    /// After a panic in `what`: the running answers fail (their caches may be half
+    /// written, so they are emptied); queued turns and the scheduler go on.
+    fn recover(&mut self, what: &str) {
+        tracing::error!(
+            what,
+            "the LLM scheduler panicked; its running answers fail, it goes on"
+        );
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            if let Some(job) = slot.job.take() {
+                let _ = job.tx.try_send(GenEvent::Failed(Error::Panicked(format!(
+                    "the LLM scheduler panicked in {what}"
+                ))));
+                Self::forget(&mut self.ctx, slot);
+            }
+        }
     }
 
     /// Ends the answers whose reader is gone, and forgets queued turns nobody waits for.
@@ -567,7 +616,18 @@ impl Scheduler {
                 break;
             };
             let queued = self.queue.pop_front().expect("front exists");
-            self.start(i, queued);
+            let tx = queued.request.tx.clone();
+            let started = std::panic::catch_unwind(AssertUnwindSafe(|| self.start(i, queued)));
+            if started.is_err() {
+                // Only this turn fails; its slot's cache may be half made: emptied.
+                let _ = tx.try_send(GenEvent::Failed(Error::Panicked(
+                    "the LLM scheduler panicked on this turn".into(),
+                )));
+                let slot = &mut self.slots[i];
+                slot.job = None;
+                Self::forget(&mut self.ctx, slot);
+                tracing::error!("the LLM scheduler panicked starting a turn; it goes on");
+            }
         }
         // What is still queued waits for a slot: counted once per turn.
         for q in self.queue.iter_mut().filter(|q| !q.counted) {
@@ -584,6 +644,13 @@ impl Scheduler {
         let Queued {
             request, arrived, ..
         } = queued;
+        self.shared
+            .observer
+            .queue_wait(Engine::Llm, request.sent.elapsed());
+        self.shared.stats.started.fetch_add(1, Ordering::SeqCst);
+        if self.shared.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("injected panic (test hook)");
+        }
         let model: &LlamaModel = self.vocab.model;
         let messages: Vec<(Speaker, &str)> = request
             .messages
@@ -734,6 +801,7 @@ impl Scheduler {
             self.ctx.decode(&mut self.batch)
         };
         self.shared.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.shared.observer.llm_step(entries.len());
         if let Err(e) = result {
             // The caches of this step's sequences may hold part of it: trust none of them.
             tracing::warn!(error = %e, "llama.cpp decode failed: the step's answers end");
@@ -777,6 +845,7 @@ impl Scheduler {
             return true;
         }
         job.stats.completion_tokens += 1;
+        self.shared.observer.llm_tokens(1);
         let mut bytes = Vec::new();
         vocab.token_to_piece_into(token, &mut bytes, false, None);
         let text = job.text.push(&bytes);

@@ -15,7 +15,9 @@ pub mod gate;
 pub mod llama;
 pub mod llm;
 pub mod models;
+pub mod observe;
 pub mod piper;
+pub mod pool;
 pub mod provider;
 pub mod utterance;
 pub mod whisper;
@@ -45,6 +47,12 @@ pub enum Error {
     /// A tensor operation or ONNX Runtime call failed during inference.
     #[error("inference: {0}")]
     Inference(String),
+    /// The job was cancelled (its caller went away) before it finished.
+    #[error("cancelled")]
+    Cancelled,
+    /// The engine panicked on this job; the engine itself goes on serving.
+    #[error("the engine panicked: {0}")]
+    Panicked(String),
 }
 
 impl From<candle_core::Error> for Error {

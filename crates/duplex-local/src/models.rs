@@ -181,9 +181,11 @@ impl ModelDir {
         let model = self.require(self.piper_voice())?;
         self.require(model.with_extension("onnx.json"))?;
         let ort = self.require(self.onnxruntime())?;
-        let voice =
-            PiperVoice::load(&model, &ort, compute_threads()).map_err(|e| self.corrupt(e))?;
-        Ok(PiperTts::new(voice, gate.clone()))
+        let voices = (0..crate::provider::PIPER_SESSIONS)
+            .map(|_| PiperVoice::load(&model, &ort, crate::provider::PIPER_THREADS))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.corrupt(e))?;
+        Ok(PiperTts::new(voices, gate.clone()))
     }
 
     pub fn load_espeak(&self, gate: &ComputeGate) -> Result<EspeakTts, Error> {

@@ -11,12 +11,18 @@ use ort::value::Tensor;
 
 use crate::Error;
 use crate::espeak::Espeak;
+use crate::gate::ComputeGate;
 
 /// Loudest sample after normalisation (Piper normalises each utterance to its peak; a little
 /// headroom avoids clipping after the session's resampler).
 const PEAK: f32 = 0.9 * 32767.0;
 /// Quieter peaks than this are silence and are not amplified.
 const MIN_PEAK: f32 = 0.01;
+
+/// ONNX Runtime's threads do not spin (busy-wait) after a run, its default: on 2 cores with
+/// the other engines a spinning pool took 0.96 s per sentence against 0.63 s without (the
+/// engines bench, `concurrency`).
+const SPIN: bool = false;
 
 /// A loaded Piper voice.
 pub struct PiperVoice {
@@ -52,6 +58,17 @@ pub fn init_onnxruntime(lib: &Path) -> Result<&'static Environment, Error> {
 impl PiperVoice {
     /// Loads `model` (`.onnx`) and its `.onnx.json` config next to it.
     pub fn load(model: &Path, onnxruntime: &Path, threads: usize) -> Result<PiperVoice, Error> {
+        PiperVoice::load_with(model, onnxruntime, threads, SPIN)
+    }
+
+    /// [`load`](Self::load) with ONNX Runtime's intra-op threads spinning (busy-waiting for
+    /// work after a run) or not.
+    pub fn load_with(
+        model: &Path,
+        onnxruntime: &Path,
+        threads: usize,
+        spin: bool,
+    ) -> Result<PiperVoice, Error> {
         let env = init_onnxruntime(onnxruntime)?;
         let err =
             |p: &Path, e: &dyn std::fmt::Display| Error::Model(format!("{}: {e}", p.display()));
@@ -82,6 +99,7 @@ impl PiperVoice {
         let f = |v: &serde_json::Value, d: f64| v.as_f64().unwrap_or(d) as f32;
         let session = Session::builder(env)
             .and_then(|b| b.with_intra_threads(threads).map_err(Into::into))
+            .and_then(|b| b.with_intra_op_spinning(spin).map_err(Into::into))
             .and_then(|mut b| b.commit_from_file(model))
             .map_err(|e| err(model, &e))?;
         Ok(PiperVoice {
@@ -125,6 +143,16 @@ impl PiperVoice {
 
     /// Synthesizes `text` (a sentence or clause) to 16-bit samples at `sample_rate`.
     pub fn synthesize(&mut self, text: &str) -> Result<Vec<i16>, Error> {
+        self.synthesize_with(text, None)
+    }
+
+    /// [`synthesize`](Self::synthesize), holding `gate` (if any) during the model's run only
+    /// (phonemizing is short and takes espeak-ng's own lock).
+    pub fn synthesize_with(
+        &mut self,
+        text: &str,
+        gate: Option<&ComputeGate>,
+    ) -> Result<Vec<i16>, Error> {
         let ids = self.phoneme_ids(text)?;
         if ids.len() <= 3 {
             return Ok(Vec::new());
@@ -138,6 +166,7 @@ impl PiperVoice {
             vec![self.noise_scale, self.length_scale, self.noise_w],
         ))
         .map_err(run)?;
+        let _turn = gate.map(ComputeGate::enter);
         let outputs = self
             .session
             .run(ort::inputs![

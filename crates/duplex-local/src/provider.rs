@@ -6,7 +6,10 @@
 //! sit behind a `Mutex` (candle's models keep their caches inside): a second session waits for
 //! the first one's step, and the gate keeps the order fair across engines.
 
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use duplex_providers::usage::{Meter, UsageKind};
 use duplex_providers::{
@@ -21,7 +24,9 @@ use crate::espeak::Espeak;
 use crate::gate::ComputeGate;
 use crate::llama::LlamaChat;
 use crate::llm::{ChatModel, GenParams, GenStats, Speaker};
+use crate::observe::{Engine, Observe, Observer};
 use crate::piper::PiperVoice;
+use crate::pool::{Pool, PoolStats, Priority};
 use crate::utterance::{Final, Push, UtteranceBuffer};
 use crate::whisper::WhisperModel;
 use futures::StreamExt;
@@ -45,50 +50,146 @@ fn internal(e: impl std::fmt::Display) -> ProviderError {
 // Speech to text
 // ---------------------------------------------------------------------------------------------
 
-/// A transcription running on the blocking pool.
-type Transcription = tokio::task::JoinHandle<Result<String, ProviderError>>;
+/// Whisper instances (clones sharing the weights) transcribing at once. Two: a second
+/// session's utterance starts without waiting for the whole of the first one's, and their
+/// steps interleave through the gate. On 2 shared cores two at once took about as long as two
+/// in a row (6.0-8.7 s against 5.7-11.2 s through the gate, three runs under other builds'
+/// load), three at once made the mean wait worse
+/// (`cargo bench -p duplex-local --bench engines concurrency`).
+pub const WHISPER_INSTANCES: usize = 2;
+/// Transcription jobs that may wait for an instance: a few sessions' finals and speculations;
+/// beyond it the oldest waiting speculation is dropped (a final never is).
+pub const STT_MAX_WAITING: usize = 8;
+
+/// A spawned job that is aborted when dropped (a stale speculation, a closed stream): its
+/// pool job is then removed from the queue or stopped at its next step.
+struct Task<R>(tokio::task::JoinHandle<Result<R, crate::Error>>);
+
+impl<R: Send + 'static> Task<R> {
+    fn spawn(job: impl Future<Output = Result<R, crate::Error>> + Send + 'static) -> Task<R> {
+        Task(tokio::spawn(job))
+    }
+}
+
+impl<R> Drop for Task<R> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<R> Future for Task<R> {
+    type Output = Result<R, crate::Error>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| match r {
+            Ok(r) => r,
+            Err(e) if e.is_cancelled() => Err(crate::Error::Cancelled),
+            Err(e) => Err(crate::Error::Panicked(e.to_string())),
+        })
+    }
+}
+
+/// A test hook: the next job of an engine panics inside inference.
+#[derive(Clone, Default)]
+struct PanicHook(Arc<AtomicBool>);
+
+impl PanicHook {
+    fn fire(&self) {
+        if self.0.swap(false, Ordering::SeqCst) {
+            panic!("injected panic (test hook)");
+        }
+    }
+}
 
 /// Whisper as a recognizer: buffers the utterance ([`UtteranceBuffer`]), transcribes it on
-/// `Finalize`, or earlier, speculatively, when the speech pauses.
+/// `Finalize`, or earlier, speculatively, when the speech pauses. Sessions share a pool of
+/// [`WHISPER_INSTANCES`]; each transcription takes the [`ComputeGate`] per step (the encoder,
+/// each decoder token).
 #[derive(Clone)]
 pub struct LocalStt {
-    model: Arc<Mutex<WhisperModel>>,
+    pool: Pool<WhisperModel>,
     gate: ComputeGate,
+    observer: Observer,
+    panic_hook: PanicHook,
 }
 
 impl LocalStt {
     pub fn new(model: WhisperModel, gate: ComputeGate) -> LocalStt {
+        LocalStt::with_instances(model, WHISPER_INSTANCES, gate)
+    }
+
+    /// `instances` clones of `model` (at least one).
+    pub fn with_instances(model: WhisperModel, instances: usize, gate: ComputeGate) -> LocalStt {
+        let observer = Observer::none();
+        let models = vec![model; instances.max(1)];
         LocalStt {
-            model: Arc::new(Mutex::new(model)),
+            pool: Pool::new(models, STT_MAX_WAITING, Engine::Stt, observer.clone()),
             gate,
+            observer,
+            panic_hook: PanicHook::default(),
         }
     }
 
-    fn spawn_transcription(&self, samples: Vec<i16>) -> Transcription {
-        let stt = self.clone();
-        tokio::spawn(async move { stt.transcribe(samples).await })
+    /// Reports queue waits and dropped speculations to `observe` (once).
+    pub fn set_observer(&self, observe: Arc<dyn Observe>) -> bool {
+        self.observer.set(observe)
+    }
+
+    /// The pool's counters (jobs started, speculations dropped, panics).
+    pub fn pool_stats(&self) -> &PoolStats {
+        self.pool.stats()
+    }
+
+    /// Test hook: the next transcription panics inside the engine.
+    #[doc(hidden)]
+    pub fn panic_on_next_job(&self) {
+        self.panic_hook.0.store(true, Ordering::SeqCst);
     }
 
     /// Transcribes one utterance of 16 kHz samples on the blocking pool.
     pub async fn transcribe(&self, samples: Vec<i16>) -> Result<String, ProviderError> {
-        let model = self.model.clone();
+        self.transcribe_as(Priority::Needed, samples)
+            .await
+            .map_err(internal)
+    }
+
+    async fn transcribe_as(
+        &self,
+        priority: Priority,
+        samples: Vec<i16>,
+    ) -> Result<String, crate::Error> {
         let gate = self.gate.clone();
-        tokio::task::spawn_blocking(move || {
-            let audio: Vec<f32> = samples.iter().map(|&s| f32::from(s) / 32768.0).collect();
-            let _turn = gate.enter();
-            let mut model = model
-                .lock()
-                .expect("whisper lock: inference does not panic");
-            model.transcribe(&audio).map(|t| {
+        let hook = self.panic_hook.clone();
+        self.pool
+            .run(priority, move |model, cancel| {
+                let audio: Vec<f32> = samples.iter().map(|&s| f32::from(s) / 32768.0).collect();
+                hook.fire();
+                let t = model.transcribe_with(&audio, Some(&gate), &|| cancel.is_cancelled())?;
                 if let Some(why) = t.guard {
                     tracing::debug!(why, "whisper decoding stopped by a guard");
                 }
-                t.text
+                Ok(t.text)
             })
+            .await
+    }
+
+    fn spawn_transcription(&self, priority: Priority, samples: Vec<i16>) -> Task<String> {
+        let stt = self.clone();
+        Task::spawn(async move { stt.transcribe_as(priority, samples).await })
+    }
+
+    /// The final transcript of an utterance whose speculation `speculation` covers: its
+    /// result, or a transcription of `samples` if it was dropped from a full queue.
+    fn finish_speculation(&self, speculation: Task<String>, samples: Vec<i16>) -> Task<String> {
+        let stt = self.clone();
+        Task::spawn(async move {
+            match speculation.await {
+                Err(crate::Error::Cancelled) => stt.transcribe_as(Priority::Needed, samples).await,
+                other => other,
+            }
         })
-        .await
-        .map_err(internal)?
-        .map_err(internal)
     }
 }
 
@@ -112,19 +213,18 @@ impl SpeechToText for LocalStt {
                 return;
             }
             let mut buffer = UtteranceBuffer::default();
-            // Transcriptions in the order of their `Finalize`s (each waits for the model in
-            // turn); audio of the next utterance keeps arriving meanwhile, so the input
-            // channel never fills up while Whisper works.
+            // Transcriptions in the order of their `Finalize`s; audio of the next utterance
+            // keeps arriving meanwhile, so the input channel never fills up while Whisper
+            // works. Returning drops (aborts) every job still queued or running.
             let mut pending = FuturesOrdered::new();
             // The speculative transcription of the current utterance, if one runs.
-            let mut speculation: Option<(u64, Transcription)> = None;
+            let mut speculation: Option<(u64, Task<String>)> = None;
             loop {
                 tokio::select! {
                     _ = task.cancel.cancelled() => return,
                     Some(done) = pending.next(), if !pending.is_empty() => {
                         let event = match done {
-                            Ok(Ok(text)) => SttEvent::Final { text },
-                            Ok(Err(e)) => SttEvent::Error(e),
+                            Ok(text) => SttEvent::Final { text },
                             Err(e) => SttEvent::Error(internal(e)),
                         };
                         let failed = matches!(event, SttEvent::Error(_));
@@ -136,19 +236,20 @@ impl SpeechToText for LocalStt {
                         None => return,
                         Some(SttInput::Audio(samples)) => {
                             if let Push::Speculate { id, samples } = buffer.push(&samples) {
-                                // One at a time: a stale speculation still running keeps the
-                                // model busy, and `Finalize` falls back to a full decode.
-                                let busy = speculation.as_ref().is_some_and(|(_, h)| !h.is_finished());
-                                if !busy && pending.is_empty() {
-                                    speculation = Some((id, this.spawn_transcription(samples)));
-                                }
+                                // A newer snapshot makes a running speculation stale: it is
+                                // dropped (cancelled), not awaited.
+                                let job = this.spawn_transcription(Priority::Speculative, samples);
+                                speculation = Some((id, job));
                             }
                         }
                         Some(SttInput::Finalize) => {
                             let job = match (buffer.finalize(), speculation.take()) {
-                                (Final::UseSpeculation { id, .. }, Some((running, job))) if running == id => job,
+                                (Final::UseSpeculation { id, samples }, Some((running, job))) if running == id => {
+                                    this.finish_speculation(job, samples)
+                                }
+                                // A stale speculation is dropped here, cancelled.
                                 (Final::UseSpeculation { samples, .. } | Final::Transcribe(samples), _) => {
-                                    this.spawn_transcription(samples)
+                                    this.spawn_transcription(Priority::Needed, samples)
                                 }
                             };
                             pending.push_back(job);
@@ -211,8 +312,9 @@ impl ChatEngine for LlamaChat {
 #[derive(Clone)]
 enum Backend {
     /// One generation at a time holds the model for its whole answer (candle, and
-    /// `LlamaChat`).
-    Exclusive(Arc<Mutex<dyn ChatEngine>>),
+    /// `LlamaChat`). An async lock: a turn dropped while it waits leaves the queue at once,
+    /// and a panic under it poisons nothing.
+    Exclusive(Arc<tokio::sync::Mutex<Box<dyn ChatEngine>>>),
     /// llama.cpp with continuous batching: every session's answer runs at once.
     Batched(BatchedLlama),
 }
@@ -228,6 +330,8 @@ pub struct LocalLlm {
     gate: ComputeGate,
     params: GenParams,
     meter: Meter,
+    observer: Observer,
+    panic_hook: PanicHook,
 }
 
 impl LocalLlm {
@@ -235,10 +339,12 @@ impl LocalLlm {
         LocalLlm {
             name: format!("local:{}", model.model_name()),
             model_name: model.model_name().to_owned(),
-            backend: Backend::Exclusive(Arc::new(Mutex::new(model))),
+            backend: Backend::Exclusive(Arc::new(tokio::sync::Mutex::new(Box::new(model)))),
             gate,
             params,
             meter: Meter::none(),
+            observer: Observer::none(),
+            panic_hook: PanicHook::default(),
         }
     }
 
@@ -247,10 +353,12 @@ impl LocalLlm {
         LocalLlm {
             name: format!("local:{}", model.name),
             model_name: model.name.clone(),
+            observer: model.observer().clone(),
             backend: Backend::Batched(model),
             gate: ComputeGate::new(),
             params,
             meter: Meter::none(),
+            panic_hook: PanicHook::default(),
         }
     }
 
@@ -267,6 +375,20 @@ impl LocalLlm {
     pub fn with_meter(mut self, meter: Meter) -> LocalLlm {
         self.meter = meter;
         self
+    }
+
+    /// Reports queue waits, decode steps, tokens and running answers to `observe` (once).
+    pub fn set_observer(&self, observe: Arc<dyn Observe>) -> bool {
+        self.observer.set(observe)
+    }
+
+    /// Test hook: the next answer panics inside the engine.
+    #[doc(hidden)]
+    pub fn panic_on_next_job(&self) {
+        match &self.backend {
+            Backend::Batched(b) => b.panic_on_next_job(),
+            Backend::Exclusive(_) => self.panic_hook.0.store(true, Ordering::SeqCst),
+        }
     }
 
     /// No generation is running (none holds the model) or waiting.
@@ -370,39 +492,59 @@ impl Finish {
 }
 
 impl LocalLlm {
-    /// One generation on the blocking pool, holding the model for the whole answer.
+    /// One generation on the blocking pool, holding the model for the whole answer. The turn
+    /// waits for the model asynchronously: dropped meanwhile (barge-in), it never starts.
     fn stream_exclusive(
         &self,
-        model: Arc<Mutex<dyn ChatEngine>>,
+        model: Arc<tokio::sync::Mutex<Box<dyn ChatEngine>>>,
         messages: Vec<(Speaker, String)>,
         params: GenParams,
         done: Finish,
     ) -> LlmStream {
         let (tx, mut rx) = mpsc::channel::<Result<LlmEvent, ProviderError>>(LLM_EVENT_CAPACITY);
         let gate = self.gate.clone();
-        tokio::task::spawn_blocking(move || {
-            let messages: Vec<(Speaker, &str)> =
-                messages.iter().map(|(w, t)| (*w, t.as_str())).collect();
-            // The session dropped the stream (barge-in) before we started: nothing to do.
-            if tx.is_closed() {
-                return;
-            }
-            let mut model = model.lock().expect("LLM lock: inference does not panic");
-            let result = model.generate(&messages, &params, &gate, &mut |text| {
-                if tx.is_closed() {
-                    return false;
-                }
-                text.is_empty()
-                    || tx
-                        .blocking_send(Ok(LlmEvent::Delta(text.to_string())))
-                        .is_ok()
-            });
-            drop(model);
-            let last = match result {
-                Ok(stats) => Ok(done.done(stats)),
-                Err(e) => Err(internal(e)),
+        let observer = self.observer.clone();
+        let hook = self.panic_hook.clone();
+        tokio::spawn(async move {
+            let queued = Instant::now();
+            let mut model = tokio::select! {
+                model = model.lock_owned() => model,
+                () = tx.closed() => return,
             };
-            let _ = tx.blocking_send(last);
+            observer.queue_wait(Engine::Llm, queued.elapsed());
+            tokio::task::spawn_blocking(move || {
+                let messages: Vec<(Speaker, &str)> =
+                    messages.iter().map(|(w, t)| (*w, t.as_str())).collect();
+                // Dropped in the instant between the lock and this thread: nothing to do.
+                if tx.is_closed() {
+                    return;
+                }
+                observer.llm_active(1);
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    hook.fire();
+                    model.generate(&messages, &params, &gate, &mut |text| {
+                        observer.llm_tokens(1);
+                        if tx.is_closed() {
+                            return false;
+                        }
+                        text.is_empty()
+                            || tx
+                                .blocking_send(Ok(LlmEvent::Delta(text.to_string())))
+                                .is_ok()
+                    })
+                }));
+                observer.llm_active(0);
+                drop(model);
+                let last = match result {
+                    Ok(Ok(stats)) => Ok(done.done(stats)),
+                    Ok(Err(e)) => Err(internal(e)),
+                    Err(_) => {
+                        tracing::error!("the local LLM panicked on an answer");
+                        Err(internal("the LLM panicked on this answer"))
+                    }
+                };
+                let _ = tx.blocking_send(last);
+            });
         });
         Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
     }
@@ -412,18 +554,31 @@ impl LocalLlm {
 // Text to speech
 // ---------------------------------------------------------------------------------------------
 
+/// Piper sessions (ONNX Runtime sessions of the same voice) serving sentences at once: two,
+/// so that a sentence never waits for another session's whole synthesis (phonemizing,
+/// normalising); the model runs themselves take the gate in turn, since on 2 cores two runs
+/// at once were no faster than two in a row (0.46-1.70 s against 0.85-1.5 s over three noisy
+/// runs; `cargo bench -p duplex-local --bench engines concurrency`).
+pub const PIPER_SESSIONS: usize = 2;
+/// Intra-op threads of each Piper session: one was as fast as two per sentence on the busy
+/// 2-core machine (0.26-0.69 s against 0.31-0.94 s) and leaves a core to the other engines.
+pub const PIPER_THREADS: usize = 1;
+/// Sentences that may wait for a voice: one per session speaking now, a few sessions.
+const TTS_MAX_WAITING: usize = 16;
+
 /// Something that turns a sentence into samples, blocking.
-trait Voice: Send + 'static {
+pub(crate) trait Voice: Send + 'static {
     fn sample_rate(&self) -> u32;
-    fn speak(&mut self, text: &str) -> Result<Vec<i16>, crate::Error>;
+    /// Speaks `text`, holding `gate` while it computes.
+    fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error>;
 }
 
 impl Voice for PiperVoice {
     fn sample_rate(&self) -> u32 {
         self.sample_rate
     }
-    fn speak(&mut self, text: &str) -> Result<Vec<i16>, crate::Error> {
-        self.synthesize(text)
+    fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
+        self.synthesize_with(text, Some(gate))
     }
 }
 
@@ -431,40 +586,66 @@ impl Voice for Espeak {
     fn sample_rate(&self) -> u32 {
         self.sample_rate
     }
-    fn speak(&mut self, text: &str) -> Result<Vec<i16>, crate::Error> {
+    fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
+        let _turn = gate.enter();
         Espeak::speak(self, text)
     }
 }
 
-/// A voice shared by every session.
-type SharedVoice = Arc<Mutex<dyn Voice>>;
+/// A pool of voices shared by every session, and the voice that speaks what they fail on.
+#[derive(Clone)]
+struct Voices {
+    pool: Pool<Box<dyn Voice>>,
+    fallback: Option<Pool<Box<dyn Voice>>>,
+    gate: ComputeGate,
+    observer: Observer,
+    panic_hook: PanicHook,
+}
 
-/// Speaks `text` with `voice`, or with `fallback` if `voice` fails (blocking).
-fn speak_with_fallback(
-    voice: &SharedVoice,
-    fallback: Option<&SharedVoice>,
-    text: &str,
-) -> Result<(Vec<i16>, u32), crate::Error> {
-    let mut v = voice.lock().expect("voice lock: synthesis does not panic");
-    match v.speak(text) {
-        Ok(samples) => Ok((samples, v.sample_rate())),
-        Err(e) => {
-            drop(v);
-            let Some(fallback) = fallback else {
-                return Err(e);
-            };
-            tracing::warn!(error = %e, "the voice failed on a sentence: the fallback voice speaks it");
-            let mut f = fallback
-                .lock()
-                .expect("voice lock: synthesis does not panic");
-            f.speak(text).map(|s| (s, f.sample_rate()))
+impl Voices {
+    fn new(voices: Vec<Box<dyn Voice>>, gate: ComputeGate) -> Voices {
+        let observer = Observer::none();
+        Voices {
+            pool: Pool::new(voices, TTS_MAX_WAITING, Engine::Tts, observer.clone()),
+            fallback: None,
+            gate,
+            observer,
+            panic_hook: PanicHook::default(),
+        }
+    }
+
+    async fn run(
+        &self,
+        pool: &Pool<Box<dyn Voice>>,
+        text: String,
+    ) -> Result<(Vec<i16>, u32), crate::Error> {
+        let (gate, hook) = (self.gate.clone(), self.panic_hook.clone());
+        pool.run(Priority::Needed, move |voice, _| {
+            hook.fire();
+            voice
+                .speak(&text, &gate)
+                .map(|samples| (samples, voice.sample_rate()))
+        })
+        .await
+    }
+
+    /// Speaks `text`, or has the fallback voice speak it if the voice fails (a panic too).
+    async fn speak(&self, text: String) -> Result<(Vec<i16>, u32), crate::Error> {
+        match self.run(&self.pool, text.clone()).await {
+            Err(e) if !matches!(e, crate::Error::Cancelled) => {
+                let Some(fallback) = &self.fallback else {
+                    return Err(e);
+                };
+                tracing::warn!(error = %e, "the voice failed on a sentence: the fallback voice speaks it");
+                self.run(fallback, text).await
+            }
+            other => other,
         }
     }
 }
 
-/// Runs a TTS stream over a shared voice: one blocking synthesis per text chunk, in order; a
-/// chunk the voice cannot speak goes to the fallback voice, if there is one.
-fn open_tts(voice: SharedVoice, fallback: Option<SharedVoice>, gate: ComputeGate) -> TtsStream {
+/// Runs a TTS stream over shared voices: one synthesis per text chunk, in order.
+fn open_tts(voices: Voices) -> TtsStream {
     let (stream, mut task) = TtsStream::channel();
     tokio::spawn(async move {
         loop {
@@ -480,25 +661,14 @@ fn open_tts(voice: SharedVoice, fallback: Option<SharedVoice>, gate: ComputeGate
                 }
                 Some(TtsInput::Text { index, text }) => (index, text),
             };
-            let voice = voice.clone();
-            let fallback = fallback.clone();
-            let gate = gate.clone();
-            let job = tokio::task::spawn_blocking(move || {
-                let _turn = gate.enter();
-                speak_with_fallback(&voice, fallback.as_ref(), &text)
-            });
             let result = tokio::select! {
-                // A barge-in drops the stream: the sentence in progress finishes on its
-                // blocking thread, but nothing more is synthesized or sent.
+                // A barge-in drops the stream: a sentence still queued never starts, the one
+                // in progress finishes on its blocking thread, nothing more is sent.
                 _ = task.cancel.cancelled() => return,
-                r = job => r,
+                r = voices.speak(text) => r,
             };
             let (samples, sample_rate) = match result {
-                Ok(Ok(ok)) => ok,
-                Ok(Err(e)) => {
-                    let _ = task.events.send(TtsEvent::Error(internal(e))).await;
-                    return;
-                }
+                Ok(ok) => ok,
                 Err(e) => {
                     let _ = task.events.send(TtsEvent::Error(internal(e))).await;
                     return;
@@ -513,27 +683,50 @@ fn open_tts(voice: SharedVoice, fallback: Option<SharedVoice>, gate: ComputeGate
     stream
 }
 
-/// The Piper voice as a synthesizer.
+/// The Piper voice as a synthesizer: [`PIPER_SESSIONS`] ONNX Runtime sessions of the voice
+/// speak several sessions' sentences at once, each holding the [`ComputeGate`] only while
+/// the model runs.
 #[derive(Clone)]
 pub struct PiperTts {
-    voice: SharedVoice,
-    fallback: Option<SharedVoice>,
-    gate: ComputeGate,
+    voices: Voices,
 }
 
 impl PiperTts {
-    pub fn new(voice: PiperVoice, gate: ComputeGate) -> PiperTts {
+    /// One pool entry per loaded voice (at least one).
+    pub fn new(voices: Vec<PiperVoice>, gate: ComputeGate) -> PiperTts {
+        let voices = voices
+            .into_iter()
+            .map(|v| Box::new(v) as Box<dyn Voice>)
+            .collect();
         PiperTts {
-            voice: Arc::new(Mutex::new(voice)),
-            fallback: None,
-            gate,
+            voices: Voices::new(voices, gate),
         }
     }
 
     /// Sentences Piper fails on are spoken by espeak-ng instead.
     pub fn with_fallback(mut self, espeak: &EspeakTts) -> PiperTts {
-        self.fallback = Some(espeak.voice.clone());
+        self.voices.fallback = Some(espeak.voices.pool.clone());
         self
+    }
+
+    /// Reports queue waits to `observe` (once).
+    pub fn set_observer(&self, observe: Arc<dyn Observe>) -> bool {
+        self.voices.observer.set(observe)
+    }
+
+    pub fn pool_stats(&self) -> &PoolStats {
+        self.voices.pool.stats()
+    }
+
+    /// Speaks one sentence: samples and their rate.
+    pub async fn synthesize(&self, text: &str) -> Result<(Vec<i16>, u32), ProviderError> {
+        self.voices.speak(text.to_owned()).await.map_err(internal)
+    }
+
+    /// Test hook: the next synthesis panics inside the engine.
+    #[doc(hidden)]
+    pub fn panic_on_next_job(&self) {
+        self.voices.panic_hook.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -543,23 +736,33 @@ impl TextToSpeech for PiperTts {
     }
 
     fn open(&self, _params: TtsParams) -> TtsStream {
-        open_tts(self.voice.clone(), self.fallback.clone(), self.gate.clone())
+        open_tts(self.voices.clone())
     }
 }
 
 /// espeak-ng as a synthesizer: robotic, clear, and instant.
 #[derive(Clone)]
 pub struct EspeakTts {
-    voice: SharedVoice,
-    gate: ComputeGate,
+    voices: Voices,
 }
+
+/// Handles on the espeak-ng thread (it serialises the library's calls itself).
+const ESPEAK_HANDLES: usize = 2;
 
 impl EspeakTts {
     pub fn new(gate: ComputeGate) -> Result<EspeakTts, crate::Error> {
+        let espeak = Espeak::global()?;
+        let voices = (0..ESPEAK_HANDLES)
+            .map(|_| Box::new(espeak.clone()) as Box<dyn Voice>)
+            .collect();
         Ok(EspeakTts {
-            voice: Arc::new(Mutex::new(Espeak::global()?)),
-            gate,
+            voices: Voices::new(voices, gate),
         })
+    }
+
+    /// Reports queue waits to `observe` (once).
+    pub fn set_observer(&self, observe: Arc<dyn Observe>) -> bool {
+        self.voices.observer.set(observe)
     }
 }
 
@@ -569,7 +772,7 @@ impl TextToSpeech for EspeakTts {
     }
 
     fn open(&self, _params: TtsParams) -> TtsStream {
-        open_tts(self.voice.clone(), None, self.gate.clone())
+        open_tts(self.voices.clone())
     }
 }
 
@@ -584,7 +787,7 @@ mod tests {
         fn sample_rate(&self) -> u32 {
             16_000
         }
-        fn speak(&mut self, text: &str) -> Result<Vec<i16>, crate::Error> {
+        fn speak(&mut self, text: &str, _: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
             if self.0 {
                 Ok(vec![7; text.len()])
             } else {
@@ -614,16 +817,15 @@ mod tests {
         events
     }
 
+    fn voices(working: bool) -> Voices {
+        Voices::new(vec![Box::new(Fake(working))], ComputeGate::new())
+    }
+
     #[tokio::test]
     async fn a_sentence_the_voice_fails_on_is_spoken_by_the_fallback() {
-        let failing: SharedVoice = Arc::new(Mutex::new(Fake(false)));
-        let working: SharedVoice = Arc::new(Mutex::new(Fake(true)));
-        let gate = ComputeGate::new();
-        let events = speak(
-            open_tts(failing.clone(), Some(working), gate.clone()),
-            "hello",
-        )
-        .await;
+        let mut failing = voices(false);
+        failing.fallback = Some(voices(true).pool);
+        let events = speak(open_tts(failing.clone()), "hello").await;
         assert!(
             matches!(&events[0], TtsEvent::Audio { samples, .. } if samples.len() == 5),
             "{events:?}"
@@ -632,11 +834,36 @@ mod tests {
             matches!(events.last(), Some(TtsEvent::Finished)),
             "{events:?}"
         );
+        // A panic inside the voice is a failure like another: the fallback speaks.
+        failing.panic_hook.0.store(true, Ordering::SeqCst);
+        let events = speak(open_tts(failing.clone()), "hello").await;
+        assert!(
+            matches!(&events[0], TtsEvent::Audio { samples, .. } if samples.len() == 5),
+            "{events:?}"
+        );
         // Without a fallback the failure is the stream's error.
-        let events = speak(open_tts(failing, None, gate), "hello").await;
+        failing.fallback = None;
+        let events = speak(open_tts(failing), "hello").await;
         assert!(
             matches!(events.as_slice(), [TtsEvent::Error(_)]),
             "{events:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_voice_fails_its_sentence_and_speaks_the_next() {
+        let working = voices(true);
+        working.panic_hook.0.store(true, Ordering::SeqCst);
+        let events = speak(open_tts(working.clone()), "hello").await;
+        assert!(
+            matches!(events.as_slice(), [TtsEvent::Error(_)]),
+            "{events:?}"
+        );
+        let events = speak(open_tts(working.clone()), "hello").await;
+        assert!(
+            matches!(&events[0], TtsEvent::Audio { samples, .. } if samples.len() == 5),
+            "{events:?}"
+        );
+        assert_eq!(working.pool.stats().panicked.load(Ordering::SeqCst), 1);
     }
 }

@@ -14,6 +14,7 @@ use candle_transformers::models::whisper::{self as w, model::Whisper};
 use crate::Error;
 use crate::bytelevel::ByteLevel;
 use crate::ct2::Ct2Model;
+use crate::gate::ComputeGate;
 
 /// Audio quieter than this RMS (of samples in -1..1, about -45 dBFS) is silence: Whisper
 /// invents text for silence ("Thank you."), so it is never decoded.
@@ -47,6 +48,9 @@ pub struct Transcript {
 }
 
 /// A loaded Whisper model (English-only or multilingual, greedy decoding without timestamps).
+/// Cloning shares the weights (candle tensors are reference counted): each clone has only its
+/// own decoder cache, so a pool of clones transcribes several utterances at once.
+#[derive(Clone)]
 pub struct WhisperModel {
     model: Whisper,
     filters: Vec<f32>,
@@ -147,6 +151,18 @@ impl WhisperModel {
 
     /// Transcribes one utterance of 16 kHz mono samples in -1..1 (at most 30 s are used).
     pub fn transcribe(&mut self, samples: &[f32]) -> Result<Transcript, Error> {
+        self.transcribe_with(samples, None, &|| false)
+    }
+
+    /// [`transcribe`](Self::transcribe) in steps (the encoder, then each decoder token), each
+    /// taking `gate` if there is one, and asking `stop` before each: when it answers true the
+    /// transcription ends with [`Error::Cancelled`] (a stale speculation, a dropped turn).
+    pub fn transcribe_with(
+        &mut self,
+        samples: &[f32],
+        gate: Option<&ComputeGate>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Transcript, Error> {
         let silent = Transcript {
             text: String::new(),
             no_speech_prob: 1.0,
@@ -167,7 +183,13 @@ impl WhisperModel {
         let spoken = samples.len() / w::HOP_LENGTH;
         let window = (spoken + MEL_PADDING_FRAMES).clamp(MIN_WINDOW_FRAMES, w::N_FRAMES);
         let mel = mel.narrow(2, 0, window.min(frames))?;
-        let audio = self.model.encoder.forward(&mel, true)?;
+        if stop() {
+            return Err(Error::Cancelled);
+        }
+        let audio = {
+            let _turn = gate.map(ComputeGate::enter);
+            self.model.encoder.forward(&mel, true)?
+        };
 
         let seconds = samples.len() as f32 / w::SAMPLE_RATE as f32;
         let budget =
@@ -180,6 +202,10 @@ impl WhisperModel {
                 guard = Some("token budget for the audio length exceeded");
                 break;
             }
+            if stop() {
+                return Err(Error::Cancelled);
+            }
+            let _turn = gate.map(ComputeGate::enter);
             let input = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
             let hidden = self.model.decoder.forward(&input, &audio, step == 0)?;
             if step == 0

@@ -6,9 +6,11 @@
 //! each test says it was skipped. Models load once per test binary and tests take turns (they
 //! all want both cores).
 
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use duplex_local::observe::{Engine, Observe};
 use duplex_local::{ComputeGate, GenParams, LlmChoice, LocalLlm, LocalStt, ModelDir};
 use duplex_providers::{
     ChatMessage, LanguageModel, LlmEvent, LlmRequest, Role, SpeechToText, SttEvent, SttInput,
@@ -27,6 +29,31 @@ struct Engines {
     candle: LocalLlm,
     piper: duplex_local::PiperTts,
     espeak: duplex_local::EspeakTts,
+    /// What the engines reported.
+    seen: Arc<Seen>,
+}
+
+/// Counts the engines' reports.
+#[derive(Default)]
+struct Seen {
+    /// Jobs that started, by engine: stt, llm, tts.
+    started: [AtomicU64; 3],
+    tokens: AtomicU64,
+}
+
+impl Seen {
+    fn started(&self, engine: Engine) -> u64 {
+        self.started[engine as usize].load(Ordering::SeqCst)
+    }
+}
+
+impl Observe for Seen {
+    fn queue_wait(&self, engine: Engine, _wait: Duration) {
+        self.started[engine as usize].fetch_add(1, Ordering::SeqCst);
+    }
+    fn llm_tokens(&self, tokens: u64) {
+        self.tokens.fetch_add(tokens, Ordering::SeqCst);
+    }
 }
 
 /// The engines, or `None` (with a note) when local tests are not enabled.
@@ -64,7 +91,11 @@ fn engines() -> Option<(&'static Engines, MutexGuard<'static, ()>)> {
                 .unwrap_or_else(|e| panic!("{e}")),
             piper: dir.load_piper(&gate).unwrap_or_else(|e| panic!("{e}")),
             espeak: dir.load_espeak(&gate).unwrap_or_else(|e| panic!("{e}")),
+            seen: Arc::new(Seen::default()),
         };
+        e.stt.set_observer(e.seen.clone());
+        e.candle.set_observer(e.seen.clone());
+        e.piper.set_observer(e.seen.clone());
         eprintln!("loaded the local engines in {:?}", t.elapsed());
         e
     });
@@ -290,4 +321,191 @@ async fn dropping_the_llm_stream_stops_generation() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     eprintln!("generation stopped {:?} after the drop", dropped.elapsed());
+}
+
+fn librivox(id: &str) -> Vec<i16> {
+    read_wav_16k(&format!(
+        "{LIBRIVOX}/sense_and_sensibility_01_austen_64kb-{id}.wav"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_utterances_at_once_are_transcribed_as_each_alone() {
+    let Some((e, _turn)) = engines() else { return };
+    let (a, b) = (librivox("0870"), librivox("0880"));
+    let alone_a = e.stt.transcribe(a.clone()).await.unwrap();
+    let alone_b = e.stt.transcribe(b.clone()).await.unwrap();
+    let t = Instant::now();
+    let (both_a, both_b) = tokio::join!(e.stt.transcribe(a), e.stt.transcribe(b));
+    eprintln!("{alone_a:?} {alone_b:?}; both at once in {:?}", t.elapsed());
+    assert!(!alone_a.is_empty() && alone_a != alone_b);
+    assert_eq!(both_a.unwrap(), alone_a);
+    assert_eq!(both_b.unwrap(), alone_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_queued_transcription_never_starts() {
+    let Some((e, _turn)) = engines() else { return };
+    let audio = librivox("0890");
+    let started = e.seen.started(Engine::Stt);
+    // Every Whisper instance busy, then one more job queued, then dropped.
+    let busy: Vec<_> = (0..duplex_local::provider::WHISPER_INSTANCES)
+        .map(|_| {
+            let (stt, audio) = (e.stt.clone(), audio.clone());
+            tokio::spawn(async move { stt.transcribe(audio).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.seen.started(Engine::Stt) < started + busy.len() as u64 {
+        assert!(Instant::now() < deadline, "the first jobs did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let queued = {
+        let (stt, audio) = (e.stt.clone(), audio.clone());
+        tokio::spawn(async move { stt.transcribe(audio).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    queued.abort();
+    for job in busy {
+        assert!(!job.await.unwrap().unwrap().is_empty());
+    }
+    // The pool is free again: the next job runs.
+    assert!(!e.stt.transcribe(audio).await.unwrap().is_empty());
+    assert_eq!(
+        e.seen.started(Engine::Stt),
+        started + duplex_local::provider::WHISPER_INSTANCES as u64 + 1,
+        "the dropped job never started"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_transcription_stops_at_its_next_step() {
+    if std::env::var("DUPLEX_TEST_LOCAL").as_deref() != Ok("1") {
+        return;
+    }
+    let mut whisper = duplex_local::whisper::WhisperModel::load(&ModelDir::from_env().whisper())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let audio: Vec<f32> = librivox("0870")
+        .iter()
+        .map(|&s| f32::from(s) / 32768.0)
+        .collect();
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    // Cancelled after the encoder and two decoder steps.
+    let stop = || asked.fetch_add(1, Ordering::SeqCst) >= 3;
+    let out = whisper.transcribe_with(&audio, None, &stop);
+    assert!(
+        matches!(out, Err(duplex_local::Error::Cancelled)),
+        "{out:?}"
+    );
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        4,
+        "no step ran after the cancel"
+    );
+    // The model is fine for the next utterance.
+    assert!(!whisper.transcribe(&audio).unwrap().text.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_whisper_fails_one_transcription_not_the_next() {
+    let Some((e, _turn)) = engines() else { return };
+    let audio = librivox("0880");
+    e.stt.panic_on_next_job();
+    let failed = e.stt.transcribe(audio.clone()).await;
+    assert!(failed.is_err(), "{failed:?}");
+    // The stream interface too: the next session's utterance is transcribed.
+    assert!(!recognize(&e.stt, &audio).await.is_empty());
+    assert!(!e.stt.transcribe(audio).await.unwrap().is_empty());
+}
+
+/// Piper samples noise inside the model (the voice's `noise_scale` and `noise_w`: VITS draws
+/// its latent and its phoneme durations), so a sentence is never twice the same samples, alone
+/// or not; what must hold at once is what holds alone: the same length within the duration
+/// noise, and words Whisper understands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_syntheses_at_once_sound_like_each_alone() {
+    let Some((e, _turn)) = engines() else { return };
+    let a = "Paris is the capital of France.";
+    let b = "The weather is lovely today, so we are going to the park.";
+    let (alone_a, rate) = e.piper.synthesize(a).await.unwrap();
+    let (alone_b, _) = e.piper.synthesize(b).await.unwrap();
+    let (both_a, both_b) = tokio::join!(e.piper.synthesize(a), e.piper.synthesize(b));
+    let (both_a, both_b) = (both_a.unwrap().0, both_b.unwrap().0);
+    eprintln!(
+        "alone {} and {} samples, at once {} and {} at {rate} Hz",
+        alone_a.len(),
+        alone_b.len(),
+        both_a.len(),
+        both_b.len()
+    );
+    for (text, alone, both) in [(a, &alone_a, &both_a), (b, &alone_b, &both_b)] {
+        let ratio = both.len() as f64 / alone.len() as f64;
+        assert!(
+            (0.8..1.25).contains(&ratio),
+            "{text:?}: {ratio:.2} of its length alone"
+        );
+        let heard = recognize(&e.stt, &resample(both, rate, 16_000)).await;
+        // Whisper tiny.en on the voice's sampling noise sometimes mishears a word or two of a
+        // six-word sentence ("Carishes the capital of France"); a broken synthesis (silence,
+        // noise, a cut sentence) misses most of them.
+        assert!(
+            wer(text, &heard) <= 0.35,
+            "Whisper heard {heard:?} for {text:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_piper_fails_one_sentence_not_the_next() {
+    let Some((e, _turn)) = engines() else { return };
+    e.piper.panic_on_next_job();
+    assert!(e.piper.synthesize("Hello there.").await.is_err());
+    let (audio, _) = synthesize(&e.piper, "Hello there.").await;
+    assert!(audio.len() > 10_000, "{} samples", audio.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_llm_fails_one_answer_not_the_next() {
+    let Some((e, _turn)) = engines() else { return };
+    for llm in [&e.llm, &e.candle] {
+        llm.panic_on_next_job();
+        let mut stream = llm.stream(request("What is the capital of France?"));
+        match stream.next().await {
+            Some(Err(err)) => eprintln!("failed as it should: {err}"),
+            other => panic!("expected the answer to fail, got {other:?}"),
+        }
+        drop(stream);
+        answers_and_stops(llm).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_dropped_while_the_serial_llm_is_busy_never_starts() {
+    let Some((e, _turn)) = engines() else { return };
+    let started = e.seen.started(Engine::Llm);
+    let mut essay = request("Write a long essay about the history of the Roman Empire.");
+    essay.messages[0] = ChatMessage::new(Role::System, "You write long, detailed essays.");
+    let mut running = e.candle.stream(essay);
+    for _ in 0..3 {
+        assert!(matches!(running.next().await, Some(Ok(LlmEvent::Delta(_)))));
+    }
+    // A second turn waits for the model; its user barges in before it starts.
+    let waiting = e.candle.stream(request("What is the capital of France?"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(waiting);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(running);
+    let dropped = Instant::now();
+    while !e.candle.is_idle() {
+        assert!(dropped.elapsed() < Duration::from_secs(2), "still busy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Give a wrongly started second turn the time to take the model.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(e.candle.is_idle(), "the dropped turn took the model");
+    assert_eq!(
+        e.seen.started(Engine::Llm),
+        started + 1,
+        "only the essay started"
+    );
 }

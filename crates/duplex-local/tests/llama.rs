@@ -318,3 +318,56 @@ fn a_conversation_keeps_its_cache_when_another_is_cancelled() {
     assert!(stats.prompt_decoded <= 30, "{stats:?}");
     assert!(a2.contains("Berlin"), "answer: {a2:?}");
 }
+
+#[test]
+fn a_queued_turn_dropped_before_it_starts_never_prefills() {
+    let Some((_turn, llm)) = batched() else {
+        return;
+    };
+    let stats = llm.stats();
+    // Both sequences busy with long answers, a third turn queued, then dropped.
+    let mut one = llm.generate(&fresh("essay"), essay(), GenParams::default());
+    let mut two = llm.generate(&fresh("essay"), essay(), GenParams::default());
+    read_some(&mut one, 2);
+    read_some(&mut two, 2);
+    let started = stats.started.load(Ordering::SeqCst);
+    let waiting = llm.generate(&fresh("a"), spoken(Q_FRANCE), short());
+    let t = Instant::now();
+    while stats.queued.load(Ordering::SeqCst) == 0 {
+        assert!(t.elapsed().as_secs() < 5, "the third turn never queued");
+        read_some(&mut one, 1);
+    }
+    drop(waiting);
+    // The scheduler forgets it at its next step; the sequences free up afterwards.
+    read_some(&mut one, 2);
+    drop(one);
+    drop(two);
+    // Bounded generously: on a loaded machine a two-answer step can take a second.
+    let idle = Instant::now();
+    while !llm.is_idle() {
+        assert!(idle.elapsed().as_secs() < 20, "the engine is still busy");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    eprintln!("idle {:?} after the drops", idle.elapsed());
+    assert_eq!(
+        stats.started.load(Ordering::SeqCst),
+        started,
+        "the dropped turn never got a sequence"
+    );
+}
+
+#[test]
+fn a_panic_in_the_scheduler_fails_one_turn_and_it_serves_the_next() {
+    let Some((_turn, llm)) = batched() else {
+        return;
+    };
+    let (alone, _) = read_all(&mut llm.generate(&fresh("a"), spoken(Q_FRANCE), short()));
+    llm.panic_on_next_job();
+    let mut failed = llm.generate(&fresh("a"), spoken(Q_FRANCE), short());
+    match failed.blocking_recv() {
+        Some(GenEvent::Failed(e)) => eprintln!("failed as it should: {e}"),
+        other => panic!("expected the turn to fail, got {other:?}"),
+    }
+    let (after, _) = read_all(&mut llm.generate(&fresh("a"), spoken(Q_FRANCE), short()));
+    assert_eq!(after, alone);
+}

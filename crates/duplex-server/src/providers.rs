@@ -28,14 +28,26 @@ pub struct BuildError {
     source: duplex_local::Error,
 }
 
+/// Where the engines report (the metrics): the LLM router's failovers and breakers, the local
+/// engines' queue waits, decode steps and tokens.
+pub trait EngineObserver:
+    duplex_providers::router::RouterObserver + duplex_local::observe::Observe
+{
+}
+
+impl<T: duplex_providers::router::RouterObserver + duplex_local::observe::Observe> EngineObserver
+    for T
+{
+}
+
 /// The engines of every session; `None` in echo mode (no providers at all).
-/// The LLM router reports its failovers and breakers to `router_observer` (the metrics).
+/// The LLM router and the local engines report to `observer` (the metrics).
 /// `max_turn` (the endpointer's longest utterance) bounds what a non-streaming recognizer keeps.
 pub fn build(
     config: &EnginesConfig,
     max_turn: std::time::Duration,
     usage: Arc<dyn UsageSink>,
-    router_observer: Arc<dyn duplex_providers::router::RouterObserver>,
+    observer: Arc<dyn EngineObserver>,
 ) -> Result<Option<ProviderSet>, BuildError> {
     if config.providers == ProviderMode::Echo {
         return Ok(None);
@@ -83,6 +95,7 @@ pub fn build(
             let stt = models
                 .load_stt(&gate)
                 .map_err(failed("speech recognition"))?;
+            stt.set_observer(observer.clone());
             loaded("whisper", t);
             Arc::new(stt)
         }
@@ -128,6 +141,7 @@ pub fn build(
                 )
                 .map_err(failed("language model"))?
                 .with_meter(meter.clone());
+            llm.set_observer(observer.clone());
             loaded("llm", t);
             Arc::new(llm)
         }
@@ -164,7 +178,7 @@ pub fn build(
             Arc::new(
                 LlmRouter::new(endpoints, cloud.llm_routes.clone(), router)
                     .expect("config.rs validated endpoints and routes")
-                    .with_observer(router_observer),
+                    .with_observer(observer.clone()),
             )
         }
     };
@@ -176,10 +190,15 @@ pub fn build(
             // espeak-ng is there: Piper phonemizes with it.
             let espeak = models.load_espeak(&gate).map_err(failed("voice"))?;
             let tts = tts.with_fallback(&espeak);
+            tts.set_observer(observer.clone());
             loaded("piper", t);
             Arc::new(tts)
         }
-        TtsEngine::Espeak => Arc::new(models.load_espeak(&gate).map_err(failed("voice"))?),
+        TtsEngine::Espeak => {
+            let espeak = models.load_espeak(&gate).map_err(failed("voice"))?;
+            espeak.set_observer(observer.clone());
+            Arc::new(espeak)
+        }
         TtsEngine::Default | TtsEngine::Scripted => Arc::new(ScriptedTts::new(scripted)),
         TtsEngine::Azure => {
             let mut c =

@@ -42,6 +42,7 @@ async fn a_spoken_question_gets_a_spoken_answer_from_the_local_engines() {
     let Some(config) = local_config() else { return };
     let _engines = LOCAL_ENGINES.lock().await;
     let ts = TestServer::start(config).await;
+    let before = ts.http("/metrics").await.1;
     let question = "What is the capital of France?";
     let mut cfg = SessionConfig::new(ts.url());
     // Debug builds on two shared cores: generous bounds; the benchmark measures speed.
@@ -81,6 +82,37 @@ async fn a_spoken_question_gets_a_spoken_answer_from_the_local_engines() {
         .expect("resident memory on /metrics");
     // The models are loaded: hundreds of MB.
     assert!(rss.parse::<f64>().unwrap() > 200e6, "{rss}");
+    // The local engines' own series: each engine ran a job, the LLM decoded steps and
+    // generated at least the answer's tokens, nothing runs now.
+    for engine in ["stt", "llm", "tts"] {
+        let count = format!(r#"duplex_local_queue_wait_seconds_count{{engine="{engine}"}}"#);
+        assert_eq!(sample(&before, &count), 0.0, "{before}");
+        assert!(sample(&metrics, &count) >= 1.0, "{metrics}");
+    }
+    assert_eq!(sample(&before, "duplex_local_llm_tokens_total"), 0.0);
+    assert!(
+        sample(&metrics, "duplex_local_llm_tokens_total") >= tokens,
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "duplex_local_llm_batch_size_count") >= tokens,
+        "{metrics}"
+    );
+    assert_eq!(sample(&metrics, "duplex_local_llm_active_sequences"), 0.0);
+    assert_eq!(
+        sample(&metrics, "duplex_local_stt_queue_dropped_total"),
+        0.0
+    );
+}
+
+/// The value of the series `name` (with its labels) in a Prometheus text exposition.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+        .parse()
+        .unwrap()
 }
 
 /// Three conversations at once on the embedded engines (the LLM decodes them in one batch):
