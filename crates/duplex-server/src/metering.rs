@@ -366,7 +366,12 @@ impl UsageBacklog {
     }
 
     /// Takes over the writes a session could not get acknowledged (in their order).
-    pub fn hand_off(&self, session_id: &str, user_id: i64, deltas: Vec<duplex_metering::UsageDelta>) {
+    pub fn hand_off(
+        &self,
+        session_id: &str,
+        user_id: i64,
+        deltas: Vec<duplex_metering::UsageDelta>,
+    ) {
         let mut q = self.inner.queue.lock().expect("backlog lock");
         for delta in deltas {
             if q.len() >= Self::CAPACITY {
@@ -378,7 +383,10 @@ impl UsageBacklog {
                     cost_micros = delta.cost_micros,
                     "USAGE LOST: the usage backlog is full (the store has not answered for a long time)"
                 );
-                self.inner.metrics.usage_lost_seconds_total.inc_by(delta.seconds);
+                self.inner
+                    .metrics
+                    .usage_lost_seconds_total
+                    .inc_by(delta.seconds);
                 continue;
             }
             q.push_back(Handed {
@@ -443,7 +451,12 @@ mod tests {
 
     async fn seconds_on_the_day(store: &Store, user_id: i64) -> i64 {
         let day = time::Date::from_calendar_date(2026, time::Month::December, 2).unwrap();
-        store.usage_for_day(user_id, day).await.unwrap().conversation_ms / 1000
+        store
+            .usage_for_day(user_id, day)
+            .await
+            .unwrap()
+            .conversation_ms
+            / 1000
     }
 
     #[tokio::test]
@@ -484,7 +497,10 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         assert_eq!(backlog.len(), 2);
         assert_eq!(metrics.usage_backlog_writes.get(), 2);
-        assert_eq!(backlog.flush(std::time::Duration::from_millis(100)).await, 7);
+        assert_eq!(
+            backlog.flush(std::time::Duration::from_millis(100)).await,
+            7
+        );
         assert_eq!(metrics.usage_lost_seconds_total.get(), 7);
     }
 }

@@ -302,7 +302,10 @@ impl Checker {
                     let newest = self.writes.iter().max().copied().unwrap_or(0);
                     for d in deltas {
                         if d.retried {
-                            assert!(self.writes.contains(&d.seq), "a replay of a write never sent: {d:?}");
+                            assert!(
+                                self.writes.contains(&d.seq),
+                                "a replay of a write never sent: {d:?}"
+                            );
                         } else {
                             assert!(d.seq > newest, "a new write reuses a seq: {d:?}");
                         }

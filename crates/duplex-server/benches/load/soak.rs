@@ -21,8 +21,10 @@
 //!   session. Each session's stored time is rounded up to a whole second once, so stored is
 //!   normally a little above held (about +0.5 s a session).
 //!
-//! A fourth line counts the final usage writes the server gave up on (from its log): the
-//! aggregate check above can pass while single sessions lost more than a heartbeat.
+//! A fourth line counts, from the server's log, the usage the server lost ("USAGE LOST": what
+//! its usage backlog could not write) and the final writes sessions handed to that backlog
+//! because the store did not acknowledge them in time: the aggregate check above can pass
+//! while single sessions lost more than a heartbeat.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -438,29 +440,31 @@ pub async fn run(settings: &SoakSettings, speech: &Wav) {
         verdict(usage_ok),
         diff.abs()
     );
-    let (given_up, given_up_secs, given_up_max) = given_up_final_writes(&server.log_path);
+    let lost = log_lines_seconds(&server.log_path, "USAGE LOST");
+    let handed = log_lines_seconds(&server.log_path, "handing it to the server's backlog");
     println!(
-        "  {} no final usage given up: {given_up} sessions' final writes given up (server log), \
-         holding {given_up_secs} s, at most {given_up_max} s in one",
-        verdict(given_up == 0)
+        "  {} no usage lost: {} writes lost (server log), holding {} s, at most {} s in one; \
+         {} sessions handed {} s of final usage to the backlog (at most {} s in one)",
+        verdict(lost.0 == 0),
+        lost.0,
+        lost.1,
+        lost.2,
+        handed.0,
+        handed.1,
+        handed.2
     );
     crate::print_log_summary(&server.log_path);
 }
 
-/// Final usage writes the server gave up on (its log line carries the unwritten delta): how
-/// many, their seconds, and the most in one. The aggregate check above allows a heartbeat per
-/// session; this shows where usage was lost.
-fn given_up_final_writes(log: &std::path::Path) -> (u64, u64, u64) {
+/// Server log lines (JSON) that contain `needle`: how many, the sum of their `seconds` field,
+/// and the largest.
+fn log_lines_seconds(log: &std::path::Path, needle: &str) -> (u64, u64, u64) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut out = (0, 0, 0);
-    for line in text
-        .lines()
-        .filter(|l| l.contains("gave up writing the session's final usage"))
-    {
+    for line in text.lines().filter(|l| l.contains(needle)) {
         out.0 += 1;
-        // `UsageDelta { seq: N, day: UtcDate { .. }, seconds: N, ..`
         let secs = line
-            .split_once("}, seconds: ")
+            .split_once("\"seconds\":")
             .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0);

@@ -285,13 +285,11 @@ async fn churning_sessions_lose_no_usage_and_leave_no_tasks_behind() {
         eprintln!(
             "stored {stored:.1} s, held {held:.1} s, {sessions} sessions, slack {slack:.0} s"
         );
-        // Per session too: no final write was abandoned (the server logs each with the usage
-        // it held).
+        // Per session too: no usage write was lost (a final write the store did not
+        // acknowledge in time goes to the server's backlog; only what the backlog cannot write
+        // is logged as lost).
         let log = server.log();
-        assert!(
-            !log.contains("gave up writing the session's final usage"),
-            "final usage lost:\n{log}"
-        );
+        assert!(!log.contains("USAGE LOST"), "usage lost:\n{log}");
         assert!(
             (stored - held).abs() <= slack,
             "stored {stored:.1} s vs held {held:.1} s over {sessions} sessions: more than one \
