@@ -18,11 +18,11 @@
 # its peak RSS; then the largest N whose p95 stays under 3 s with every question answered.
 # JSON reports stay in $LEVELS_OUT (default: a dated folder under the target directory).
 # Knobs (environment): LEVEL_ENGINES ("llama-serial llama"), LEVEL_ROUNDS (1: passes over
-# all levels), LEVEL_TURNS (4 questions per session), LEVEL_INTERVAL_S (beat between
-# questions: 8 + 2.5 x N s, the slowest answers of a level have to be played by then),
+# all levels), LEVEL_TURNS (3 questions per session), LEVEL_INTERVAL_S (beat between
+# questions: 6 + 2.5 x N s, the slowest answers of a level have to be played by then),
 # LEVEL_PLAYBACK_SPEED (4: answers are "listened to" 4x faster than real time, which
 # shortens the run and changes no latency measured: each answer is complete before the next
-# question), LEVEL_MAX_S (60 + 4 x interval: bound per level).
+# question), LEVEL_MAX_S (30 s + questions x beat: bound per level).
 #
 # Usage: scripts/bench-local.sh [--engines-only | --server-only | --levels [1,2,3,4,6,8]]
 set -euo pipefail
@@ -89,7 +89,7 @@ if [ "$what" = --levels ]; then
   mkdir -p "$out"
   make_questions "$work"
   read -r -a engines <<<"${LEVEL_ENGINES:-llama-serial llama}"
-  turns="${LEVEL_TURNS:-4}"
+  turns="${LEVEL_TURNS:-3}"
   playback="${LEVEL_PLAYBACK_SPEED:-4}"
   log "levels $levels, engines ${engines[*]}, $turns questions per session; uptime: $(uptime)"
   uptime >"$out/uptime-before"
@@ -99,8 +99,8 @@ if [ "$what" = --levels ]; then
       order=("${engines[@]}")
       if [ $((flip % 2)) = 1 ]; then order=(); for e in "${engines[@]}"; do order=("$e" "${order[@]}"); done; fi
       flip=$((flip + 1))
-      interval="${LEVEL_INTERVAL_S:-$(awk -v n="$n" 'BEGIN { print 8 + 2.5 * n }')}"
-      max_s="${LEVEL_MAX_S:-$(awk -v i="$interval" -v t="$turns" 'BEGIN { printf "%d", 60 + t * i }')}"
+      interval="${LEVEL_INTERVAL_S:-$(awk -v n="$n" 'BEGIN { print 6 + 2.5 * n }')}"
+      max_s="${LEVEL_MAX_S:-$(awk -v i="$interval" -v t="$turns" 'BEGIN { printf "%d", 30 + t * i }')}"
       for engine in "${order[@]}"; do
         start_server LOCAL_LLM_ENGINE="$engine"
         report="$out/$engine-n$n-r$round.json"
