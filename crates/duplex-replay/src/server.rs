@@ -63,8 +63,11 @@ pub fn cpu_percent(ticks_before: u64, ticks_after: u64, wall: Duration) -> Optio
         .then(|| (ticks_after - ticks_before) as f64 / USER_HZ / secs * 100.0)
 }
 
+/// A sample's labels, `(name, value)` in the order written.
+type Labels = Vec<(String, String)>;
+
 /// One sample of the Prometheus text format: name, labels, value.
-fn parse_sample(line: &str) -> Option<(&str, Vec<(String, String)>, f64)> {
+fn parse_sample(line: &str) -> Option<(&str, Labels, f64)> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;
