@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::session::{Mode, SessionConfig, SessionReport, TurnOutcome, run_session};
+use crate::session::{Mode, SessionConfig, SessionReport, TurnOutcome, TurnSchedule, run_session};
 use crate::stats::Summary;
 use crate::wav::Wav;
 
@@ -20,6 +20,10 @@ use crate::wav::Wav;
 const MAX_FAILURES_LISTED: usize = 20;
 /// Extra time a session gets past `max_duration` to close cleanly before it is abandoned.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// With a turn interval, the first question starts this long after its session does:
+/// connecting and `session.ready` take milliseconds on loopback, so one second lets every
+/// session of a loaded server be ready before the first beat.
+pub const SCHEDULE_LEAD: Duration = Duration::from_secs(1);
 
 /// A load run: `sessions` concurrent sessions running the same script.
 #[derive(Debug, Clone)]
@@ -45,6 +49,12 @@ pub struct LoadConfig {
     pub start: Option<SessionStart>,
     /// Keep every session's report (with per-turn timelines) in the load report.
     pub keep_sessions: bool,
+    /// See [`SessionConfig::playback_speed`].
+    pub playback_speed: Option<f64>,
+    /// Every session speaks on one beat: user turn k of every session starts no earlier than
+    /// `SCHEDULE_LEAD + k × interval` after the session starts (see
+    /// [`SessionConfig::schedule`]); without a ramp-up the sessions ask together.
+    pub turn_interval: Option<Duration>,
 }
 
 impl LoadConfig {
@@ -65,6 +75,8 @@ impl LoadConfig {
             turn_timeout: defaults.turn_timeout,
             start: None,
             keep_sessions: false,
+            playback_speed: None,
+            turn_interval: None,
         }
     }
 
@@ -80,6 +92,7 @@ impl LoadConfig {
             max_duration: self.max_duration,
             start: self.start.clone(),
             record_timeline: self.keep_sessions,
+            playback_speed: self.playback_speed,
             ..SessionConfig::new(self.url.clone())
         }
     }
@@ -88,6 +101,9 @@ impl LoadConfig {
     pub fn validate(&self) -> crate::Result<()> {
         if self.sessions == 0 {
             return Err(crate::Error::Config("sessions must be at least 1".into()));
+        }
+        if self.turn_interval.is_some_and(|i| i.is_zero()) {
+            return Err(crate::Error::Config("turn interval must be above 0".into()));
         }
         self.session_config().validate(&self.wavs)
     }
@@ -104,6 +120,10 @@ pub async fn run_load(cfg: &LoadConfig) -> LoadReport {
         let offset = cfg.ramp_up.mul_f64(k as f64 / cfg.sessions as f64);
         let mut session = base.clone();
         session.max_duration = cfg.max_duration.map(|d| d.saturating_sub(offset));
+        session.schedule = cfg.turn_interval.map(|interval| TurnSchedule {
+            first: started + offset + SCHEDULE_LEAD,
+            interval,
+        });
         let wavs = Arc::clone(&wavs);
         let span = tracing::debug_span!("session", k);
         let task = async move {
@@ -204,6 +224,9 @@ pub struct LoadReport {
     /// The first failure reasons, `session K: why`.
     pub failures: Vec<String>,
     pub wall_ms: f64,
+    /// The server's CPU, memory and counters over the run, when it was watched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<crate::server::ServerReport>,
     /// Every session's report, when asked for.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub session_reports: Vec<SessionReport>,
@@ -389,6 +412,24 @@ impl LoadReport {
                 w.reference_words,
                 w.turns
             );
+        }
+        if let Some(s) = &self.server {
+            let na = |v: Option<f64>, unit: &str| {
+                v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.1}{unit}"))
+            };
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "server over {:.1} s: CPU {} of one core, peak RSS {}, LLM tokens/s {}, answer tokens/s {}",
+                s.wall_s,
+                na(s.cpu_percent, " %"),
+                na(s.peak_rss_mib, " MiB"),
+                na(s.llm_tokens_per_s, ""),
+                na(s.answer_tokens_per_s, ""),
+            );
+            for (engine, ms) in &s.queue_wait_mean_ms {
+                let _ = writeln!(out, "  mean queue wait, {engine}: {ms:.1} ms");
+            }
         }
         if !self.errors.is_empty() {
             let _ = writeln!(out);

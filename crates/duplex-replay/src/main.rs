@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use duplex_replay::{LoadConfig, Mode, Wav, run_load};
+use duplex_replay::{LoadConfig, Mode, ServerProbe, ServerReport, Wav, run_load};
 
 #[derive(Parser, Debug)]
 #[command(name = "duplex-replay", version, about)]
@@ -45,6 +45,20 @@ struct Args {
     /// Include every session's report and per-turn timeline in the JSON.
     #[arg(long)]
     sessions_detail: bool,
+    /// Play assistant audio back at real time times this (>= 1); default: as --speed.
+    #[arg(long)]
+    playback_speed: Option<f64>,
+    /// Speak on a fixed beat: turn k of every session starts no earlier than 1 s + k times
+    /// this after the run starts (later if its previous answer is still playing), so that
+    /// concurrent sessions ask together.
+    #[arg(long)]
+    turn_interval_ms: Option<u64>,
+    /// Report this server process's CPU and peak memory over the run (Linux /proc).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Report the server's counters over the run, e.g. http://127.0.0.1:10000/metrics
+    #[arg(long)]
+    metrics_url: Option<String>,
     /// 16-bit PCM WAV files, one user turn each.
     #[arg(required = true)]
     wavs: Vec<PathBuf>,
@@ -82,13 +96,34 @@ async fn main() -> ExitCode {
         max_duration,
         turn_timeout: Duration::from_secs(args.turn_timeout_s),
         keep_sessions: args.sessions_detail,
+        playback_speed: args.playback_speed,
+        turn_interval: args.turn_interval_ms.map(Duration::from_millis),
         ..LoadConfig::new(args.url, wavs)
     };
     if let Err(e) = cfg.validate() {
         eprintln!("duplex-replay: {e}");
         return ExitCode::from(2);
     }
-    let report = run_load(&cfg).await;
+    let probe = ServerProbe {
+        pid: args.server_pid,
+        metrics_url: args.metrics_url,
+    };
+    let watched = probe.pid.is_some() || probe.metrics_url.is_some();
+    let before = probe.sample().await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let gauges = probe.watch_gauges(async {
+        let _ = stop_rx.await;
+    });
+    let run = async {
+        let report = run_load(&cfg).await;
+        let _ = stop_tx.send(());
+        report
+    };
+    let (mut report, gauges) = tokio::join!(run, gauges);
+    if watched {
+        let after = probe.sample().await;
+        report.server = Some(ServerReport::between(&before, &after, &gauges));
+    }
     if args.json {
         println!("{}", report.to_json());
     } else {

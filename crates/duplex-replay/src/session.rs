@@ -69,6 +69,32 @@ pub struct SessionConfig {
     pub start: Option<SessionStart>,
     /// Keep a timeline of every event per turn (off for large load runs).
     pub record_timeline: bool,
+    /// The virtual player plays assistant audio at real time × this (>= 1); `None`: at the
+    /// pace of `speed`. Faster playback shortens a run without changing any latency measured
+    /// from the end of speech to the first audio (the server's answer is complete by then).
+    pub playback_speed: Option<f64>,
+    /// Speak on a fixed beat: user turn k starts no earlier than `first + k × interval`
+    /// (later if the previous answer is still playing). Sessions given the same schedule ask
+    /// their questions together.
+    pub schedule: Option<TurnSchedule>,
+}
+
+/// A fixed beat for the user turns of a session (see [`SessionConfig::schedule`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TurnSchedule {
+    /// When the first turn's speech starts.
+    pub first: Instant,
+    pub interval: Duration,
+}
+
+impl TurnSchedule {
+    /// The earliest moment user turn `k` (from 0) may start speaking.
+    pub fn turn_at(&self, k: usize) -> Instant {
+        self.first
+            + self
+                .interval
+                .saturating_mul(u32::try_from(k).unwrap_or(u32::MAX))
+    }
 }
 
 impl SessionConfig {
@@ -89,6 +115,8 @@ impl SessionConfig {
             max_duration: None,
             start: None,
             record_timeline: true,
+            playback_speed: None,
+            schedule: None,
         }
     }
 
@@ -114,6 +142,16 @@ impl SessionConfig {
         }
         if wavs.iter().any(|w| w.samples.is_empty()) {
             return Err(Error::Config("a WAV has no samples".into()));
+        }
+        if let Some(p) = self.playback_speed
+            && !(p >= 1.0 && p.is_finite())
+        {
+            return Err(Error::Config(format!(
+                "playback speed must be at least 1, got {p}"
+            )));
+        }
+        if self.schedule.is_some_and(|s| s.interval.is_zero()) {
+            return Err(Error::Config("turn interval must be above 0".into()));
         }
         Ok(())
     }
@@ -478,7 +516,8 @@ struct Conversation<'a> {
     next_send: Instant,
     speech_period: Duration,
     silence_period: Duration,
-    pace: f64,
+    /// Virtual playback runs at real time × this.
+    playback_pace: f64,
     /// The assistant audio stream open now: its turn id and the user turn it answers (None
     /// for an extra response the runner cannot place).
     active_audio: Option<(u64, Option<usize>)>,
@@ -494,6 +533,7 @@ impl<'a> Conversation<'a> {
     ) -> Self {
         let frame = Duration::from_millis(u64::from(FRAME_MS));
         let pace = cfg.pace();
+        let playback_pace = cfg.playback_speed.unwrap_or(pace);
         Conversation {
             cfg,
             wavs,
@@ -510,7 +550,7 @@ impl<'a> Conversation<'a> {
                 frame.div_f64(pace)
             },
             silence_period: frame.div_f64(pace),
-            pace,
+            playback_pace,
             active_audio: None,
             finished: false,
         }
@@ -537,7 +577,15 @@ impl<'a> Conversation<'a> {
     }
 
     async fn run(&mut self, client: &mut Client) {
-        self.begin_turn(None);
+        if let Some(s) = self.cfg.schedule
+            && let Err(e) = self.silence_until(client, s.turn_at(0)).await
+        {
+            self.report.fail(format!("send failed: {e}"));
+            self.finished = true;
+        }
+        if !self.finished {
+            self.begin_turn(None);
+        }
         while !self.finished {
             let wake = self.next_wake();
             tokio::select! {
@@ -564,6 +612,28 @@ impl<'a> Conversation<'a> {
                 t.done = Some((now, TurnOutcome::Cut));
             }
         }
+    }
+
+    /// Before the first turn of a schedule: silence on the frame grid until `until` (or the
+    /// deadline). Events wait in the client's queue and are read once the turn has begun.
+    async fn silence_until(&mut self, client: &mut Client, until: Instant) -> Result<()> {
+        let until = self.deadline.map_or(until, |d| until.min(d));
+        while self.next_send < until {
+            sleep_until(self.next_send).await;
+            client.send_audio(&self.silence).await?;
+            self.report.frames_sent += 1;
+            self.next_send += self.silence_period;
+        }
+        sleep_until(until).await;
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.finished = true;
+        }
+        Ok(())
+    }
+
+    /// Whether user turn `k` may start now (always, without a schedule).
+    fn turn_due(&self, k: usize, now: Instant) -> bool {
+        self.cfg.schedule.is_none_or(|s| now >= s.turn_at(k))
     }
 
     fn next_wake(&self) -> Instant {
@@ -803,7 +873,7 @@ impl<'a> Conversation<'a> {
             if t.playback_done || t.first_audio_at.is_none() {
                 continue;
             }
-            let played = t.played_ms(now, self.pace);
+            let played = t.played_ms(now, self.playback_pace);
             let all_arrived = t.audio_end_at.is_some();
             let finished = all_arrived && played >= t.audio_ms();
             let due = t.next_mark_at.is_some_and(|m| now >= m);
@@ -897,7 +967,9 @@ impl<'a> Conversation<'a> {
         let cur = &self.turns[self.current];
         if self.speech.is_none() && cur.done.is_some() && cur.playback_done {
             if more {
-                self.begin_turn(None);
+                if self.turn_due(self.turns.len(), now) {
+                    self.begin_turn(None);
+                }
             } else if self.turns.iter().all(|t| t.done.is_some()) {
                 self.finished = true;
             }

@@ -15,6 +15,7 @@ use duplex_proto::{
     ClientMessage, Encoding, ErrorCode, Interrupted, PlanInfo, PlanLimits, ProviderNames,
     ServerMessage, SessionReady, SpeechStarted, SpeechStopped, UserTranscript,
 };
+use duplex_replay::load::SCHEDULE_LEAD;
 use duplex_replay::{
     Client, Error, EventKind, LoadConfig, LoadReport, Mode, SessionConfig, TurnOutcome, Wav,
     percentile, run_load, run_session,
@@ -62,6 +63,8 @@ struct Seen {
     marks: Vec<(u64, u64)>,
     texts: Vec<String>,
     binary_frames: usize,
+    /// When each user turn's speech began (its first loud frame arrived).
+    speech_starts: Vec<tokio::time::Instant>,
 }
 
 type Sink = Arc<AsyncMutex<SplitSink<WebSocketStream<TcpStream>, Message>>>;
@@ -162,6 +165,10 @@ async fn serve(tcp: TcpStream, fake: Fake, seen: Arc<Mutex<Seen>>) {
                 let loud = bytes.iter().any(|&b| b != 0);
                 if loud && !in_speech {
                     in_speech = true;
+                    seen.lock()
+                        .unwrap()
+                        .speech_starts
+                        .push(tokio::time::Instant::now());
                     send(
                         &sink,
                         ServerMessage::SpeechStarted(SpeechStarted { audio_ms: 0 }),
@@ -742,6 +749,78 @@ async fn load_runs_concurrent_sessions_and_aggregates() {
     assert_eq!(json["sessions_ok"], 3);
     assert_eq!(json["metrics"]["first_audio_ms"]["count"], 3);
     assert!(json.get("session_reports").is_none());
+}
+
+#[tokio::test]
+async fn a_turn_interval_makes_concurrent_sessions_speak_together() {
+    // 200 ms of answer per turn, listened to at 4x: each turn is over long before the beat.
+    let fake = start_fake(Fake {
+        audio_frames: 10,
+        audio_gap_ms: 0,
+        ..Fake::default()
+    })
+    .await;
+    let beat = Duration::from_millis(600);
+    let cfg = LoadConfig {
+        sessions: 3,
+        turns: 3,
+        playback_speed: Some(4.0),
+        turn_interval: Some(beat),
+        max_duration: Some(Duration::from_secs(20)),
+        ..LoadConfig::new(&fake.url, vec![tone(100)])
+    };
+    cfg.validate().unwrap();
+    let t0 = tokio::time::Instant::now();
+    let report = bounded(run_load(&cfg)).await;
+    assert!(report.success(), "{}", report.to_table());
+    assert_eq!(report.turns_completed, 9);
+
+    let mut starts = fake.seen.lock().unwrap().speech_starts.clone();
+    starts.sort();
+    assert_eq!(starts.len(), 9);
+    // Each beat's three questions start together, on the beat: not before it (the sessions
+    // would otherwise speak as soon as the previous answer was played, ~250 ms apart), and
+    // within a frame or so of it (slack for a loaded machine).
+    for (k, together) in starts.chunks(3).enumerate() {
+        let on_beat = SCHEDULE_LEAD + beat * k as u32;
+        for s in together {
+            let at = *s - t0;
+            assert!(
+                at >= on_beat && at < on_beat + Duration::from_millis(250),
+                "turn {k} started at {at:?}, beat at {on_beat:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn playback_speed_shortens_listening_only() {
+    // One second of answer audio, arriving at once.
+    let fake = start_fake(Fake {
+        audio_frames: 50,
+        audio_gap_ms: 0,
+        ..Fake::default()
+    })
+    .await;
+    let mut cfg = SessionConfig::new(&fake.url);
+    let real_time = bounded(run_session(&cfg, &[tone(100)])).await;
+    cfg.playback_speed = Some(10.0);
+    let fast = bounded(run_session(&cfg, &[tone(100)])).await;
+    for r in [&real_time, &fast] {
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.turns[0].assistant_audio_ms, 1000);
+    }
+    // The player marks the whole second as played either way, 10x sooner in the second run.
+    assert!(real_time.duration_ms >= 1000.0, "{}", real_time.duration_ms);
+    assert!(fast.duration_ms < 800.0, "{}", fast.duration_ms);
+    let marks = fake.seen.lock().unwrap().marks.clone();
+    assert_eq!(
+        marks.iter().filter(|(_, ms)| *ms == 1000).count(),
+        2,
+        "{marks:?}"
+    );
+    cfg.playback_speed = Some(0.5);
+    assert!(cfg.validate(&[tone(100)]).is_err());
 }
 
 #[tokio::test]
