@@ -132,11 +132,12 @@ impl Vad {
 mod tests {
     use super::*;
 
-    /// A vowel-like harmonic signal: 150 Hz fundamental with formant-ish overtones.
-    fn voiced_frame(offset: usize) -> Vec<i16> {
-        (0..320)
+    /// A vowel-like harmonic signal: 150 Hz fundamental with formant-ish overtones, 20 ms
+    /// at `rate` from sample `offset`.
+    fn voiced_frame_at(rate: usize, offset: usize) -> Vec<i16> {
+        (0..rate / 50)
             .map(|i| {
-                let t = (offset + i) as f64 / 16000.0;
+                let t = (offset + i) as f64 / rate as f64;
                 let s: f64 = [(150.0, 1.0), (300.0, 0.6), (700.0, 0.5), (1200.0, 0.3)]
                     .iter()
                     .map(|(f, a)| a * (2.0 * std::f64::consts::PI * f * t).sin())
@@ -144,6 +145,10 @@ mod tests {
                 (s * 6000.0) as i16
             })
             .collect()
+    }
+
+    fn voiced_frame(offset: usize) -> Vec<i16> {
+        voiced_frame_at(16000, offset)
     }
 
     #[test]
@@ -176,18 +181,8 @@ mod tests {
         }
     }
 
-    /// The same vowel-like signal at 8 kHz.
     fn voiced_frame_8k(offset: usize) -> Vec<i16> {
-        (0..160)
-            .map(|i| {
-                let t = (offset + i) as f64 / 8000.0;
-                let s: f64 = [(150.0, 1.0), (300.0, 0.6), (700.0, 0.5), (1200.0, 0.3)]
-                    .iter()
-                    .map(|(f, a)| a * (2.0 * std::f64::consts::PI * f * t).sin())
-                    .sum();
-                (s * 6000.0) as i16
-            })
-            .collect()
+        voiced_frame_at(8000, offset)
     }
 
     #[test]

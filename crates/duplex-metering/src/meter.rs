@@ -349,6 +349,22 @@ impl Acc {
         *self == Acc::default()
     }
 
+    /// A day's remainder as a session's last write: its time rounded up to whole seconds.
+    fn final_delta(&self, seq: u64, day: UtcDate) -> UsageDelta {
+        UsageDelta {
+            seq,
+            day,
+            seconds: self.ms.div_ceil(1000),
+            trial_seconds: self.trial_ms.div_ceil(1000),
+            tts_characters: self.tts_characters,
+            llm_tokens: self.llm_tokens,
+            stt_ms: self.stt_ms,
+            cost_micros: self.cost_micros,
+            last: true,
+            retried: false,
+        }
+    }
+
     fn add_delta(&mut self, d: &UsageDelta) {
         self.ms += d.seconds * 1000;
         self.trial_ms += d.trial_seconds * 1000;
@@ -517,18 +533,7 @@ impl SessionMeter {
             if acc.is_empty() {
                 continue;
             }
-            out.push(UsageDelta {
-                seq: live.next_seq,
-                day,
-                seconds: acc.ms.div_ceil(1000),
-                trial_seconds: acc.trial_ms.div_ceil(1000),
-                tts_characters: acc.tts_characters,
-                llm_tokens: acc.llm_tokens,
-                stt_ms: acc.stt_ms,
-                cost_micros: acc.cost_micros,
-                last: true,
-                retried: false,
-            });
+            out.push(acc.final_delta(live.next_seq, day));
             live.next_seq += 1;
         }
         live.retry_at = None;
@@ -867,18 +872,7 @@ impl Live {
             return;
         };
         let acc = self.pending.remove(&day).expect("found above");
-        let delta = UsageDelta {
-            seq: self.next_seq,
-            day,
-            seconds: acc.ms.div_ceil(1000),
-            trial_seconds: acc.trial_ms.div_ceil(1000),
-            tts_characters: acc.tts_characters,
-            llm_tokens: acc.llm_tokens,
-            stt_ms: acc.stt_ms,
-            cost_micros: acc.cost_micros,
-            last: true,
-            retried: false,
-        };
+        let delta = acc.final_delta(self.next_seq, day);
         self.send(delta, out);
     }
 

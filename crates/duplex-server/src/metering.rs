@@ -330,7 +330,7 @@ impl UsageBacklog {
                     continue;
                 };
                 let written = tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
+                    crate::session::STORE_TIMEOUT,
                     persist(&store, &spend, &session_id, user_id, &delta),
                 )
                 .await;

@@ -59,7 +59,7 @@ const OUTBOUND_BYTES: usize = 512 * 1024;
 const LLM_EVENT_CAPACITY: usize = 32;
 /// A store call (admission, a usage write, the session records) that takes longer than this
 /// is treated as failed (usage writes are retried by the meter).
-const STORE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything a session needs from the server.
 #[derive(Clone)]
