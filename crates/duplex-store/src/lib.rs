@@ -31,7 +31,7 @@
 //!
 //! The frequent small writes (sessions' usage writes, every heartbeat, and the records of
 //! session starts and ends) go through one writer per process on SQLite, which applies what
-//! is queued in one transaction, a savepoint per write, and answers each caller (group
+//! is queued in one transaction, and answers each caller (group
 //! commit, `writer.rs`); on PostgreSQL each is its own transaction. A usage write returns the
 //! totals the meter needs ([`UsageWritten`]), read inside its transaction.
 //!
@@ -661,26 +661,37 @@ async fn session_usage(conn: &mut AnyConnection, w: &SessionUsageWrite) -> Resul
     } else {
         usage_for_day(conn, w.user_id, w.day).await?
     };
-    // The trial counter only when it changes: on PostgreSQL an UPDATE writes a new row
-    // version (and locks the user) even when it adds zero.
-    let trial_ms_used: Option<i64> = if applied && w.trial_ms != 0 {
-        sqlx::query_scalar(
+    // The trial use and the month's TTS characters in one statement (a round trip fewer on
+    // the writer's serialized path); the counter is updated only when it changes: on
+    // PostgreSQL an UPDATE writes a new row version (and locks the user) even when it adds 0.
+    let (first, next) = month_bounds(w.day.year(), w.day.month())?;
+    let row = if applied && w.trial_ms != 0 {
+        sqlx::query(
             "UPDATE users SET trial_ms_used = trial_ms_used + $2 WHERE id = $1
-             RETURNING trial_ms_used",
+             RETURNING trial_ms_used, (SELECT CAST(COALESCE(SUM(tts_chars), 0) AS BIGINT)
+                 FROM usage_daily WHERE user_id = $1 AND day >= $3 AND day < $4) AS tts_month",
         )
         .bind(w.user_id)
         .bind(w.trial_ms)
+        .bind(day_key(first))
+        .bind(day_key(next))
         .fetch_optional(&mut *conn)
         .await?
     } else {
-        sqlx::query_scalar("SELECT trial_ms_used FROM users WHERE id = $1")
-            .bind(w.user_id)
-            .fetch_optional(&mut *conn)
-            .await?
+        sqlx::query(
+            "SELECT trial_ms_used, (SELECT CAST(COALESCE(SUM(tts_chars), 0) AS BIGINT)
+                 FROM usage_daily WHERE user_id = $1 AND day >= $2 AND day < $3) AS tts_month
+             FROM users WHERE id = $1",
+        )
+        .bind(w.user_id)
+        .bind(day_key(first))
+        .bind(day_key(next))
+        .fetch_optional(&mut *conn)
+        .await?
     };
-    let trial_ms_used =
-        trial_ms_used.ok_or_else(|| StoreError::NotFound(format!("user {}", w.user_id)))?;
-    let tts_chars_month = tts_chars_for_month(conn, w.user_id, w.day.year(), w.day.month()).await?;
+    let row = row.ok_or_else(|| StoreError::NotFound(format!("user {}", w.user_id)))?;
+    let trial_ms_used: i64 = row.try_get("trial_ms_used")?;
+    let tts_chars_month: i64 = row.try_get("tts_month")?;
     Ok(UsageWritten {
         applied,
         day,
@@ -736,12 +747,8 @@ async fn usage_for_day(conn: &mut AnyConnection, user_id: i64, day: Date) -> Res
     row.map_or(Ok(DailyUsage::default()), |r| daily_usage(&r))
 }
 
-async fn tts_chars_for_month(
-    conn: &mut AnyConnection,
-    user_id: i64,
-    year: i32,
-    month: Month,
-) -> Result<i64> {
+/// The first day of a calendar month and of the next.
+fn month_bounds(year: i32, month: Month) -> Result<(Date, Date)> {
     let first = Date::from_calendar_date(year, month, 1)
         .map_err(|e| StoreError::Corrupt(format!("month {year}-{month}: {e}")))?;
     let (next_year, next_month) = match month {
@@ -750,6 +757,16 @@ async fn tts_chars_for_month(
     };
     let next = Date::from_calendar_date(next_year, next_month, 1)
         .map_err(|e| StoreError::Corrupt(format!("month {next_year}-{next_month}: {e}")))?;
+    Ok((first, next))
+}
+
+async fn tts_chars_for_month(
+    conn: &mut AnyConnection,
+    user_id: i64,
+    year: i32,
+    month: Month,
+) -> Result<i64> {
+    let (first, next) = month_bounds(year, month)?;
     // SUM of BIGINT is NUMERIC on PostgreSQL, which `Any` cannot carry: cast it back.
     let total: i64 = sqlx::query_scalar(
         "SELECT CAST(COALESCE(SUM(tts_chars), 0) AS BIGINT) FROM usage_daily

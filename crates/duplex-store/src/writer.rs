@@ -9,13 +9,15 @@
 //! then answers each caller on its own. A batch forms by itself under load (writes arrive
 //! while the previous batch commits); an idle server writes batches of one.
 //!
-//! Failure isolation: every write runs inside its own savepoint, so a write that fails (an
-//! unknown user, a duplicate session id) is rolled back alone and only its caller gets the
-//! error. An answer is sent only after the batch committed. If the batch as a whole fails (a
-//! savepoint or the commit is refused, the transaction is lost), nothing of it was committed,
-//! and its writes are applied again one by one, each in its own transaction, so one bad write
-//! cannot fail the others either way. Usage writes are exactly-once by their `(session, seq)`,
-//! so applying one again after an unknown outcome never counts twice.
+//! Failure isolation: an answer is sent only after the batch committed. If any write of the
+//! batch fails (an unknown user, a duplicate session id, or the transaction itself: a full
+//! disk), the batch is rolled back, nothing of it committed, and its writes are applied again
+//! one by one, each in its own transaction, so one bad write fails only itself. Not a
+//! savepoint per write: the writer is the one serialized path of the store, and each of its
+//! statements is a round trip to SQLite's connection thread, which on a busy machine waits to
+//! be scheduled; two more round trips per write (`SAVEPOINT`, `RELEASE`) for the rare failure
+//! cost more than replaying a failed batch. Usage writes are exactly-once by their
+//! `(session, seq)`, so applying one again after an unknown outcome never counts twice.
 //!
 //! PostgreSQL does not use this: many server processes share it, writers of different users do
 //! not wait for each other there (row locks), and a batch would hold every row lock of its
@@ -151,7 +153,7 @@ async fn run(
                 answers
             }
             Err(e) => {
-                tracing::warn!(error = %e, writes = jobs.len(), "a batch of writes failed as a whole; applying them one by one");
+                tracing::warn!(error = %e, writes = jobs.len(), "a batch of writes failed; applying them one by one");
                 let mut answers = Vec::with_capacity(jobs.len());
                 for job in &jobs {
                     let answer = apply_alone(&pool, &job.op).await;
@@ -169,28 +171,15 @@ async fn run(
     }
 }
 
-/// Applies `jobs` in one transaction, each in its own savepoint. `Ok` (with one answer per
-/// job, some of them errors) only once the transaction committed; `Err` when the transaction
-/// as a whole failed, and then nothing of it was committed.
+/// Applies `jobs` in one transaction: one answer per job once the transaction committed;
+/// `Err` when any write or the transaction failed, and then nothing of it was committed.
 async fn apply_batch(pool: &AnyPool, jobs: &[Job]) -> Result<Vec<Result<Written>>> {
     let mut conn = pool.acquire().await?;
     let applied = async {
         begin(&mut conn).await?;
         let mut answers = Vec::with_capacity(jobs.len());
         for job in jobs {
-            sqlx::raw_sql("SAVEPOINT batched_write")
-                .execute(&mut *conn)
-                .await?;
-            let answer = crate::apply(&mut conn, &job.op).await;
-            if answer.is_err() {
-                sqlx::raw_sql("ROLLBACK TO batched_write")
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            sqlx::raw_sql("RELEASE batched_write")
-                .execute(&mut *conn)
-                .await?;
-            answers.push(answer);
+            answers.push(Ok(crate::apply(&mut conn, &job.op).await?));
         }
         sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
         Ok(answers)
