@@ -21,7 +21,7 @@
 //!
 //! PostgreSQL does not use this: many server processes share it, writers of different users do
 //! not wait for each other there (row locks), and a batch would hold every row lock of its
-//! users until its commit. Each write is its own transaction there (see `Store::apply`).
+//! users until its commit. Each write is its own transaction there (see `Store::write`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,12 +32,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{Result, StoreError, WriteOp, Written};
 
-/// Writes applied in one transaction at most. Each takes some tens of microseconds (a usage
-/// write is five or six statements on an in-process database), so a full batch holds SQLite's
-/// write lock for a few milliseconds, short enough for the writers of other processes and the
-/// transactions of [`crate::Store::begin`] (which wait for the same turn between batches),
-/// while 1,000 sessions' heartbeats (200 writes a second) need only a few transactions a
-/// second.
+/// Writes applied in one transaction at most. A usage write is four statements, so a full
+/// batch holds SQLite's write lock for about 500 statements: bounded, so that the writers of
+/// other processes and the transactions of [`crate::Store::begin`] (which wait for the same
+/// turn between batches) are not held off for long, while 1,000 sessions' heartbeats (200
+/// writes a second) need only a few transactions a second. Not measured against other
+/// bounds.
 pub const MAX_BATCH: usize = 128;
 
 /// Writes queued at most; a caller beyond that waits for room (within its own timeout, e.g.
