@@ -53,37 +53,50 @@ fn store_day(day: UtcDate) -> time::Date {
     time::Date::from_calendar_date(y, month, d as u8).expect("UtcDate is a valid date")
 }
 
-/// The user's totals for `day` as the store has them now (all sessions, all servers).
+/// The user's totals for `day` as the store has them now (all sessions, all servers), for a
+/// new connection; `user` was just read (its trial use comes from it).
 pub(crate) async fn totals(
     store: &Store,
     spend: &SpendCache,
-    user_id: i64,
+    user: &User,
     day: UtcDate,
 ) -> Result<UsageTotals, StoreError> {
     let date = store_day(day);
-    let usage = store.usage_for_day(user_id, date).await?;
+    let usage = store.usage_for_day(user.id, date).await?;
     let (year, month) = day.month();
     let month = time::Month::try_from(month as u8).expect("months are 1..=12");
-    let tts_month = store.tts_chars_for_month(user_id, year, month).await?;
+    let tts_month = store.tts_chars_for_month(user.id, year, month).await?;
     let spend = spend.get(store, day).await?;
-    let trial_ms = store
-        .user_by_id(user_id)
-        .await?
-        .map(|u| u.trial_ms_used)
-        .unwrap_or(0);
-    Ok(UsageTotals {
+    Ok(usage_totals(
+        day,
+        &usage,
+        tts_month,
+        user.trial_ms_used,
+        spend,
+    ))
+}
+
+fn usage_totals(
+    day: UtcDate,
+    usage: &duplex_store::DailyUsage,
+    tts_month: i64,
+    trial_ms: i64,
+    spend_micros: u64,
+) -> UsageTotals {
+    UsageTotals {
         day,
         seconds_today: (usage.conversation_ms.max(0) as u64) / 1000,
         trial_seconds_used: (trial_ms.max(0) as u64) / 1000,
         tts_characters_month: tts_month.max(0) as u64,
-        spend_today_micros: spend,
-    })
+        spend_today_micros: spend_micros,
+    }
 }
 
 /// Writes one meter delta of session `session_id` and returns the user's new totals for its
 /// day. Exactly once: the store applies each (session, `delta.seq`) once, so a delta sent
-/// again after a write that timed out but committed is not counted twice (the totals read
-/// back are the same either way).
+/// again after a write that timed out but committed is not counted twice (it answers the
+/// current totals either way). One store transaction: the totals come back from the write
+/// itself, and the day's spend over all users from [`SpendCache`].
 pub(crate) async fn persist(
     store: &Store,
     spend: &SpendCache,
@@ -99,7 +112,7 @@ pub(crate) async fn persist(
         tts_chars: delta.tts_characters as i64,
         cost_micro_usd: delta.cost_micros as i64,
     };
-    let applied = store
+    let written = store
         .add_session_usage(
             session_id,
             delta.seq,
@@ -110,13 +123,20 @@ pub(crate) async fn persist(
             time::OffsetDateTime::now_utc(),
         )
         .await?;
-    if !applied {
+    if !written.applied {
         tracing::info!(
             seq = delta.seq,
             "usage write was already applied (a replay after a lost answer)"
         );
     }
-    let totals = totals(store, spend, user_id, delta.day).await?;
+    let spend_micros = spend.get(store, delta.day).await?;
+    let totals = usage_totals(
+        delta.day,
+        &written.day,
+        written.tts_chars_month,
+        written.trial_ms_used,
+        spend_micros,
+    );
     spend
         .metrics
         .observe_user_day(totals.day.days_since_epoch(), totals.seconds_today);

@@ -29,12 +29,23 @@
 //! timeout instead of failing to upgrade a read lock); on PostgreSQL rows are locked with a
 //! no-op `UPDATE … RETURNING` before they are read, which works in both dialects.
 //!
+//! The frequent small writes (sessions' usage writes, every heartbeat, and the records of
+//! session starts and ends) go through one writer per process on SQLite, which applies what
+//! is queued in one transaction, and answers each caller (group
+//! commit, `writer.rs`); on PostgreSQL each is its own transaction. A usage write returns the
+//! totals the meter needs ([`UsageWritten`]), read inside its transaction.
+//!
 //! ## Time
 //!
 //! The store never reads the clock: days and instants are arguments. The one exception is the
 //! database default of `users.created_at`.
 
 pub mod testing;
+mod writer;
+
+pub use writer::{
+    MAX_BATCH as WRITE_BATCH_MAX, QUEUE_CAPACITY as WRITE_QUEUE_CAPACITY, WriterStats,
+};
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -101,6 +112,9 @@ pub enum StoreError {
     /// A stored value cannot be read back (e.g. a malformed day).
     #[error("invalid stored value: {0}")]
     Corrupt(String),
+    /// SQLite's group-commit writer could not take or answer the write (see `writer.rs`).
+    #[error("store writer: {0}")]
+    Writer(String),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -158,6 +172,21 @@ pub struct UsageDelta {
     pub tts_chars: i64,
     /// Provider cost in millionths of a US dollar (see [`usd_to_micros`]).
     pub cost_micro_usd: i64,
+}
+
+/// What a session's usage write ([`Store::add_session_usage`]) answers: whether it was
+/// applied now, and the user's totals right after it, from the same transaction. A replay
+/// (applied before) changes nothing and answers the current totals just the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageWritten {
+    /// `false` for a replay of a write already applied.
+    pub applied: bool,
+    /// The user's totals for the write's day.
+    pub day: DailyUsage,
+    /// TTS characters of the write's calendar month (UTC), all days summed.
+    pub tts_chars_month: i64,
+    /// The user's lifetime free-trial use.
+    pub trial_ms_used: i64,
 }
 
 /// A user's totals for one UTC day.
@@ -239,6 +268,9 @@ pub struct Store {
     /// sessions, 10 % of them were refused at admission ("usage store unavailable"). Other
     /// processes on the same file still meet the busy handler (`busy_timeout`).
     writers: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// SQLite only: the group-commit writer of usage writes and session records (`writer.rs`).
+    /// It takes the same turn as the writers above, once per batch.
+    batched: std::sync::Arc<writer::Writer>,
 }
 
 impl std::fmt::Debug for Store {
@@ -309,6 +341,7 @@ impl Store {
             pool,
             backend,
             writers: Default::default(),
+            batched: Default::default(),
         })
     }
 
@@ -396,8 +429,34 @@ impl Store {
 
     /// The user with this external id, created on plan `free` if new.
     pub async fn ensure_user(&self, external_id: &str) -> Result<User> {
+        // Read first: nearly every connection is a known user, and on SQLite even an
+        // `INSERT … DO NOTHING` takes the write lock, waiting behind the usage writes (on
+        // SQLite's busy handler, holding a pool connection) to insert nothing.
+        if let Some(user) = self.user_by_external_id(external_id).await? {
+            return Ok(user);
+        }
+        let _writer = self.writer_turn().await;
         let mut conn = self.pool.acquire().await?;
         ensure_user(&mut conn, external_id).await
+    }
+
+    /// Figures of SQLite's group-commit writer (see [`WRITE_BATCH_MAX`]); zeros on PostgreSQL.
+    pub fn writer_stats(&self) -> WriterStats {
+        self.batched.counters.stats()
+    }
+
+    /// Applies one of the batched writes: on SQLite through the group-commit writer, on
+    /// PostgreSQL in its own transaction.
+    async fn write(&self, op: WriteOp) -> Result<Written> {
+        match self.backend {
+            Backend::Sqlite => self.batched.write(&self.pool, &self.writers, op).await,
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                let written = apply(&mut tx, &op).await?;
+                tx.commit().await?;
+                Ok(written)
+            }
+        }
     }
 
     pub async fn user_by_external_id(&self, external_id: &str) -> Result<Option<User>> {
@@ -462,11 +521,14 @@ impl Store {
 
     /// Applies usage write `seq` of a session exactly once: adds `delta` to the user's totals
     /// for `day` and `trial_ms` to their lifetime trial use, in one transaction with the
-    /// record of `seq`. Returns `false`, changing nothing, when the session already had a
-    /// write numbered `seq` or higher applied: a replay of a write whose answer was lost (it
-    /// timed out after committing). A session's `seq`s must only grow, one write at a time
+    /// record of `seq`, and returns the user's totals after it (read in the same transaction,
+    /// so a heartbeat needs no reads after its write). `applied` is `false`, and nothing
+    /// changed, when the session already had a write numbered `seq` or higher applied: a
+    /// replay of a write whose answer was lost (it timed out after committing); the totals
+    /// are still the current ones. A session's `seq`s must only grow, one write at a time
     /// (what `duplex_metering::SessionMeter` does), so no write is ever skipped. The write also
-    /// stamps the session's row with `at` (its liveness, see `reap_silent_sessions`).
+    /// stamps the session's row with `at` (its liveness, see `reap_silent_sessions`). On
+    /// SQLite concurrent writes share a transaction (group commit, see [`WRITE_BATCH_MAX`]).
     #[allow(clippy::too_many_arguments)] // one write's identity, amounts and time, all required
     pub async fn add_session_usage(
         &self,
@@ -477,50 +539,165 @@ impl Store {
         delta: UsageDelta,
         trial_ms: i64,
         at: OffsetDateTime,
-    ) -> Result<bool> {
+    ) -> Result<UsageWritten> {
         let seq = i64::try_from(seq)
             .map_err(|_| StoreError::Corrupt(format!("usage write seq {seq} above i64")))?;
-        let mut tx = self.begin().await?;
-        // `DO UPDATE … WHERE` leaves the row alone (0 rows affected) on both backends when
-        // the condition fails: that is the replay.
-        let fresh = sqlx::query(
-            "INSERT INTO usage_writes (session_id, user_id, last_seq) VALUES ($1, $2, $3)
-             ON CONFLICT (session_id) DO UPDATE SET last_seq = excluded.last_seq
-             WHERE usage_writes.last_seq < excluded.last_seq",
-        )
-        .bind(session_id)
-        .bind(user_id)
-        .bind(seq)
-        .execute(&mut *tx.tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !fresh {
-            tx.rollback().await?;
-            return Ok(false);
+        let op = WriteOp::Usage(SessionUsageWrite {
+            session_id: session_id.to_owned(),
+            seq,
+            user_id,
+            day,
+            delta,
+            trial_ms,
+            at,
+        });
+        match self.write(op).await? {
+            Written::Usage(written) => Ok(written),
+            other => Err(StoreError::Writer(format!(
+                "a usage write was answered with {other:?}"
+            ))),
         }
-        add_usage(&mut tx.tx, user_id, day, delta).await?;
+    }
+}
+
+/// One usage write of a session (see [`Store::add_session_usage`]).
+#[derive(Debug, Clone)]
+pub(crate) struct SessionUsageWrite {
+    session_id: String,
+    seq: i64,
+    user_id: i64,
+    day: Date,
+    delta: UsageDelta,
+    trial_ms: i64,
+    at: OffsetDateTime,
+}
+
+/// The writes SQLite's writer batches (`writer.rs`).
+#[derive(Debug, Clone)]
+pub(crate) enum WriteOp {
+    Usage(SessionUsageWrite),
+    SessionStarted {
+        session_id: String,
+        user_id: i64,
+        at: OffsetDateTime,
+    },
+    SessionEnded {
+        session_id: String,
+        at: OffsetDateTime,
+        reason: String,
+    },
+}
+
+/// The answer to a [`WriteOp`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Written {
+    Usage(UsageWritten),
+    SessionStarted,
+    /// Whether this was the session's first end.
+    SessionEnded(bool),
+}
+
+/// Applies one write on a connection inside a transaction (its caller commits).
+pub(crate) async fn apply(conn: &mut AnyConnection, op: &WriteOp) -> Result<Written> {
+    match op {
+        WriteOp::Usage(w) => session_usage(conn, w).await.map(Written::Usage),
+        WriteOp::SessionStarted {
+            session_id,
+            user_id,
+            at,
+        } => {
+            sqlx::query("INSERT INTO sessions (id, user_id, started_at) VALUES ($1, $2, $3)")
+                .bind(session_id)
+                .bind(user_id)
+                .bind(to_ms(*at))
+                .execute(&mut *conn)
+                .await?;
+            Ok(Written::SessionStarted)
+        }
+        WriteOp::SessionEnded {
+            session_id,
+            at,
+            reason,
+        } => {
+            let done = sqlx::query(
+                "UPDATE sessions SET ended_at = $2, close_reason = $3
+                 WHERE id = $1 AND ended_at IS NULL",
+            )
+            .bind(session_id)
+            .bind(to_ms(*at))
+            .bind(reason)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Written::SessionEnded(done.rows_affected() == 1))
+        }
+    }
+}
+
+/// The statements of one session usage write, inside its caller's transaction.
+async fn session_usage(conn: &mut AnyConnection, w: &SessionUsageWrite) -> Result<UsageWritten> {
+    // `DO UPDATE … WHERE` leaves the row alone (0 rows affected) on both backends when
+    // the condition fails: that is the replay.
+    let applied = sqlx::query(
+        "INSERT INTO usage_writes (session_id, user_id, last_seq) VALUES ($1, $2, $3)
+         ON CONFLICT (session_id) DO UPDATE SET last_seq = excluded.last_seq
+         WHERE usage_writes.last_seq < excluded.last_seq",
+    )
+    .bind(&w.session_id)
+    .bind(w.user_id)
+    .bind(w.seq)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        == 1;
+    let day = if applied {
+        let day = add_usage(conn, w.user_id, w.day, w.delta).await?;
         // The session is alive as of this write (see `reap_silent_sessions`).
         sqlx::query("UPDATE sessions SET last_seen_at = $2 WHERE id = $1 AND ended_at IS NULL")
-            .bind(session_id)
-            .bind(to_ms(at))
-            .execute(&mut *tx.tx)
+            .bind(&w.session_id)
+            .bind(to_ms(w.at))
+            .execute(&mut *conn)
             .await?;
-        if trial_ms != 0 {
-            let found: Option<i64> = sqlx::query_scalar(
-                "UPDATE users SET trial_ms_used = trial_ms_used + $2 WHERE id = $1 RETURNING id",
-            )
-            .bind(user_id)
-            .bind(trial_ms)
-            .fetch_optional(&mut *tx.tx)
-            .await?;
-            if found.is_none() {
-                return Err(StoreError::NotFound(format!("user {user_id}")));
-            }
-        }
-        tx.commit().await?;
-        Ok(true)
-    }
+        day
+    } else {
+        usage_for_day(conn, w.user_id, w.day).await?
+    };
+    // The trial use and the month's TTS characters in one statement (a round trip fewer on
+    // the writer's serialized path); the counter is updated only when it changes: on
+    // PostgreSQL an UPDATE writes a new row version (and locks the user) even when it adds 0.
+    let (first, next) = month_bounds(w.day.year(), w.day.month())?;
+    let row = if applied && w.trial_ms != 0 {
+        sqlx::query(
+            "UPDATE users SET trial_ms_used = trial_ms_used + $2 WHERE id = $1
+             RETURNING trial_ms_used, (SELECT CAST(COALESCE(SUM(tts_chars), 0) AS BIGINT)
+                 FROM usage_daily WHERE user_id = $1 AND day >= $3 AND day < $4) AS tts_month",
+        )
+        .bind(w.user_id)
+        .bind(w.trial_ms)
+        .bind(day_key(first))
+        .bind(day_key(next))
+        .fetch_optional(&mut *conn)
+        .await?
+    } else {
+        sqlx::query(
+            "SELECT trial_ms_used, (SELECT CAST(COALESCE(SUM(tts_chars), 0) AS BIGINT)
+                 FROM usage_daily WHERE user_id = $1 AND day >= $2 AND day < $3) AS tts_month
+             FROM users WHERE id = $1",
+        )
+        .bind(w.user_id)
+        .bind(day_key(first))
+        .bind(day_key(next))
+        .fetch_optional(&mut *conn)
+        .await?
+    };
+    let row = row.ok_or_else(|| StoreError::NotFound(format!("user {}", w.user_id)))?;
+    let trial_ms_used: i64 = row.try_get("trial_ms_used")?;
+    let tts_chars_month: i64 = row.try_get("tts_month")?;
+    Ok(UsageWritten {
+        applied,
+        day,
+        tts_chars_month,
+        trial_ms_used,
+    })
 }
 
 async fn add_usage(
@@ -557,42 +734,63 @@ async fn add_usage(
     daily_usage(&row)
 }
 
+async fn usage_for_day(conn: &mut AnyConnection, user_id: i64, day: Date) -> Result<DailyUsage> {
+    let row = sqlx::query(
+        "SELECT conversation_ms, stt_ms, llm_prompt_tokens, llm_completion_tokens, tts_chars,
+             cost_micro_usd
+         FROM usage_daily WHERE user_id = $1 AND day = $2",
+    )
+    .bind(user_id)
+    .bind(day_key(day))
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map_or(Ok(DailyUsage::default()), |r| daily_usage(&r))
+}
+
+/// The first day of a calendar month and of the next.
+fn month_bounds(year: i32, month: Month) -> Result<(Date, Date)> {
+    let first = Date::from_calendar_date(year, month, 1)
+        .map_err(|e| StoreError::Corrupt(format!("month {year}-{month}: {e}")))?;
+    let (next_year, next_month) = match month {
+        Month::December => (year + 1, Month::January),
+        m => (year, m.next()),
+    };
+    let next = Date::from_calendar_date(next_year, next_month, 1)
+        .map_err(|e| StoreError::Corrupt(format!("month {next_year}-{next_month}: {e}")))?;
+    Ok((first, next))
+}
+
+async fn tts_chars_for_month(
+    conn: &mut AnyConnection,
+    user_id: i64,
+    year: i32,
+    month: Month,
+) -> Result<i64> {
+    let (first, next) = month_bounds(year, month)?;
+    // SUM of BIGINT is NUMERIC on PostgreSQL, which `Any` cannot carry: cast it back.
+    let total: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(tts_chars), 0) AS BIGINT) FROM usage_daily
+         WHERE user_id = $1 AND day >= $2 AND day < $3",
+    )
+    .bind(user_id)
+    .bind(day_key(first))
+    .bind(day_key(next))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(total)
+}
+
 impl Store {
     /// The user's totals for `day` (zeros when nothing was recorded).
     pub async fn usage_for_day(&self, user_id: i64, day: Date) -> Result<DailyUsage> {
-        let row = sqlx::query(
-            "SELECT conversation_ms, stt_ms, llm_prompt_tokens, llm_completion_tokens, tts_chars,
-                 cost_micro_usd
-             FROM usage_daily WHERE user_id = $1 AND day = $2",
-        )
-        .bind(user_id)
-        .bind(day_key(day))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map_or(Ok(DailyUsage::default()), |r| daily_usage(&r))
+        let mut conn = self.pool.acquire().await?;
+        usage_for_day(&mut conn, user_id, day).await
     }
 
     /// TTS characters the user used in a calendar month (UTC), summed from the ledger.
     pub async fn tts_chars_for_month(&self, user_id: i64, year: i32, month: Month) -> Result<i64> {
-        let first = Date::from_calendar_date(year, month, 1)
-            .map_err(|e| StoreError::Corrupt(format!("month {year}-{month}: {e}")))?;
-        let (next_year, next_month) = match month {
-            Month::December => (year + 1, Month::January),
-            m => (year, m.next()),
-        };
-        let next = Date::from_calendar_date(next_year, next_month, 1)
-            .map_err(|e| StoreError::Corrupt(format!("month {next_year}-{next_month}: {e}")))?;
-        // SUM of BIGINT is NUMERIC on PostgreSQL, which `Any` cannot carry: cast it back.
-        let total: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(tts_chars), 0) AS BIGINT) FROM usage_daily
-             WHERE user_id = $1 AND day >= $2 AND day < $3",
-        )
-        .bind(user_id)
-        .bind(day_key(first))
-        .bind(day_key(next))
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(total)
+        let mut conn = self.pool.acquire().await?;
+        tts_chars_for_month(&mut conn, user_id, year, month).await
     }
 
     /// Adds to the user's lifetime free-trial usage; returns the new total.
@@ -626,21 +824,24 @@ impl Store {
         Ok(micros_to_usd(self.spend_for_day_micros(day).await?))
     }
 
-    /// Records the start of a session.
+    /// Records the start of a session (on SQLite batched with other writes, like usage).
     pub async fn session_started(
         &self,
         session_id: &str,
         user_id: i64,
         at: OffsetDateTime,
     ) -> Result<()> {
-        let _writer = self.writer_turn().await;
-        sqlx::query("INSERT INTO sessions (id, user_id, started_at) VALUES ($1, $2, $3)")
-            .bind(session_id)
-            .bind(user_id)
-            .bind(to_ms(at))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let op = WriteOp::SessionStarted {
+            session_id: session_id.to_owned(),
+            user_id,
+            at,
+        };
+        match self.write(op).await? {
+            Written::SessionStarted => Ok(()),
+            other => Err(StoreError::Writer(format!(
+                "a session start was answered with {other:?}"
+            ))),
+        }
     }
 
     /// Records the end of a session. The first end wins: returns `false` (and changes
@@ -651,17 +852,17 @@ impl Store {
         at: OffsetDateTime,
         reason: &str,
     ) -> Result<bool> {
-        let _writer = self.writer_turn().await;
-        let done = sqlx::query(
-            "UPDATE sessions SET ended_at = $2, close_reason = $3
-             WHERE id = $1 AND ended_at IS NULL",
-        )
-        .bind(session_id)
-        .bind(to_ms(at))
-        .bind(reason)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let op = WriteOp::SessionEnded {
+            session_id: session_id.to_owned(),
+            at,
+            reason: reason.to_owned(),
+        };
+        match self.write(op).await? {
+            Written::SessionEnded(first) => Ok(first),
+            other => Err(StoreError::Writer(format!(
+                "a session end was answered with {other:?}"
+            ))),
+        }
     }
 
     /// A session's `(started_at, ended_at, close_reason)`.

@@ -531,6 +531,7 @@ async fn a_replayed_session_usage_write_is_applied_once() {
                     .add_session_usage(session, seq, a, d, delta, 2_000, OffsetDateTime::now_utc())
                     .await
                     .unwrap()
+                    .applied
             }
         };
         assert!(write("s1", 1).await, "first write applies");
@@ -629,6 +630,323 @@ async fn silent_open_sessions_are_reaped_and_live_ones_kept() {
             .unwrap();
         assert_eq!(later.len(), 1);
         assert_eq!(later[0].session_id, "live");
+    }))
+    .await;
+}
+
+/// A usage write of 1 s (and 10 TTS characters, 1 ms of trial) for `user` on `d`.
+async fn second(
+    store: &Store,
+    session: &str,
+    seq: u64,
+    user: i64,
+    d: Date,
+) -> Result<duplex_store::UsageWritten, StoreError> {
+    let delta = UsageDelta {
+        conversation_ms: 1_000,
+        tts_chars: 10,
+        ..UsageDelta::default()
+    };
+    store
+        .add_session_usage(session, seq, user, d, delta, 1, OffsetDateTime::now_utc())
+        .await
+}
+
+/// Many sessions of several users write at once, each its `seq`s in order as the meter does
+/// (one write in flight per session): every write lands once, and each answer carries its
+/// user's totals right after its own increment (so a user's answers are exactly 1 s, 2 s, …,
+/// n s). On SQLite the writes were committed in shared transactions (group commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_session_writes_land_once_each_with_their_totals() {
+    bounded(each_backend("group_commit", |db| async move {
+        const USERS: usize = 3;
+        const SESSIONS_PER_USER: usize = 20;
+        const WRITES: u64 = 5;
+        let store = open(&db).await;
+        let d = day(2025, Month::April, 9);
+        let mut users = Vec::new();
+        for u in 0..USERS {
+            users.push(store.ensure_user(&format!("gc{u}")).await.unwrap().id);
+        }
+        // Holding a transaction holds SQLite's writer turn: every session's first write
+        // queues behind it, so the writer must take them in batches.
+        let held = store.begin().await.unwrap();
+        let mut tasks = Vec::new();
+        for (u, &user) in users.iter().enumerate() {
+            for s in 0..SESSIONS_PER_USER {
+                let store = store.clone();
+                let session = format!("gc{u}-{s}");
+                tasks.push(tokio::spawn(async move {
+                    store
+                        .session_started(&session, user, at(1_000))
+                        .await
+                        .unwrap();
+                    let mut answers = Vec::new();
+                    for seq in 1..=WRITES {
+                        let w = second(&store, &session, seq, user, d).await.unwrap();
+                        assert!(w.applied, "{session} write {seq} applied");
+                        answers.push(w);
+                    }
+                    (user, answers)
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        held.rollback().await.unwrap();
+        let mut seen: std::collections::BTreeMap<i64, BTreeSet<i64>> = Default::default();
+        for t in tasks {
+            let (user, answers) = t.await.unwrap();
+            for w in answers {
+                assert!(
+                    seen.entry(user).or_default().insert(w.day.conversation_ms),
+                    "total {} returned twice to user {user}",
+                    w.day.conversation_ms
+                );
+                assert_eq!(w.tts_chars_month, w.day.tts_chars, "one day in the month");
+                assert_eq!(
+                    w.trial_ms_used * 1_000,
+                    w.day.conversation_ms,
+                    "same transaction"
+                );
+            }
+        }
+        let n = (SESSIONS_PER_USER as i64) * WRITES as i64;
+        let expected: BTreeSet<i64> = (1..=n).map(|i| i * 1_000).collect();
+        for &user in &users {
+            assert_eq!(
+                seen[&user], expected,
+                "user {user}: each answer after its own write"
+            );
+            let totals = store.usage_for_day(user, d).await.unwrap();
+            assert_eq!(
+                (totals.conversation_ms, totals.tts_chars),
+                (n * 1_000, n * 10)
+            );
+            assert_eq!(
+                store.user_by_id(user).await.unwrap().unwrap().trial_ms_used,
+                n
+            );
+        }
+        let stats = store.writer_stats();
+        eprintln!("writer: {stats:?}");
+        if db.backend == Backend::Sqlite {
+            let writes = (USERS * SESSIONS_PER_USER) as u64 * (WRITES + 1);
+            assert_eq!(stats.writes, writes, "every write and start record, once");
+            assert!(
+                stats.largest > 1 && stats.batches < writes,
+                "writes shared transactions: {stats:?}"
+            );
+        }
+        store.close().await;
+    }))
+    .await;
+}
+
+/// A replay queued in the same batch as the write it repeats is applied once, and still
+/// answers the current totals.
+#[tokio::test]
+async fn a_replay_inside_a_batch_is_applied_once() {
+    bounded(each_backend("batch_replay", |db| async move {
+        let store = open(&db).await;
+        let a = store.ensure_user("a").await.unwrap().id;
+        let d = day(2025, Month::April, 10);
+        let before = store.writer_stats();
+        // `join!` polls each in order before the writer task runs: on SQLite the three are
+        // queued together and applied in one transaction.
+        let (x, y, z) = tokio::join!(
+            second(&store, "s1", 1, a, d),
+            second(&store, "s1", 1, a, d),
+            second(&store, "s2", 1, a, d),
+        );
+        let (x, y, z) = (x.unwrap(), y.unwrap(), z.unwrap());
+        assert!(
+            x.applied ^ y.applied,
+            "one of the two applies ({x:?}, {y:?})"
+        );
+        assert!(z.applied);
+        let replay = if x.applied { y } else { x };
+        assert!(
+            replay.day.conversation_ms >= 1_000,
+            "the replay answers totals that include the write it repeats: {replay:?}"
+        );
+        let totals = store.usage_for_day(a, d).await.unwrap();
+        assert_eq!(totals.conversation_ms, 2_000);
+        assert_eq!(totals.tts_chars, 20);
+        assert_eq!(store.user_by_id(a).await.unwrap().unwrap().trial_ms_used, 2);
+        if db.backend == Backend::Sqlite {
+            let after = store.writer_stats();
+            assert_eq!(
+                (after.batches - before.batches, after.writes - before.writes),
+                (1, 3),
+                "one batch held the three"
+            );
+            // In queue order: the write, its replay (the day as the write left it), then s2.
+            assert_eq!(
+                (
+                    x.day.conversation_ms,
+                    y.day.conversation_ms,
+                    z.day.conversation_ms
+                ),
+                (1_000, 1_000, 2_000)
+            );
+        }
+        store.close().await;
+    }))
+    .await;
+}
+
+/// Writes that fail (an unknown user, a session id used twice) fail alone: the others of
+/// their batch commit and get their answers.
+#[tokio::test]
+async fn a_bad_write_in_a_batch_fails_only_itself() {
+    bounded(each_backend("batch_bad", |db| async move {
+        let store = open(&db).await;
+        let a = store.ensure_user("a").await.unwrap().id;
+        let d = day(2025, Month::April, 11);
+        store.session_started("taken", a, at(1)).await.unwrap();
+        let before = store.writer_stats();
+        let (good1, unknown_user, dup_start, new_start, end, good2) = tokio::join!(
+            second(&store, "s1", 1, a, d),
+            second(&store, "s2", 1, 999_999, d),
+            store.session_started("taken", a, at(2)),
+            store.session_started("fresh", a, at(3)),
+            store.session_ended("taken", at(4), "closed"),
+            second(&store, "s3", 1, a, d),
+        );
+        assert!(
+            matches!(unknown_user, Err(StoreError::Database(_))),
+            "{unknown_user:?}"
+        );
+        assert!(dup_start.is_err(), "session ids are unique");
+        new_start.unwrap();
+        assert!(end.unwrap(), "the first end of `taken`");
+        let (good1, good2) = (good1.unwrap(), good2.unwrap());
+        assert!(good1.applied && good2.applied);
+        assert_eq!(good2.day.conversation_ms, 2_000);
+        assert_eq!(
+            store.usage_for_day(a, d).await.unwrap().conversation_ms,
+            2_000
+        );
+        assert_eq!(
+            store
+                .usage_for_day(999_999, d)
+                .await
+                .unwrap()
+                .conversation_ms,
+            0
+        );
+        assert_eq!(store.session("taken").await.unwrap().unwrap().0, at(1));
+        assert!(store.session("fresh").await.unwrap().is_some());
+        // The failed write was not recorded as applied: sent again (for a user that exists
+        // now, as it were) it applies.
+        let b = store.ensure_user("b").await.unwrap().id;
+        assert!(second(&store, "s2", 1, b, d).await.unwrap().applied);
+        if db.backend == Backend::Sqlite {
+            let after = store.writer_stats();
+            // The batch failed; its four good writes were applied one by one, then s2 again.
+            assert_eq!(after.writes - before.writes, 5, "{before:?} -> {after:?}");
+        }
+        store.close().await;
+    }))
+    .await;
+}
+
+/// A write that breaks the whole transaction (here a trigger that rolls back, standing in for
+/// a full disk or an I/O error) fails only itself: the batch is applied again write by write.
+#[tokio::test]
+async fn a_write_that_aborts_the_batch_transaction_fails_only_itself() {
+    bounded(async {
+        let db = TestDb::sqlite("batch_abort");
+        let store = open(&db).await;
+        let a = store.ensure_user("a").await.unwrap().id;
+        let d = day(2025, Month::April, 12);
+        {
+            use sqlx::Connection;
+            sqlx::any::install_default_drivers();
+            let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(
+                "CREATE TRIGGER poison BEFORE INSERT ON sessions WHEN NEW.id = 'poison'
+                 BEGIN SELECT RAISE(ROLLBACK, 'poisoned session id'); END;",
+            )
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+        }
+        let before = store.writer_stats();
+        let (good1, poison, good2, start) = tokio::join!(
+            second(&store, "s1", 1, a, d),
+            store.session_started("poison", a, at(1)),
+            second(&store, "s2", 1, a, d),
+            store.session_started("fine", a, at(2)),
+        );
+        assert!(poison.is_err());
+        assert!(good1.unwrap().applied && good2.unwrap().applied);
+        start.unwrap();
+        assert_eq!(
+            store.usage_for_day(a, d).await.unwrap().conversation_ms,
+            2_000
+        );
+        assert!(store.session("fine").await.unwrap().is_some());
+        assert!(store.session("poison").await.unwrap().is_none());
+        let after = store.writer_stats();
+        assert_eq!(
+            (after.batches - before.batches, after.writes - before.writes),
+            (3, 3),
+            "the batch failed as a whole; three of its writes applied alone"
+        );
+        store.close().await;
+        db.remove().await;
+    })
+    .await;
+}
+
+/// What a usage write answers is what the separate reads return right after it: the day's
+/// totals, the month's TTS characters (other days of the month included, other months not),
+/// the trial use; for a replay too.
+#[tokio::test]
+async fn a_usage_write_answers_what_the_reads_return() {
+    bounded(each_backend("write_totals", |db| async move {
+        let store = open(&db).await;
+        let a = store.ensure_user("a").await.unwrap().id;
+        let other = store.ensure_user("other").await.unwrap().id;
+        let writes: [(&str, u64, i64, Date, i64, i64); 7] = [
+            ("s1", 1, a, day(2025, Month::May, 31), 70, 0),
+            ("s1", 2, a, day(2025, Month::June, 1), 11, 500),
+            ("s2", 1, other, day(2025, Month::June, 1), 1_000, 0),
+            ("s1", 3, a, day(2025, Month::June, 2), 13, 0),
+            ("s1", 3, a, day(2025, Month::June, 2), 13, 0), // a replay
+            ("s3", 1, a, day(2025, Month::June, 2), 17, 250),
+            ("s3", 2, a, day(2025, Month::July, 1), 19, 0),
+        ];
+        for (session, seq, user, d, tts, trial) in writes {
+            let delta = UsageDelta {
+                conversation_ms: 1_234,
+                tts_chars: tts,
+                cost_micro_usd: 5,
+                ..UsageDelta::default()
+            };
+            let w = store
+                .add_session_usage(session, seq, user, d, delta, trial, at(10))
+                .await
+                .unwrap();
+            let read = duplex_store::UsageWritten {
+                applied: w.applied,
+                day: store.usage_for_day(user, d).await.unwrap(),
+                tts_chars_month: store
+                    .tts_chars_for_month(user, d.year(), d.month())
+                    .await
+                    .unwrap(),
+                trial_ms_used: store.user_by_id(user).await.unwrap().unwrap().trial_ms_used,
+            };
+            assert_eq!(w, read, "{session} {seq}");
+        }
+        let june = store
+            .tts_chars_for_month(a, 2025, Month::June)
+            .await
+            .unwrap();
+        assert_eq!(june, 11 + 13 + 17);
+        store.close().await;
     }))
     .await;
 }

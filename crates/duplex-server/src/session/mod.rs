@@ -699,7 +699,7 @@ async fn load_account(
         let account = crate::metering::load_account(store, &ctx.config.metering, identity).await?;
         let day = wall_clock().date();
         let spend = &ctx.spend_cache;
-        let totals = crate::metering::totals(store, spend, account.user.id, day).await?;
+        let totals = crate::metering::totals(store, spend, &account.user, day).await?;
         Ok::<_, duplex_store::StoreError>((account, totals))
     };
     let (account, totals) = match timeout(STORE_TIMEOUT, loaded).await {
