@@ -166,7 +166,8 @@ impl PiperVoice {
             vec![self.noise_scale, self.length_scale, self.noise_w],
         ))
         .map_err(run)?;
-        let _turn = gate.map(ComputeGate::enter);
+        // One core: the session runs on one ONNX Runtime thread (see `PIPER_THREADS`).
+        let _turn = gate.map(|g| g.enter_cores(1, 1));
         let outputs = self
             .session
             .run(ort::inputs![

@@ -587,7 +587,8 @@ impl Voice for Espeak {
         self.sample_rate
     }
     fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
-        let _turn = gate.enter();
+        // espeak-ng synthesizes on one thread.
+        let _turn = gate.enter_cores(1, 1);
         Espeak::speak(self, text)
     }
 }
