@@ -618,10 +618,11 @@ impl Voices {
     async fn run(
         &self,
         pool: &Pool<Box<dyn Voice>>,
+        priority: Priority,
         text: String,
     ) -> Result<(Vec<i16>, u32), crate::Error> {
         let (gate, hook) = (self.gate.clone(), self.panic_hook.clone());
-        pool.run(Priority::Needed, move |voice, _| {
+        pool.run(priority, move |voice, _| {
             hook.fire();
             voice
                 .speak(&text, &gate)
@@ -631,14 +632,19 @@ impl Voices {
     }
 
     /// Speaks `text`, or has the fallback voice speak it if the voice fails (a panic too).
-    async fn speak(&self, text: String) -> Result<(Vec<i16>, u32), crate::Error> {
-        match self.run(&self.pool, text.clone()).await {
+    /// An answer's first sentence (`Priority::First`) goes ahead of other answers' later ones.
+    async fn speak(
+        &self,
+        priority: Priority,
+        text: String,
+    ) -> Result<(Vec<i16>, u32), crate::Error> {
+        match self.run(&self.pool, priority, text.clone()).await {
             Err(e) if !matches!(e, crate::Error::Cancelled) => {
                 let Some(fallback) = &self.fallback else {
                     return Err(e);
                 };
                 tracing::warn!(error = %e, "the voice failed on a sentence: the fallback voice speaks it");
-                self.run(fallback, text).await
+                self.run(fallback, priority, text).await
             }
             other => other,
         }
@@ -666,7 +672,8 @@ fn open_tts(voices: Voices) -> TtsStream {
                 // A barge-in drops the stream: a sentence still queued never starts, the one
                 // in progress finishes on its blocking thread, nothing more is sent.
                 _ = task.cancel.cancelled() => return,
-                r = voices.speak(text) => r,
+                // The first sentence of an answer: its user has heard nothing yet.
+                r = voices.speak(if index == 0 { Priority::First } else { Priority::Needed }, text) => r,
             };
             let (samples, sample_rate) = match result {
                 Ok(ok) => ok,
@@ -721,7 +728,10 @@ impl PiperTts {
 
     /// Speaks one sentence: samples and their rate.
     pub async fn synthesize(&self, text: &str) -> Result<(Vec<i16>, u32), ProviderError> {
-        self.voices.speak(text.to_owned()).await.map_err(internal)
+        self.voices
+            .speak(Priority::Needed, text.to_owned())
+            .await
+            .map_err(internal)
     }
 
     /// Test hook: the next synthesis panics inside the engine.
