@@ -13,9 +13,10 @@
 //!   core ([`ComputeGate::enter_cores`]`(1, 1)`): two sentences, or a sentence and a Whisper
 //!   step, run side by side instead of leaving a core idle;
 //! - a Whisper step can run on one core or on all of them (candle splits its matrix products
-//!   over the rayon pool it runs in), so it asks for `(1, all)`: it gets every free core when
-//!   nobody waits behind it (one conversation transcribes as fast as before), and one when
-//!   others wait (two transcriptions, or a transcription and a sentence, share the machine).
+//!   over the rayon pool it runs in), so it asks for `(1, all)`: it takes one core when the
+//!   next step waiting could start beside it on the other (a Piper sentence, another
+//!   transcription), and every free core otherwise (alone, or before an LLM step that needs
+//!   the whole machine anyway), so one conversation transcribes as fast as before.
 //!
 //! Order is strict FIFO: a step waits until every step that asked before it has started and
 //! enough cores are free, so an LLM step that needs every core is never overtaken forever by
@@ -27,6 +28,7 @@
 //! [`ComputeGate::serial`] keeps the behaviour before cores were shared (every step takes every
 //! core): the switch `LOCAL_OVERLAP_STEPS=off` of the server, for comparisons.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// The cores of the machine, shared by the local engines. Cloning shares the gate.
@@ -50,6 +52,8 @@ struct State {
     head: u64,
     /// Cores no running step holds.
     free: usize,
+    /// The fewest cores each waiting ticket can start with, from `head` on.
+    waiting: VecDeque<usize>,
 }
 
 /// Holds cores of the gate; dropping it gives them back.
@@ -95,6 +99,7 @@ impl ComputeGate {
                     next: 0,
                     head: 0,
                     free: cores,
+                    waiting: VecDeque::new(),
                 }),
                 turn: Condvar::new(),
                 cores,
@@ -121,8 +126,9 @@ impl ComputeGate {
     }
 
     /// Waits (blocking the thread) for this caller's turn and at least `min` free cores, then
-    /// takes up to `max` of the free ones if no later caller waits, else `min`. On a serial
-    /// gate, every core.
+    /// takes `min` of them if the next caller waiting could start beside it on the rest, else
+    /// up to `max` (a step that would leave a core idle anyway runs on it). On a serial gate,
+    /// every core.
     pub fn enter_cores(&self, min: usize, max: usize) -> GateGuard<'_> {
         let inner = &*self.inner;
         let (min, max) = if inner.serial {
@@ -137,12 +143,14 @@ impl ComputeGate {
             .expect("gate lock is never poisoned: no code panics under it");
         let ticket = s.next;
         s.next += 1;
+        s.waiting.push_back(min);
         while s.head != ticket || s.free < min {
             s = inner.turn.wait(s).expect("gate lock is never poisoned");
         }
         s.head += 1;
-        let waiting = s.next > s.head;
-        let cores = if waiting { min } else { max.min(s.free) };
+        s.waiting.pop_front();
+        let room_for_next = s.waiting.front().is_some_and(|&next| s.free - min >= next);
+        let cores = if room_for_next { min } else { max.min(s.free) };
         s.free -= cores;
         // The next ticket may start beside this step.
         inner.turn.notify_all();
@@ -266,6 +274,25 @@ mod tests {
         });
         // The first elastic step saw the second waiting behind it: one core each.
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 1]);
+    }
+
+    #[test]
+    fn an_elastic_step_keeps_every_core_when_the_next_step_needs_them_all() {
+        let gate = ComputeGate::with_cores(2);
+        let first = gate.enter();
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|scope| {
+            let (g, t) = (&gate, tx.clone());
+            scope.spawn(move || t.send(("whisper", g.enter_cores(1, 2).cores())).unwrap());
+            gate.await_tickets(2);
+            let (g, t) = (&gate, tx.clone());
+            scope.spawn(move || t.send(("llm", g.enter().cores())).unwrap());
+            gate.await_tickets(3);
+            drop(first);
+        });
+        // The LLM step could not have started beside a one-core Whisper step: Whisper ran on
+        // both cores, then the LLM step.
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [("whisper", 2), ("llm", 2)]);
     }
 
     #[test]
