@@ -18,9 +18,13 @@
 //!   transcription), and every free core otherwise (alone, or before an LLM step that needs
 //!   the whole machine anyway), so one conversation transcribes as fast as before.
 //!
-//! Order is strict FIFO: a step waits until every step that asked before it has started and
-//! enough cores are free, so an LLM step that needs every core is never overtaken forever by
-//! single-core steps. Steps are short (an LLM token ~30-60 ms, a Whisper token less, a Piper
+//! Order is FIFO within two classes: a step waits until every step of its class that asked
+//! before it has started and enough cores are free, so an LLM step that needs every core is
+//! never overtaken forever by single-core steps of its class. Urgent steps (a final
+//! transcript, an answer before the end of its first sentence, an answer's first sentence of
+//! speech: their users hear nothing yet) go ahead of the others (speculative transcripts, the
+//! later sentences of answers already speaking): time to first audio before tokens nobody
+//! hears yet. Steps are short (an LLM token ~30-60 ms, a Whisper token less, a Piper
 //! sentence a few hundred ms), so a generation that asks per token lets a sentence of TTS or
 //! another session's transcript in between, and the first audio of a reply does not wait for
 //! the whole reply.
@@ -48,12 +52,27 @@ struct Inner {
 struct State {
     /// The ticket the next caller gets.
     next: u64,
-    /// The oldest ticket that has not started yet.
-    head: u64,
     /// Cores no running step holds.
     free: usize,
-    /// The fewest cores each waiting ticket can start with, from `head` on.
-    waiting: VecDeque<usize>,
+    /// Callers waiting, in the order they start: urgent ones first, then by ticket.
+    waiting: VecDeque<Waiter>,
+}
+
+struct Waiter {
+    ticket: u64,
+    /// The fewest cores it can start with.
+    min: usize,
+    urgent: bool,
+}
+
+/// Whether a step's user waits for their first audio (see [`ComputeGate::enter_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// A final transcript, an answer before its first sentence end, a first sentence of
+    /// speech: its user hears nothing until it is done.
+    Urgent,
+    /// Everything else (a speculative transcript, an answer's later sentences).
+    Normal,
 }
 
 /// Holds cores of the gate; dropping it gives them back.
@@ -97,7 +116,6 @@ impl ComputeGate {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
                     next: 0,
-                    head: 0,
                     free: cores,
                     waiting: VecDeque::new(),
                 }),
@@ -130,7 +148,16 @@ impl ComputeGate {
     /// up to `max` (a step that would leave a core idle anyway runs on it). On a serial gate,
     /// every core.
     pub fn enter_cores(&self, min: usize, max: usize) -> GateGuard<'_> {
+        self.enter_as(Urgency::Normal, min, max)
+    }
+
+    /// [`enter_cores`](Self::enter_cores), where an [`Urgency::Urgent`] step waits only
+    /// behind the urgent steps that asked before it (first audio first: a first sentence or a
+    /// final transcript does not queue behind the later sentences of other answers). On a
+    /// serial gate, urgency changes nothing (the order before it existed).
+    pub fn enter_as(&self, urgency: Urgency, min: usize, max: usize) -> GateGuard<'_> {
         let inner = &*self.inner;
+        let urgent = urgency == Urgency::Urgent && !inner.serial;
         let (min, max) = if inner.serial {
             (inner.cores, inner.cores)
         } else {
@@ -143,13 +170,30 @@ impl ComputeGate {
             .expect("gate lock is never poisoned: no code panics under it");
         let ticket = s.next;
         s.next += 1;
-        s.waiting.push_back(min);
-        while s.head != ticket || s.free < min {
+        let at = if urgent {
+            s.waiting
+                .iter()
+                .position(|w| !w.urgent)
+                .unwrap_or(s.waiting.len())
+        } else {
+            s.waiting.len()
+        };
+        s.waiting.insert(
+            at,
+            Waiter {
+                ticket,
+                min,
+                urgent,
+            },
+        );
+        while s.waiting.front().is_none_or(|w| w.ticket != ticket) || s.free < min {
             s = inner.turn.wait(s).expect("gate lock is never poisoned");
         }
-        s.head += 1;
         s.waiting.pop_front();
-        let room_for_next = s.waiting.front().is_some_and(|&next| s.free - min >= next);
+        let room_for_next = s
+            .waiting
+            .front()
+            .is_some_and(|next| s.free - min >= next.min);
         let cores = if room_for_next { min } else { max.min(s.free) };
         s.free -= cores;
         // The next ticket may start beside this step.
@@ -292,7 +336,39 @@ mod tests {
         });
         // The LLM step could not have started beside a one-core Whisper step: Whisper ran on
         // both cores, then the LLM step.
-        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [("whisper", 2), ("llm", 2)]);
+        assert_eq!(
+            rx.try_iter().collect::<Vec<_>>(),
+            [("whisper", 2), ("llm", 2)]
+        );
+    }
+
+    #[test]
+    fn urgent_steps_go_ahead_of_normal_ones_in_order() {
+        let gate = ComputeGate::with_cores(2);
+        let first = gate.enter();
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|scope| {
+            let steps = [
+                ("later sentence", Urgency::Normal),
+                ("first sentence", Urgency::Urgent),
+                ("speculation", Urgency::Normal),
+                ("final", Urgency::Urgent),
+            ];
+            for (n, (name, urgency)) in steps.into_iter().enumerate() {
+                let (g, t) = (&gate, tx.clone());
+                scope.spawn(move || {
+                    // Every core: one step at a time, so the order is observable.
+                    let _turn = g.enter_as(urgency, 2, 2);
+                    t.send(name).unwrap();
+                });
+                gate.await_tickets(2 + n as u64);
+            }
+            drop(first);
+        });
+        assert_eq!(
+            rx.try_iter().collect::<Vec<_>>(),
+            ["first sentence", "final", "later sentence", "speculation"]
+        );
     }
 
     #[test]
@@ -309,7 +385,10 @@ mod tests {
             });
             gate.await_tickets(3);
             std::thread::sleep(Duration::from_millis(50));
-            assert!(rx.try_recv().is_err(), "a serial gate runs one step at a time");
+            assert!(
+                rx.try_recv().is_err(),
+                "a serial gate runs one step at a time"
+            );
             drop(held);
         });
         assert!(rx.try_recv().is_ok());

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::batched::{BatchedLlama, GenEvent};
 use crate::espeak::Espeak;
-use crate::gate::ComputeGate;
+use crate::gate::{ComputeGate, Urgency};
 use crate::llama::LlamaChat;
 use crate::llm::{ChatModel, GenParams, GenStats, Speaker};
 use crate::observe::{Engine, Observe, Observer};
@@ -166,7 +166,13 @@ impl LocalStt {
             .run(priority, move |model, cancel| {
                 let audio: Vec<f32> = samples.iter().map(|&s| f32::from(s) / 32768.0).collect();
                 hook.fire();
-                let t = model.transcribe_with(&audio, Some(&gate), &|| cancel.is_cancelled())?;
+                // A final transcript is urgent (its user waits), a speculation is not.
+                let urgency = match priority {
+                    Priority::Speculative => Urgency::Normal,
+                    Priority::First | Priority::Needed => Urgency::Urgent,
+                };
+                let t = model
+                    .transcribe_as(&audio, Some((&gate, urgency)), &|| cancel.is_cancelled())?;
                 if let Some(why) = t.guard {
                     tracing::debug!(why, "whisper decoding stopped by a guard");
                 }
@@ -569,16 +575,26 @@ const TTS_MAX_WAITING: usize = 16;
 /// Something that turns a sentence into samples, blocking.
 pub(crate) trait Voice: Send + 'static {
     fn sample_rate(&self) -> u32;
-    /// Speaks `text`, holding `gate` while it computes.
-    fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error>;
+    /// Speaks `text`, holding `gate` (with `urgency`) while it computes.
+    fn speak(
+        &mut self,
+        text: &str,
+        gate: &ComputeGate,
+        urgency: Urgency,
+    ) -> Result<Vec<i16>, crate::Error>;
 }
 
 impl Voice for PiperVoice {
     fn sample_rate(&self) -> u32 {
         self.sample_rate
     }
-    fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
-        self.synthesize_with(text, Some(gate))
+    fn speak(
+        &mut self,
+        text: &str,
+        gate: &ComputeGate,
+        urgency: Urgency,
+    ) -> Result<Vec<i16>, crate::Error> {
+        self.synthesize_as(text, Some((gate, urgency)))
     }
 }
 
@@ -586,9 +602,14 @@ impl Voice for Espeak {
     fn sample_rate(&self) -> u32 {
         self.sample_rate
     }
-    fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
+    fn speak(
+        &mut self,
+        text: &str,
+        gate: &ComputeGate,
+        urgency: Urgency,
+    ) -> Result<Vec<i16>, crate::Error> {
         // espeak-ng synthesizes on one thread.
-        let _turn = gate.enter_cores(1, 1);
+        let _turn = gate.enter_as(urgency, 1, 1);
         Espeak::speak(self, text)
     }
 }
@@ -622,10 +643,14 @@ impl Voices {
         text: String,
     ) -> Result<(Vec<i16>, u32), crate::Error> {
         let (gate, hook) = (self.gate.clone(), self.panic_hook.clone());
+        let urgency = match priority {
+            Priority::First => Urgency::Urgent,
+            Priority::Needed | Priority::Speculative => Urgency::Normal,
+        };
         pool.run(priority, move |voice, _| {
             hook.fire();
             voice
-                .speak(&text, &gate)
+                .speak(&text, &gate, urgency)
                 .map(|samples| (samples, voice.sample_rate()))
         })
         .await
@@ -798,7 +823,12 @@ mod tests {
         fn sample_rate(&self) -> u32 {
             16_000
         }
-        fn speak(&mut self, text: &str, _: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
+        fn speak(
+            &mut self,
+            text: &str,
+            _: &ComputeGate,
+            _: Urgency,
+        ) -> Result<Vec<i16>, crate::Error> {
             if self.0 {
                 Ok(vec![7; text.len()])
             } else {

@@ -14,7 +14,7 @@ use candle_transformers::models::whisper::{self as w, model::Whisper};
 use crate::Error;
 use crate::bytelevel::ByteLevel;
 use crate::ct2::Ct2Model;
-use crate::gate::ComputeGate;
+use crate::gate::{ComputeGate, Urgency};
 
 /// Audio quieter than this RMS (of samples in -1..1, about -45 dBFS) is silence: Whisper
 /// invents text for silence ("Thank you."), so it is never decoded.
@@ -183,11 +183,17 @@ impl WhisperModel {
 
     /// The pool a step given `cores` cores runs on: none (rayon's global pool, every core)
     /// without a gate or with every core, else this instance's pool of that many threads.
-    fn pool_for(&self, cores: Option<usize>) -> Result<Option<std::sync::Arc<rayon::ThreadPool>>, Error> {
+    fn pool_for(
+        &self,
+        cores: Option<usize>,
+    ) -> Result<Option<std::sync::Arc<rayon::ThreadPool>>, Error> {
         let Some(cores) = cores.filter(|&c| c < rayon::current_num_threads()) else {
             return Ok(None);
         };
-        let mut pools = self.narrow.lock().expect("pool list lock is never poisoned");
+        let mut pools = self
+            .narrow
+            .lock()
+            .expect("pool list lock is never poisoned");
         if let Some((_, pool)) = pools.iter().find(|(n, _)| *n == cores) {
             return Ok(Some(pool.clone()));
         }
@@ -206,13 +212,24 @@ impl WhisperModel {
         self.transcribe_with(samples, None, &|| false)
     }
 
-    /// [`transcribe`](Self::transcribe) in steps (the encoder, then each decoder token), each
-    /// taking `gate` if there is one, and asking `stop` before each: when it answers true the
-    /// transcription ends with [`Error::Cancelled`] (a stale speculation, a dropped turn).
+    /// [`transcribe_with`](Self::transcribe_with) as a normal (not urgent) step.
     pub fn transcribe_with(
         &mut self,
         samples: &[f32],
         gate: Option<&ComputeGate>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Transcript, Error> {
+        self.transcribe_as(samples, gate.map(|g| (g, Urgency::Normal)), stop)
+    }
+
+    /// [`transcribe`](Self::transcribe) in steps (the encoder, then each decoder token), each
+    /// taking `gate` if there is one (with that urgency: a final transcript is urgent, a
+    /// speculation is not), and asking `stop` before each: when it answers true the
+    /// transcription ends with [`Error::Cancelled`] (a stale speculation, a dropped turn).
+    pub fn transcribe_as(
+        &mut self,
+        samples: &[f32],
+        gate: Option<(&ComputeGate, Urgency)>,
         stop: &dyn Fn() -> bool,
     ) -> Result<Transcript, Error> {
         let silent = Transcript {
@@ -239,7 +256,7 @@ impl WhisperModel {
             return Err(Error::Cancelled);
         }
         let audio = {
-            let turn = gate.map(|g| g.enter_cores(1, g.cores()));
+            let turn = gate.map(|(g, u)| g.enter_as(u, 1, g.cores()));
             let pool = self.pool_for(turn.as_ref().map(|t| t.cores()))?;
             let encoder = &mut self.model.encoder;
             on(pool, || encoder.forward(&mel, true))?
@@ -259,7 +276,7 @@ impl WhisperModel {
             if stop() {
                 return Err(Error::Cancelled);
             }
-            let turn = gate.map(|g| g.enter_cores(1, g.cores()));
+            let turn = gate.map(|(g, u)| g.enter_as(u, 1, g.cores()));
             let pool = self.pool_for(turn.as_ref().map(|t| t.cores()))?;
             let (decoder, no_speech, suppress) =
                 (&mut self.model.decoder, self.no_speech, &self.suppress);
