@@ -160,19 +160,33 @@ impl LocalStt {
         priority: Priority,
         samples: Vec<i16>,
     ) -> Result<String, crate::Error> {
+        let needed = Arc::new(AtomicBool::new(priority != Priority::Speculative));
+        self.transcribe_flagged(priority, needed, samples).await
+    }
+
+    /// Transcribes `samples`; each step is urgent at the compute gate while `needed` is set (a
+    /// final transcript; a speculation once a final waits for it).
+    async fn transcribe_flagged(
+        &self,
+        priority: Priority,
+        needed: Arc<AtomicBool>,
+        samples: Vec<i16>,
+    ) -> Result<String, crate::Error> {
         let gate = self.gate.clone();
         let hook = self.panic_hook.clone();
         self.pool
             .run(priority, move |model, cancel| {
                 let audio: Vec<f32> = samples.iter().map(|&s| f32::from(s) / 32768.0).collect();
                 hook.fire();
-                // A final transcript is urgent (its user waits), a speculation is not.
-                let urgency = match priority {
-                    Priority::Speculative => Urgency::Normal,
-                    Priority::First | Priority::Needed => Urgency::Urgent,
+                let urgency = || {
+                    if needed.load(Ordering::Relaxed) {
+                        Urgency::Urgent
+                    } else {
+                        Urgency::Normal
+                    }
                 };
                 let t = model
-                    .transcribe_as(&audio, Some((&gate, urgency)), &|| cancel.is_cancelled())?;
+                    .transcribe_as(&audio, Some((&gate, &urgency)), &|| cancel.is_cancelled())?;
                 if let Some(why) = t.guard {
                     tracing::debug!(why, "whisper decoding stopped by a guard");
                 }
@@ -181,22 +195,45 @@ impl LocalStt {
             .await
     }
 
+    /// A speculative transcription, and the flag that makes its steps urgent.
+    fn spawn_speculation(&self, samples: Vec<i16>) -> Speculation {
+        let stt = self.clone();
+        let needed = Arc::new(AtomicBool::new(false));
+        let flag = needed.clone();
+        Speculation {
+            task: Task::spawn(async move {
+                stt.transcribe_flagged(Priority::Speculative, flag, samples)
+                    .await
+            }),
+            needed,
+        }
+    }
+
     fn spawn_transcription(&self, priority: Priority, samples: Vec<i16>) -> Task<String> {
         let stt = self.clone();
         Task::spawn(async move { stt.transcribe_as(priority, samples).await })
     }
 
     /// The final transcript of an utterance whose speculation `speculation` covers: its
-    /// result, or a transcription of `samples` if it was dropped from a full queue.
-    fn finish_speculation(&self, speculation: Task<String>, samples: Vec<i16>) -> Task<String> {
+    /// result (its remaining steps now urgent: the user waits for it), or a transcription of
+    /// `samples` if it was dropped from a full queue.
+    fn finish_speculation(&self, speculation: Speculation, samples: Vec<i16>) -> Task<String> {
         let stt = self.clone();
+        speculation.needed.store(true, Ordering::Relaxed);
         Task::spawn(async move {
-            match speculation.await {
+            match speculation.task.await {
                 Err(crate::Error::Cancelled) => stt.transcribe_as(Priority::Needed, samples).await,
                 other => other,
             }
         })
     }
+}
+
+/// A running speculative transcription.
+struct Speculation {
+    task: Task<String>,
+    /// Set when a final transcript waits for it.
+    needed: Arc<AtomicBool>,
 }
 
 impl SpeechToText for LocalStt {
@@ -224,7 +261,7 @@ impl SpeechToText for LocalStt {
             // works. Returning drops (aborts) every job still queued or running.
             let mut pending = FuturesOrdered::new();
             // The speculative transcription of the current utterance, if one runs.
-            let mut speculation: Option<(u64, Task<String>)> = None;
+            let mut speculation: Option<(u64, Speculation)> = None;
             loop {
                 tokio::select! {
                     _ = task.cancel.cancelled() => return,
@@ -244,8 +281,7 @@ impl SpeechToText for LocalStt {
                             if let Push::Speculate { id, samples } = buffer.push(&samples) {
                                 // A newer snapshot makes a running speculation stale: it is
                                 // dropped (cancelled), not awaited.
-                                let job = this.spawn_transcription(Priority::Speculative, samples);
-                                speculation = Some((id, job));
+                                speculation = Some((id, this.spawn_speculation(samples)));
                             }
                         }
                         Some(SttInput::Finalize) => {

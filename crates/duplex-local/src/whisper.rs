@@ -219,17 +219,23 @@ impl WhisperModel {
         gate: Option<&ComputeGate>,
         stop: &dyn Fn() -> bool,
     ) -> Result<Transcript, Error> {
-        self.transcribe_as(samples, gate.map(|g| (g, Urgency::Normal)), stop)
+        let normal = || Urgency::Normal;
+        self.transcribe_as(
+            samples,
+            gate.map(|g| (g, &normal as &dyn Fn() -> Urgency)),
+            stop,
+        )
     }
 
     /// [`transcribe`](Self::transcribe) in steps (the encoder, then each decoder token), each
-    /// taking `gate` if there is one (with that urgency: a final transcript is urgent, a
-    /// speculation is not), and asking `stop` before each: when it answers true the
-    /// transcription ends with [`Error::Cancelled`] (a stale speculation, a dropped turn).
+    /// taking `gate` if there is one (with the urgency the function gives at that step: a
+    /// final transcript is urgent, a speculation is not until a final waits for it), and
+    /// asking `stop` before each: when it answers true the transcription ends with
+    /// [`Error::Cancelled`] (a stale speculation, a dropped turn).
     pub fn transcribe_as(
         &mut self,
         samples: &[f32],
-        gate: Option<(&ComputeGate, Urgency)>,
+        gate: Option<(&ComputeGate, &dyn Fn() -> Urgency)>,
         stop: &dyn Fn() -> bool,
     ) -> Result<Transcript, Error> {
         let silent = Transcript {
@@ -256,7 +262,7 @@ impl WhisperModel {
             return Err(Error::Cancelled);
         }
         let audio = {
-            let turn = gate.map(|(g, u)| g.enter_as(u, 1, g.cores()));
+            let turn = gate.map(|(g, u)| g.enter_as(u(), 1, g.cores()));
             let pool = self.pool_for(turn.as_ref().map(|t| t.cores()))?;
             let encoder = &mut self.model.encoder;
             on(pool, || encoder.forward(&mel, true))?
@@ -276,7 +282,7 @@ impl WhisperModel {
             if stop() {
                 return Err(Error::Cancelled);
             }
-            let turn = gate.map(|(g, u)| g.enter_as(u, 1, g.cores()));
+            let turn = gate.map(|(g, u)| g.enter_as(u(), 1, g.cores()));
             let pool = self.pool_for(turn.as_ref().map(|t| t.cores()))?;
             let (decoder, no_speech, suppress) =
                 (&mut self.model.decoder, self.no_speech, &self.suppress);
