@@ -17,7 +17,9 @@
 # server does not expose the counter), the server's CPU over the level (% of one core) and
 # its peak RSS; then the largest N whose p95 stays under 3 s with every question answered.
 # JSON reports stay in $LEVELS_OUT (default: a dated folder under the target directory).
-# Knobs (environment): LEVEL_ENGINES ("llama-serial llama"), LEVEL_ROUNDS (1: passes over
+# Knobs (environment): LEVEL_ENGINES ("llama-serial llama"; `llama:off` is `llama` with
+# LOCAL_OVERLAP_STEPS=off, every engine step taking the whole machine, `llama:on` with the
+# steps sharing the cores, the default), LEVEL_ROUNDS (1: passes over
 # all levels), LEVEL_TURNS (3 questions per session), LEVEL_INTERVAL_S (beat between
 # questions: 6 + 2.5 x N s, the slowest answers of a level have to be played by then),
 # LEVEL_PLAYBACK_SPEED (4: answers are "listened to" 4x faster than real time, which
@@ -102,7 +104,12 @@ if [ "$what" = --levels ]; then
       interval="${LEVEL_INTERVAL_S:-$(awk -v n="$n" 'BEGIN { print 6 + 2.5 * n }')}"
       max_s="${LEVEL_MAX_S:-$(awk -v i="$interval" -v t="$turns" 'BEGIN { printf "%d", 30 + t * i }')}"
       for engine in "${order[@]}"; do
-        start_server LOCAL_LLM_ENGINE="$engine"
+        # `engine:off` / `engine:on`: that LLM engine with the engines' steps taking the whole
+        # machine one at a time / sharing the cores (LOCAL_OVERLAP_STEPS).
+        case "$engine" in
+          *:*) start_server LOCAL_LLM_ENGINE="${engine%%:*}" LOCAL_OVERLAP_STEPS="${engine#*:}" ;;
+          *) start_server LOCAL_LLM_ENGINE="$engine" ;;
+        esac
         report="$out/$engine-n$n-r$round.json"
         log "round $round, $engine, $n conversations at once (beat ${interval} s, at most ${max_s} s)"
         "$bin/duplex-replay" --url "ws://127.0.0.1:$port/v1/conversation" --sessions "$n" \

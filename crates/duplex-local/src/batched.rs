@@ -47,7 +47,7 @@ use tokio::sync::mpsc;
 
 use crate::Error;
 use crate::bytelevel::Utf8Stream;
-use crate::gate::ComputeGate;
+use crate::gate::{ComputeGate, Urgency};
 use crate::llama::{ChatVocab, backend, load_model, sampler};
 use crate::llm::{ChatModel, GenParams, GenStats, Speaker};
 use crate::observe::{Engine, Observer};
@@ -796,8 +796,19 @@ impl Scheduler {
                 entry.logits = Some(self.batch.n_tokens() - 1);
             }
         }
+        // Urgent while some answer of the step is before its first sentence end or still
+        // reading its prompt: its user waits for the first audio.
+        let urgency = if entries.iter().any(|e| {
+            let job = self.slots[e.slot].job.as_ref();
+            job.is_some_and(|job| job.opening || job.next.is_none())
+        }) {
+            Urgency::Urgent
+        } else {
+            Urgency::Normal
+        };
         let result = {
-            let _turn = self.gate.enter();
+            let all = self.gate.cores();
+            let _turn = self.gate.enter_as(urgency, all, all);
             self.ctx.decode(&mut self.batch)
         };
         self.shared.stats.steps.fetch_add(1, Ordering::Relaxed);

@@ -23,7 +23,7 @@ pub mod utterance;
 pub mod whisper;
 
 pub use batched::{BatchConfig, BatchedLlama};
-pub use gate::ComputeGate;
+pub use gate::{ComputeGate, Urgency};
 pub use llama::LlamaChat;
 pub use llm::{ChatModel, GenParams};
 pub use models::{LlmChoice, LlmEngine, ModelDir, SETUP_COMMAND};

@@ -11,7 +11,7 @@ use ort::value::Tensor;
 
 use crate::Error;
 use crate::espeak::Espeak;
-use crate::gate::ComputeGate;
+use crate::gate::{ComputeGate, Urgency};
 
 /// Loudest sample after normalisation (Piper normalises each utterance to its peak; a little
 /// headroom avoids clipping after the session's resampler).
@@ -146,12 +146,22 @@ impl PiperVoice {
         self.synthesize_with(text, None)
     }
 
-    /// [`synthesize`](Self::synthesize), holding `gate` (if any) during the model's run only
-    /// (phonemizing is short and takes espeak-ng's own lock).
+    /// [`synthesize_as`](Self::synthesize_as) as a normal (not urgent) step.
     pub fn synthesize_with(
         &mut self,
         text: &str,
         gate: Option<&ComputeGate>,
+    ) -> Result<Vec<i16>, Error> {
+        self.synthesize_as(text, gate.map(|g| (g, Urgency::Normal)))
+    }
+
+    /// [`synthesize`](Self::synthesize), holding `gate` (if any, with that urgency: an
+    /// answer's first sentence is urgent) during the model's run only (phonemizing is short
+    /// and takes espeak-ng's own lock).
+    pub fn synthesize_as(
+        &mut self,
+        text: &str,
+        gate: Option<(&ComputeGate, Urgency)>,
     ) -> Result<Vec<i16>, Error> {
         let ids = self.phoneme_ids(text)?;
         if ids.len() <= 3 {
@@ -166,7 +176,8 @@ impl PiperVoice {
             vec![self.noise_scale, self.length_scale, self.noise_w],
         ))
         .map_err(run)?;
-        let _turn = gate.map(ComputeGate::enter);
+        // One core: the session runs on one ONNX Runtime thread (see `PIPER_THREADS`).
+        let _turn = gate.map(|(g, u)| g.enter_as(u, 1, 1));
         let outputs = self
             .session
             .run(ort::inputs![

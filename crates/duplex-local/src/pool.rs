@@ -26,13 +26,27 @@ use tokio::sync::oneshot;
 use crate::Error;
 use crate::observe::{Engine, Observer};
 
-/// Whether a job's result is needed, or only hoped to save time.
+/// How urgent a job is. A job waits behind the queued jobs of its own or a higher priority
+/// and ahead of those of a lower one, so first audio comes first: a session's first sentence
+/// is not held up by another session's third.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
-    /// Someone waits for this result (a final transcript, a sentence to speak).
+    /// Someone waits and has heard nothing of the answer yet (its first sentence).
+    First,
+    /// Someone waits for this result (a final transcript, a later sentence).
     Needed,
     /// May be dropped when the queue is full (a speculative transcript).
     Speculative,
+}
+
+impl Priority {
+    fn rank(self) -> u8 {
+        match self {
+            Priority::First => 0,
+            Priority::Needed => 1,
+            Priority::Speculative => 2,
+        }
+    }
 }
 
 /// Raised when the job's caller went away; engines read it between steps.
@@ -205,13 +219,19 @@ impl<T: Send + 'static> Pool<T> {
                     self.dropped();
                     return Err(rx);
                 }
-                (None, Priority::Needed) => {}
+                (None, Priority::Needed | Priority::First) => {}
             }
             if oldest_speculative.is_some() {
                 self.dropped();
             }
         }
-        state.waiting.push_back(Waiter { priority, grant });
+        // Behind every waiter of the same or a higher priority.
+        let at = state
+            .waiting
+            .iter()
+            .position(|w| w.priority.rank() > priority.rank())
+            .unwrap_or(state.waiting.len());
+        state.waiting.insert(at, Waiter { priority, grant });
         Err(rx)
     }
 
@@ -383,6 +403,47 @@ mod tests {
         assert_eq!(n4.await.unwrap().unwrap(), 4);
         assert_eq!(n6.await.unwrap().unwrap(), 6);
         assert_eq!(pool.stats().dropped.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_sentences_go_first_then_needed_jobs_then_speculations() {
+        let pool = pool(1, 8);
+        let (go, release) = std::sync::mpsc::channel();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let spawn = |priority, value: u32| {
+            let (pool, ran) = (pool.clone(), ran.clone());
+            tokio::spawn(async move {
+                pool.run(priority, move |_, _| {
+                    ran.lock().unwrap().push(value);
+                    Ok(())
+                })
+                .await
+            })
+        };
+        let busy = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(Priority::Needed, blocked(0, release)).await }
+        });
+        settle().await;
+        let mut jobs = Vec::new();
+        for (priority, value) in [
+            (Priority::Speculative, 1),
+            (Priority::Needed, 2),
+            (Priority::First, 3),
+            (Priority::Needed, 4),
+            (Priority::First, 5),
+            (Priority::Speculative, 6),
+        ] {
+            jobs.push(spawn(priority, value));
+            settle().await;
+        }
+        go.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        for job in jobs {
+            job.await.unwrap().unwrap();
+        }
+        // By priority, and in arrival order within one.
+        assert_eq!(*ran.lock().unwrap(), [3, 5, 2, 4, 1, 6]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

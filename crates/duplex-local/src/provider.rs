@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::batched::{BatchedLlama, GenEvent};
 use crate::espeak::Espeak;
-use crate::gate::ComputeGate;
+use crate::gate::{ComputeGate, Urgency};
 use crate::llama::LlamaChat;
 use crate::llm::{ChatModel, GenParams, GenStats, Speaker};
 use crate::observe::{Engine, Observe, Observer};
@@ -160,13 +160,33 @@ impl LocalStt {
         priority: Priority,
         samples: Vec<i16>,
     ) -> Result<String, crate::Error> {
+        let needed = Arc::new(AtomicBool::new(priority != Priority::Speculative));
+        self.transcribe_flagged(priority, needed, samples).await
+    }
+
+    /// Transcribes `samples`; each step is urgent at the compute gate while `needed` is set (a
+    /// final transcript; a speculation once a final waits for it).
+    async fn transcribe_flagged(
+        &self,
+        priority: Priority,
+        needed: Arc<AtomicBool>,
+        samples: Vec<i16>,
+    ) -> Result<String, crate::Error> {
         let gate = self.gate.clone();
         let hook = self.panic_hook.clone();
         self.pool
             .run(priority, move |model, cancel| {
                 let audio: Vec<f32> = samples.iter().map(|&s| f32::from(s) / 32768.0).collect();
                 hook.fire();
-                let t = model.transcribe_with(&audio, Some(&gate), &|| cancel.is_cancelled())?;
+                let urgency = || {
+                    if needed.load(Ordering::Relaxed) {
+                        Urgency::Urgent
+                    } else {
+                        Urgency::Normal
+                    }
+                };
+                let t = model
+                    .transcribe_as(&audio, Some((&gate, &urgency)), &|| cancel.is_cancelled())?;
                 if let Some(why) = t.guard {
                     tracing::debug!(why, "whisper decoding stopped by a guard");
                 }
@@ -175,22 +195,45 @@ impl LocalStt {
             .await
     }
 
+    /// A speculative transcription, and the flag that makes its steps urgent.
+    fn spawn_speculation(&self, samples: Vec<i16>) -> Speculation {
+        let stt = self.clone();
+        let needed = Arc::new(AtomicBool::new(false));
+        let flag = needed.clone();
+        Speculation {
+            task: Task::spawn(async move {
+                stt.transcribe_flagged(Priority::Speculative, flag, samples)
+                    .await
+            }),
+            needed,
+        }
+    }
+
     fn spawn_transcription(&self, priority: Priority, samples: Vec<i16>) -> Task<String> {
         let stt = self.clone();
         Task::spawn(async move { stt.transcribe_as(priority, samples).await })
     }
 
     /// The final transcript of an utterance whose speculation `speculation` covers: its
-    /// result, or a transcription of `samples` if it was dropped from a full queue.
-    fn finish_speculation(&self, speculation: Task<String>, samples: Vec<i16>) -> Task<String> {
+    /// result (its remaining steps now urgent: the user waits for it), or a transcription of
+    /// `samples` if it was dropped from a full queue.
+    fn finish_speculation(&self, speculation: Speculation, samples: Vec<i16>) -> Task<String> {
         let stt = self.clone();
+        speculation.needed.store(true, Ordering::Relaxed);
         Task::spawn(async move {
-            match speculation.await {
+            match speculation.task.await {
                 Err(crate::Error::Cancelled) => stt.transcribe_as(Priority::Needed, samples).await,
                 other => other,
             }
         })
     }
+}
+
+/// A running speculative transcription.
+struct Speculation {
+    task: Task<String>,
+    /// Set when a final transcript waits for it.
+    needed: Arc<AtomicBool>,
 }
 
 impl SpeechToText for LocalStt {
@@ -218,7 +261,7 @@ impl SpeechToText for LocalStt {
             // works. Returning drops (aborts) every job still queued or running.
             let mut pending = FuturesOrdered::new();
             // The speculative transcription of the current utterance, if one runs.
-            let mut speculation: Option<(u64, Task<String>)> = None;
+            let mut speculation: Option<(u64, Speculation)> = None;
             loop {
                 tokio::select! {
                     _ = task.cancel.cancelled() => return,
@@ -238,8 +281,7 @@ impl SpeechToText for LocalStt {
                             if let Push::Speculate { id, samples } = buffer.push(&samples) {
                                 // A newer snapshot makes a running speculation stale: it is
                                 // dropped (cancelled), not awaited.
-                                let job = this.spawn_transcription(Priority::Speculative, samples);
-                                speculation = Some((id, job));
+                                speculation = Some((id, this.spawn_speculation(samples)));
                             }
                         }
                         Some(SttInput::Finalize) => {
@@ -569,16 +611,26 @@ const TTS_MAX_WAITING: usize = 16;
 /// Something that turns a sentence into samples, blocking.
 pub(crate) trait Voice: Send + 'static {
     fn sample_rate(&self) -> u32;
-    /// Speaks `text`, holding `gate` while it computes.
-    fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error>;
+    /// Speaks `text`, holding `gate` (with `urgency`) while it computes.
+    fn speak(
+        &mut self,
+        text: &str,
+        gate: &ComputeGate,
+        urgency: Urgency,
+    ) -> Result<Vec<i16>, crate::Error>;
 }
 
 impl Voice for PiperVoice {
     fn sample_rate(&self) -> u32 {
         self.sample_rate
     }
-    fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
-        self.synthesize_with(text, Some(gate))
+    fn speak(
+        &mut self,
+        text: &str,
+        gate: &ComputeGate,
+        urgency: Urgency,
+    ) -> Result<Vec<i16>, crate::Error> {
+        self.synthesize_as(text, Some((gate, urgency)))
     }
 }
 
@@ -586,8 +638,14 @@ impl Voice for Espeak {
     fn sample_rate(&self) -> u32 {
         self.sample_rate
     }
-    fn speak(&mut self, text: &str, gate: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
-        let _turn = gate.enter();
+    fn speak(
+        &mut self,
+        text: &str,
+        gate: &ComputeGate,
+        urgency: Urgency,
+    ) -> Result<Vec<i16>, crate::Error> {
+        // espeak-ng synthesizes on one thread.
+        let _turn = gate.enter_as(urgency, 1, 1);
         Espeak::speak(self, text)
     }
 }
@@ -617,27 +675,37 @@ impl Voices {
     async fn run(
         &self,
         pool: &Pool<Box<dyn Voice>>,
+        priority: Priority,
         text: String,
     ) -> Result<(Vec<i16>, u32), crate::Error> {
         let (gate, hook) = (self.gate.clone(), self.panic_hook.clone());
-        pool.run(Priority::Needed, move |voice, _| {
+        let urgency = match priority {
+            Priority::First => Urgency::Urgent,
+            Priority::Needed | Priority::Speculative => Urgency::Normal,
+        };
+        pool.run(priority, move |voice, _| {
             hook.fire();
             voice
-                .speak(&text, &gate)
+                .speak(&text, &gate, urgency)
                 .map(|samples| (samples, voice.sample_rate()))
         })
         .await
     }
 
     /// Speaks `text`, or has the fallback voice speak it if the voice fails (a panic too).
-    async fn speak(&self, text: String) -> Result<(Vec<i16>, u32), crate::Error> {
-        match self.run(&self.pool, text.clone()).await {
+    /// An answer's first sentence (`Priority::First`) goes ahead of other answers' later ones.
+    async fn speak(
+        &self,
+        priority: Priority,
+        text: String,
+    ) -> Result<(Vec<i16>, u32), crate::Error> {
+        match self.run(&self.pool, priority, text.clone()).await {
             Err(e) if !matches!(e, crate::Error::Cancelled) => {
                 let Some(fallback) = &self.fallback else {
                     return Err(e);
                 };
                 tracing::warn!(error = %e, "the voice failed on a sentence: the fallback voice speaks it");
-                self.run(fallback, text).await
+                self.run(fallback, priority, text).await
             }
             other => other,
         }
@@ -665,7 +733,8 @@ fn open_tts(voices: Voices) -> TtsStream {
                 // A barge-in drops the stream: a sentence still queued never starts, the one
                 // in progress finishes on its blocking thread, nothing more is sent.
                 _ = task.cancel.cancelled() => return,
-                r = voices.speak(text) => r,
+                // The first sentence of an answer: its user has heard nothing yet.
+                r = voices.speak(if index == 0 { Priority::First } else { Priority::Needed }, text) => r,
             };
             let (samples, sample_rate) = match result {
                 Ok(ok) => ok,
@@ -720,7 +789,10 @@ impl PiperTts {
 
     /// Speaks one sentence: samples and their rate.
     pub async fn synthesize(&self, text: &str) -> Result<(Vec<i16>, u32), ProviderError> {
-        self.voices.speak(text.to_owned()).await.map_err(internal)
+        self.voices
+            .speak(Priority::Needed, text.to_owned())
+            .await
+            .map_err(internal)
     }
 
     /// Test hook: the next synthesis panics inside the engine.
@@ -787,7 +859,12 @@ mod tests {
         fn sample_rate(&self) -> u32 {
             16_000
         }
-        fn speak(&mut self, text: &str, _: &ComputeGate) -> Result<Vec<i16>, crate::Error> {
+        fn speak(
+            &mut self,
+            text: &str,
+            _: &ComputeGate,
+            _: Urgency,
+        ) -> Result<Vec<i16>, crate::Error> {
             if self.0 {
                 Ok(vec![7; text.len()])
             } else {

@@ -14,7 +14,7 @@ use candle_transformers::models::whisper::{self as w, model::Whisper};
 use crate::Error;
 use crate::bytelevel::ByteLevel;
 use crate::ct2::Ct2Model;
-use crate::gate::ComputeGate;
+use crate::gate::{ComputeGate, Urgency};
 
 /// Audio quieter than this RMS (of samples in -1..1, about -45 dBFS) is silence: Whisper
 /// invents text for silence ("Thank you."), so it is never decoded.
@@ -49,9 +49,13 @@ pub struct Transcript {
 
 /// A loaded Whisper model (English-only or multilingual, greedy decoding without timestamps).
 /// Cloning shares the weights (candle tensors are reference counted): each clone has only its
-/// own decoder cache, so a pool of clones transcribes several utterances at once.
-#[derive(Clone)]
+/// own decoder cache and its own narrow thread pools, so a pool of clones transcribes several
+/// utterances at once.
 pub struct WhisperModel {
+    /// Thread pools of fewer threads than the machine has cores, by thread count, made when a
+    /// step is first given that many cores by the gate (candle splits its work over the rayon
+    /// pool it runs in). A step given every core runs on rayon's global pool.
+    narrow: std::sync::Mutex<Vec<(usize, std::sync::Arc<rayon::ThreadPool>)>>,
     model: Whisper,
     filters: Vec<f32>,
     vocab: Vec<String>,
@@ -63,6 +67,33 @@ pub struct WhisperModel {
     /// Additive mask over the vocabulary: `-inf` for suppressed tokens.
     suppress: Tensor,
     suppress_begin: Vec<u32>,
+}
+
+/// Runs `f` on `pool`, or on the calling thread (rayon's global pool for candle's parallel
+/// work) without one.
+fn on<R: Send>(pool: Option<std::sync::Arc<rayon::ThreadPool>>, f: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
+}
+
+impl Clone for WhisperModel {
+    fn clone(&self) -> Self {
+        WhisperModel {
+            // Not shared: two clones given one core each must run on two threads.
+            narrow: Default::default(),
+            model: self.model.clone(),
+            filters: self.filters.clone(),
+            vocab: self.vocab.clone(),
+            bytes: self.bytes.clone(),
+            eot: self.eot,
+            no_speech: self.no_speech,
+            prompt: self.prompt.clone(),
+            suppress: self.suppress.clone(),
+            suppress_begin: self.suppress_begin.clone(),
+        }
+    }
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -137,6 +168,7 @@ impl WhisperModel {
         }
 
         Ok(WhisperModel {
+            narrow: Default::default(),
             model,
             filters: mel_filters(config.num_mel_bins, w::N_FFT, w::SAMPLE_RATE as f32),
             vocab,
@@ -149,18 +181,61 @@ impl WhisperModel {
         })
     }
 
+    /// The pool a step given `cores` cores runs on: none (rayon's global pool, every core)
+    /// without a gate or with every core, else this instance's pool of that many threads.
+    fn pool_for(
+        &self,
+        cores: Option<usize>,
+    ) -> Result<Option<std::sync::Arc<rayon::ThreadPool>>, Error> {
+        let Some(cores) = cores.filter(|&c| c < rayon::current_num_threads()) else {
+            return Ok(None);
+        };
+        let mut pools = self
+            .narrow
+            .lock()
+            .expect("pool list lock is never poisoned");
+        if let Some((_, pool)) = pools.iter().find(|(n, _)| *n == cores) {
+            return Ok(Some(pool.clone()));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cores)
+            .thread_name(move |i| format!("whisper-{cores}c-{i}"))
+            .build()
+            .map_err(|e| Error::Inference(format!("whisper thread pool: {e}")))?;
+        let pool = std::sync::Arc::new(pool);
+        pools.push((cores, pool.clone()));
+        Ok(Some(pool))
+    }
+
     /// Transcribes one utterance of 16 kHz mono samples in -1..1 (at most 30 s are used).
     pub fn transcribe(&mut self, samples: &[f32]) -> Result<Transcript, Error> {
         self.transcribe_with(samples, None, &|| false)
     }
 
-    /// [`transcribe`](Self::transcribe) in steps (the encoder, then each decoder token), each
-    /// taking `gate` if there is one, and asking `stop` before each: when it answers true the
-    /// transcription ends with [`Error::Cancelled`] (a stale speculation, a dropped turn).
+    /// [`transcribe_with`](Self::transcribe_with) as a normal (not urgent) step.
     pub fn transcribe_with(
         &mut self,
         samples: &[f32],
         gate: Option<&ComputeGate>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Transcript, Error> {
+        let normal = || Urgency::Normal;
+        self.transcribe_as(
+            samples,
+            gate.map(|g| (g, &normal as &dyn Fn() -> Urgency)),
+            stop,
+        )
+    }
+
+    /// [`transcribe`](Self::transcribe) in steps (the encoder, then each decoder token), each
+    /// taking `gate` if there is one (with the urgency the function gives at that step: a
+    /// final transcript is urgent, a speculation is not until a final waits for it), and
+    /// asking `stop` before each: when it answers true the transcription ends with
+    /// [`Error::Cancelled`] (a stale speculation, a dropped turn).
+    pub fn transcribe_as(
+        &mut self,
+        samples: &[f32],
+        gate: Option<(&ComputeGate, &dyn Fn() -> Urgency)>,
         stop: &dyn Fn() -> bool,
     ) -> Result<Transcript, Error> {
         let silent = Transcript {
@@ -187,8 +262,10 @@ impl WhisperModel {
             return Err(Error::Cancelled);
         }
         let audio = {
-            let _turn = gate.map(ComputeGate::enter);
-            self.model.encoder.forward(&mel, true)?
+            let turn = gate.map(|(g, u)| g.enter_as(u(), 1, g.cores()));
+            let pool = self.pool_for(turn.as_ref().map(|t| t.cores()))?;
+            let encoder = &mut self.model.encoder;
+            on(pool, || encoder.forward(&mel, true))?
         };
 
         let seconds = samples.len() as f32 / w::SAMPLE_RATE as f32;
@@ -205,24 +282,32 @@ impl WhisperModel {
             if stop() {
                 return Err(Error::Cancelled);
             }
-            let _turn = gate.map(ComputeGate::enter);
-            let input = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-            let hidden = self.model.decoder.forward(&input, &audio, step == 0)?;
-            if step == 0
-                && let Some(ns) = self.no_speech
-            {
-                // The no-speech probability is read at the sot position.
-                let first = self.model.decoder.final_linear(&hidden.i((.., 0..1))?)?;
-                let probs = candle_nn::ops::softmax(&first.i((0, 0))?, D::Minus1)?;
-                no_speech_prob = probs.i(ns as usize)?.to_scalar::<f32>()?;
+            let turn = gate.map(|(g, u)| g.enter_as(u(), 1, g.cores()));
+            let pool = self.pool_for(turn.as_ref().map(|t| t.cores()))?;
+            let (decoder, no_speech, suppress) =
+                (&mut self.model.decoder, self.no_speech, &self.suppress);
+            let (mut logits, ns_prob) = on(pool, || {
+                let input = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+                let hidden = decoder.forward(&input, &audio, step == 0)?;
+                let mut ns_prob = None;
+                if step == 0
+                    && let Some(ns) = no_speech
+                {
+                    // The no-speech probability is read at the sot position.
+                    let first = decoder.final_linear(&hidden.i((.., 0..1))?)?;
+                    let probs = candle_nn::ops::softmax(&first.i((0, 0))?, D::Minus1)?;
+                    ns_prob = Some(probs.i(ns as usize)?.to_scalar::<f32>()?);
+                }
+                let (_, seq, _) = hidden.dims3()?;
+                let logits = decoder
+                    .final_linear(&hidden.i((.., seq - 1..))?)?
+                    .i((0, 0))?;
+                Ok::<_, Error>(((logits + suppress)?.to_vec1::<f32>()?, ns_prob))
+            })?;
+            drop(turn);
+            if let Some(p) = ns_prob {
+                no_speech_prob = p;
             }
-            let (_, seq, _) = hidden.dims3()?;
-            let logits = self
-                .model
-                .decoder
-                .final_linear(&hidden.i((.., seq - 1..))?)?
-                .i((0, 0))?;
-            let mut logits = (logits + &self.suppress)?.to_vec1::<f32>()?;
             if step == 0 {
                 for &id in &self.suppress_begin {
                     if let Some(l) = logits.get_mut(id as usize) {

@@ -194,6 +194,9 @@ pub struct EnginesConfig {
     pub local_llm_max_sequences: usize,
     /// KV cache tokens per conversation (prompt and answer) of the batched local LLM.
     pub local_llm_context_tokens: usize,
+    /// The local engines' steps share the cores (`LOCAL_OVERLAP_STEPS=on`) instead of taking
+    /// every core each, one at a time.
+    pub local_overlap_steps: bool,
     pub scripted_llm_first_token: Duration,
     pub scripted_llm_token_interval: Duration,
     pub scripted_tts_latency: Duration,
@@ -670,6 +673,16 @@ pub const VARS: &[Var] = &[
         parse: |c, v| {
             v.at_least(256)
                 .map(|n| c.engines.local_llm_context_tokens = n)
+        },
+    },
+    Var {
+        name: "LOCAL_OVERLAP_STEPS",
+        section: Section::Engines,
+        default: "on",
+        help: "Local engines: `on`, each step takes the cores it runs on (an LLM step every core, a Piper sentence one, a Whisper step one or all), so a sentence of speech or a transcription runs beside another on the second core; `off`, every step takes the whole machine, one at a time across Whisper, the LLM and Piper (the behaviour before, for comparison).",
+        parse: |c, v| {
+            v.one_of(&[("on", true), ("off", false)])
+                .map(|on| c.engines.local_overlap_steps = on)
         },
     },
     Var {

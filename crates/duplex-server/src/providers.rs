@@ -70,7 +70,11 @@ pub fn build(
         chosen => chosen,
     };
     let models = duplex_local::ModelDir::new(&config.models_dir);
-    let gate = duplex_local::ComputeGate::new();
+    let gate = if config.local_overlap_steps {
+        duplex_local::ComputeGate::new()
+    } else {
+        duplex_local::ComputeGate::serial()
+    };
     let loaded = |engine: &'static str, t: std::time::Instant| {
         tracing::info!(engine, models = %config.models_dir.display(), took_ms = t.elapsed().as_millis() as u64, "local engine loaded");
     };
