@@ -6,6 +6,10 @@
 //! each test says it was skipped. Models load once per test binary and tests take turns (they
 //! all want both cores).
 
+// The turn is a std `MutexGuard` held for a whole test across its awaits on purpose: each test
+// has its own runtime, and the guard only makes the tests of this binary run one at a time.
+#![allow(clippy::await_holding_lock)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};

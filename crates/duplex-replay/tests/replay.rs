@@ -99,6 +99,8 @@ async fn send(sink: &Sink, msg: ServerMessage) {
     let _ = sink.lock().await.send(Message::text(msg.to_json())).await;
 }
 
+// tungstenite's handshake callback returns its `ErrorResponse` (an HTTP response) by value.
+#[allow(clippy::result_large_err)]
 async fn serve(tcp: TcpStream, fake: Fake, seen: Arc<Mutex<Seen>>) {
     let callback = |req: &Request, mut resp: Response| {
         if req.headers().get("Sec-WebSocket-Protocol").is_some() {

@@ -1015,7 +1015,7 @@ fn print_log_summary(path: &Path) {
     }
     println!("  server log (RUST_LOG=warn): {lines} lines");
     let mut top: Vec<(String, usize)> = by_message.into_iter().collect();
-    top.sort_by(|a, b| b.1.cmp(&a.1));
+    top.sort_by_key(|b| std::cmp::Reverse(b.1));
     for (message, n) in top.iter().take(8) {
         println!("    {n:>6} x {message}");
     }
