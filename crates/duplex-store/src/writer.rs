@@ -174,29 +174,26 @@ async fn run(
 /// Applies `jobs` in one transaction: one answer per job once the transaction committed;
 /// `Err` when any write or the transaction failed, and then nothing of it was committed.
 async fn apply_batch(pool: &AnyPool, jobs: &[Job]) -> Result<Vec<Result<Written>>> {
-    let mut conn = pool.acquire().await?;
-    let applied = async {
-        begin(&mut conn).await?;
-        let mut answers = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            answers.push(Ok(crate::apply(&mut conn, &job.op).await?));
-        }
-        sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
-        Ok(answers)
-    }
-    .await;
-    if applied.is_err() {
-        discard(conn).await;
-    }
-    applied
+    let ops: Vec<&WriteOp> = jobs.iter().map(|j| &j.op).collect();
+    Ok(transaction(pool, &ops).await?.into_iter().map(Ok).collect())
 }
 
 /// Applies one write in its own transaction (after its batch failed as a whole).
 async fn apply_alone(pool: &AnyPool, op: &WriteOp) -> Result<Written> {
+    let mut written = transaction(pool, &[op]).await?;
+    Ok(written.pop().expect("one write, one answer"))
+}
+
+/// Applies `ops` in one transaction on a connection of its own; on any error nothing of it is
+/// committed and the connection is discarded.
+async fn transaction(pool: &AnyPool, ops: &[&WriteOp]) -> Result<Vec<Written>> {
     let mut conn = pool.acquire().await?;
     let applied = async {
         begin(&mut conn).await?;
-        let written = crate::apply(&mut conn, op).await?;
+        let mut written = Vec::with_capacity(ops.len());
+        for op in ops {
+            written.push(crate::apply(&mut conn, op).await?);
+        }
         sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
         Ok(written)
     }
