@@ -19,7 +19,9 @@
 # JSON reports stay in $LEVELS_OUT (default: a dated folder under the target directory).
 # Knobs (environment): LEVEL_ENGINES ("llama-serial llama"; `llama:off` is `llama` with
 # LOCAL_OVERLAP_STEPS=off, every engine step taking the whole machine, `llama:on` with the
-# steps sharing the cores, the default), LEVEL_ROUNDS (1: passes over
+# steps sharing the cores, the default; a suffix `@name` runs the server binary given in
+# $LEVEL_BIN_name instead of this build's, e.g. `llama:on@before` with
+# LEVEL_BIN_before=/path/to/an/earlier/duplex), LEVEL_ROUNDS (1: passes over
 # all levels), LEVEL_TURNS (3 questions per session), LEVEL_INTERVAL_S (beat between
 # questions: 6 + 2.5 x N s, the slowest answers of a level have to be played by then),
 # LEVEL_PLAYBACK_SPEED (4: answers are "listened to" 4x faster than real time, which
@@ -56,7 +58,7 @@ start_server() {
   port=$((20000 + RANDOM % 10000))
   env "$@" DUPLEX_PROVIDERS=local PORT=$port BIND_ADDR=127.0.0.1 \
     DATABASE_URL="sqlite://$work/db-$port.sqlite?mode=rwc" LOG_FORMAT=json RUST_LOG=warn \
-    "$bin/duplex" >"$work/server-$port.log" 2>&1 &
+    "${server_bin:-$bin/duplex}" >"$work/server-$port.log" 2>&1 &
   server=$!
   for _ in $(seq 1 240); do
     curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && return 0
@@ -106,9 +108,16 @@ if [ "$what" = --levels ]; then
       for engine in "${order[@]}"; do
         # `engine:off` / `engine:on`: that LLM engine with the engines' steps taking the whole
         # machine one at a time / sharing the cores (LOCAL_OVERLAP_STEPS).
-        case "$engine" in
-          *:*) start_server LOCAL_LLM_ENGINE="${engine%%:*}" LOCAL_OVERLAP_STEPS="${engine#*:}" ;;
-          *) start_server LOCAL_LLM_ENGINE="$engine" ;;
+        # `spec@label`: the server binary in $LEVEL_BIN_label (another build, for a before and
+        # after in one sitting).
+        spec="${engine%@*}" server_bin=
+        if [ "$spec" != "$engine" ]; then
+          var="LEVEL_BIN_${engine##*@}"
+          server_bin="${!var:?$var is not set (engine $engine)}"
+        fi
+        case "$spec" in
+          *:*) start_server LOCAL_LLM_ENGINE="${spec%%:*}" LOCAL_OVERLAP_STEPS="${spec#*:}" ;;
+          *) start_server LOCAL_LLM_ENGINE="$spec" ;;
         esac
         report="$out/$engine-n$n-r$round.json"
         log "round $round, $engine, $n conversations at once (beat ${interval} s, at most ${max_s} s)"

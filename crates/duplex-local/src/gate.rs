@@ -18,13 +18,14 @@
 //!   transcription), and every free core otherwise (alone, or before an LLM step that needs
 //!   the whole machine anyway), so one conversation transcribes as fast as before.
 //!
-//! Order is FIFO within two classes: a step waits until every step of its class that asked
+//! Order is FIFO within three classes: a step waits until every step of its class that asked
 //! before it has started and enough cores are free, so an LLM step that needs every core is
-//! never overtaken forever by single-core steps of its class. Urgent steps (a final
-//! transcript, an answer before the end of its first sentence, an answer's first sentence of
-//! speech: their users hear nothing yet) go ahead of the others (speculative transcripts, the
-//! later sentences of answers already speaking): time to first audio before tokens nobody
-//! hears yet. Steps are short (an LLM token ~30-60 ms, a Whisper token less, a Piper
+//! never overtaken forever by single-core steps of its class. A final transcript's steps go
+//! first (the head of a turn: its answer cannot start before it, and its steps are short);
+//! then urgent steps (an answer before the end of its first sentence, an answer's first
+//! sentence of speech: their users hear nothing yet); then the others (speculative
+//! transcripts, the later sentences of answers already speaking): time to first audio before
+//! tokens nobody hears yet. Steps are short (an LLM token ~30-60 ms, a Whisper token less, a Piper
 //! sentence a few hundred ms), so a generation that asks per token lets a sentence of TTS or
 //! another session's transcript in between, and the first audio of a reply does not wait for
 //! the whole reply.
@@ -54,7 +55,8 @@ struct State {
     next: u64,
     /// Cores no running step holds.
     free: usize,
-    /// Callers waiting, in the order they start: urgent ones first, then by ticket.
+    /// Callers waiting, in the order they start: by rank (transcripts, then urgent steps, then
+    /// the others), then by ticket.
     waiting: VecDeque<Waiter>,
 }
 
@@ -62,29 +64,89 @@ struct Waiter {
     ticket: u64,
     /// The fewest cores it can start with.
     min: usize,
-    urgent: bool,
+    /// [`Urgency::rank`]: a waiter starts after every waiter of its rank or higher that asked
+    /// before it.
+    rank: u8,
 }
 
 /// Whether a step's user waits for their first audio (see [`ComputeGate::enter_as`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Urgency {
-    /// A final transcript, an answer before its first sentence end, a first sentence of
-    /// speech: its user hears nothing until it is done.
+    /// A final transcript (or the speculative one a final waits for): the head of its turn,
+    /// nothing of the answer can start before it, and its steps are short (a Whisper decoder
+    /// token takes ~15 ms on one core against ~50 ms for a batched LLM step). It goes ahead
+    /// of urgent LLM and speech steps: interleaved with them, each of its tokens waited a
+    /// whole LLM step, and the last of three simultaneous transcripts finished ~0.8 s late.
+    Transcript,
+    /// An answer before its first sentence end, a first sentence of speech: its user hears
+    /// nothing until it is done.
     Urgent,
     /// Everything else (a speculative transcript, an answer's later sentences).
     Normal,
+}
+
+impl Urgency {
+    /// Order at the gate: higher first.
+    fn rank(self) -> u8 {
+        match self {
+            Urgency::Transcript => 2,
+            Urgency::Urgent => 1,
+            Urgency::Normal => 0,
+        }
+    }
 }
 
 /// Holds cores of the gate; dropping it gives them back.
 pub struct GateGuard<'a> {
     gate: &'a ComputeGate,
     cores: usize,
+    urgency: Urgency,
+    rank: u8,
+    ticket: u64,
+    since: std::time::Instant,
 }
 
 impl GateGuard<'_> {
     /// Cores this step was given: run with exactly this many threads.
     pub fn cores(&self) -> usize {
         self.cores
+    }
+
+    /// The urgency this step entered with.
+    pub fn urgency(&self) -> Urgency {
+        self.urgency
+    }
+
+    /// Whether a caller of this step's urgency or a higher one waits: a run of short steps
+    /// (a Whisper decoder's tokens) may keep its cores from one step to the next while this
+    /// is false, and lets go when it turns true. Keeping them while only lower classes wait
+    /// is what the order promises anyway; asking again at each step let a waiting LLM step
+    /// in between two tokens of a final transcript, since the next token had not asked yet
+    /// when the last one ended.
+    pub fn should_yield(&self) -> bool {
+        self.waiting_at_or_above(self.rank)
+    }
+
+    /// Whether a caller of `urgency` or a higher one waits.
+    pub fn should_yield_to(&self, urgency: Urgency) -> bool {
+        let rank = if self.gate.inner.serial { 0 } else { urgency.rank() };
+        self.waiting_at_or_above(rank)
+    }
+
+    /// The ticket this step entered with (tests tell a kept turn from a new one by it).
+    #[cfg(test)]
+    pub(crate) fn ticket(&self) -> u64 {
+        self.ticket
+    }
+
+    fn waiting_at_or_above(&self, rank: u8) -> bool {
+        let s = self
+            .gate
+            .inner
+            .state
+            .lock()
+            .expect("gate lock is never poisoned");
+        s.waiting.iter().any(|w| w.rank >= rank)
     }
 }
 
@@ -151,41 +213,33 @@ impl ComputeGate {
         self.enter_as(Urgency::Normal, min, max)
     }
 
-    /// [`enter_cores`](Self::enter_cores), where an [`Urgency::Urgent`] step waits only
-    /// behind the urgent steps that asked before it (first audio first: a first sentence or a
-    /// final transcript does not queue behind the later sentences of other answers). On a
-    /// serial gate, urgency changes nothing (the order before it existed).
+    /// [`enter_cores`](Self::enter_cores), where a step waits only behind the steps of its
+    /// urgency or a higher one that asked before it: a final transcript's steps first, then
+    /// urgent ones, then the others (first audio first: a first sentence or a final
+    /// transcript does not queue behind the later sentences of other answers). On a serial
+    /// gate, urgency changes nothing (the order before it existed).
     pub fn enter_as(&self, urgency: Urgency, min: usize, max: usize) -> GateGuard<'_> {
         let inner = &*self.inner;
-        let urgent = urgency == Urgency::Urgent && !inner.serial;
+        let rank = if inner.serial { 0 } else { urgency.rank() };
         let (min, max) = if inner.serial {
             (inner.cores, inner.cores)
         } else {
             let min = min.clamp(1, inner.cores);
             (min, max.clamp(min, inner.cores))
         };
+        let asked = std::time::Instant::now();
         let mut s = inner
             .state
             .lock()
             .expect("gate lock is never poisoned: no code panics under it");
         let ticket = s.next;
         s.next += 1;
-        let at = if urgent {
-            s.waiting
-                .iter()
-                .position(|w| !w.urgent)
-                .unwrap_or(s.waiting.len())
-        } else {
-            s.waiting.len()
-        };
-        s.waiting.insert(
-            at,
-            Waiter {
-                ticket,
-                min,
-                urgent,
-            },
-        );
+        let at = s
+            .waiting
+            .iter()
+            .position(|w| w.rank < rank)
+            .unwrap_or(s.waiting.len());
+        s.waiting.insert(at, Waiter { ticket, min, rank });
         while s.waiting.front().is_none_or(|w| w.ticket != ticket) || s.free < min {
             s = inner.turn.wait(s).expect("gate lock is never poisoned");
         }
@@ -198,7 +252,25 @@ impl ComputeGate {
         s.free -= cores;
         // The next ticket may start beside this step.
         inner.turn.notify_all();
-        GateGuard { gate: self, cores }
+        let since = std::time::Instant::now();
+        tracing::trace!(
+            ticket,
+            ?urgency,
+            min,
+            max,
+            cores,
+            waited_us = since.duration_since(asked).as_micros() as u64,
+            queued = s.waiting.len(),
+            "gate step starts"
+        );
+        GateGuard {
+            gate: self,
+            cores,
+            urgency,
+            rank,
+            ticket,
+            since,
+        }
     }
 }
 
@@ -208,6 +280,11 @@ impl Drop for GateGuard<'_> {
         let mut s = inner.state.lock().expect("gate lock is never poisoned");
         s.free += self.cores;
         inner.turn.notify_all();
+        tracing::trace!(
+            ticket = self.ticket,
+            held_us = self.since.elapsed().as_micros() as u64,
+            "gate step ends"
+        );
     }
 }
 
@@ -343,7 +420,7 @@ mod tests {
     }
 
     #[test]
-    fn urgent_steps_go_ahead_of_normal_ones_in_order() {
+    fn transcripts_then_urgent_steps_go_ahead_of_normal_ones_in_order() {
         let gate = ComputeGate::with_cores(2);
         let first = gate.enter();
         let (tx, rx) = mpsc::channel();
@@ -352,7 +429,9 @@ mod tests {
                 ("later sentence", Urgency::Normal),
                 ("first sentence", Urgency::Urgent),
                 ("speculation", Urgency::Normal),
-                ("final", Urgency::Urgent),
+                ("llm opening", Urgency::Urgent),
+                ("final", Urgency::Transcript),
+                ("another final", Urgency::Transcript),
             ];
             for (n, (name, urgency)) in steps.into_iter().enumerate() {
                 let (g, t) = (&gate, tx.clone());
@@ -367,8 +446,51 @@ mod tests {
         });
         assert_eq!(
             rx.try_iter().collect::<Vec<_>>(),
-            ["first sentence", "final", "later sentence", "speculation"]
+            [
+                "final",
+                "another final",
+                "first sentence",
+                "llm opening",
+                "later sentence",
+                "speculation"
+            ]
         );
+    }
+
+    #[test]
+    fn a_step_should_yield_only_to_its_class_or_a_higher_one() {
+        let gate = ComputeGate::with_cores(2);
+        let (tx, rx) = mpsc::channel();
+        let speculation = gate.enter_as(Urgency::Normal, 2, 2);
+        std::thread::scope(|scope| {
+            assert!(!speculation.should_yield(), "nobody waits");
+            let (g, t) = (&gate, tx.clone());
+            scope.spawn(move || {
+                let _later = g.enter_as(Urgency::Normal, 1, 1);
+                t.send("later sentence").unwrap();
+            });
+            gate.await_tickets(2);
+            assert!(speculation.should_yield(), "its own class waits");
+            assert!(!speculation.should_yield_to(Urgency::Urgent));
+            let (g, t) = (&gate, tx.clone());
+            scope.spawn(move || {
+                let _llm = g.enter_as(Urgency::Urgent, 2, 2);
+                t.send("llm").unwrap();
+            });
+            gate.await_tickets(3);
+            assert!(speculation.should_yield_to(Urgency::Urgent));
+            assert!(!speculation.should_yield_to(Urgency::Transcript));
+            drop(speculation);
+        });
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), ["llm", "later sentence"]);
+        // A final transcript does not yield to lower classes.
+        let fin = gate.enter_as(Urgency::Transcript, 1, 2);
+        std::thread::scope(|scope| {
+            scope.spawn(|| drop(gate.enter_as(Urgency::Urgent, 2, 2)));
+            gate.await_tickets(5);
+            assert!(!fin.should_yield());
+            drop(fin);
+        });
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod pool;
 pub mod provider;
 pub mod utterance;
 pub mod whisper;
+mod whisper_decoder;
 
 pub use batched::{BatchConfig, BatchedLlama};
 pub use gate::{ComputeGate, Urgency};

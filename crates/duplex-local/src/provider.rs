@@ -164,8 +164,9 @@ impl LocalStt {
         self.transcribe_flagged(priority, needed, samples).await
     }
 
-    /// Transcribes `samples`; each step is urgent at the compute gate while `needed` is set (a
-    /// final transcript; a speculation once a final waits for it).
+    /// Transcribes `samples`; each step is a transcript's at the compute gate (ahead of the
+    /// urgent LLM and speech steps) while `needed` is set (a final transcript; a speculation
+    /// once a final waits for it).
     async fn transcribe_flagged(
         &self,
         priority: Priority,
@@ -180,7 +181,7 @@ impl LocalStt {
                 hook.fire();
                 let urgency = || {
                     if needed.load(Ordering::Relaxed) {
-                        Urgency::Urgent
+                        Urgency::Transcript
                     } else {
                         Urgency::Normal
                     }

@@ -14,7 +14,8 @@ use candle_transformers::models::whisper::{self as w, model::Whisper};
 use crate::Error;
 use crate::bytelevel::ByteLevel;
 use crate::ct2::Ct2Model;
-use crate::gate::{ComputeGate, Urgency};
+use crate::gate::{ComputeGate, GateGuard, Urgency};
+use crate::whisper_decoder::CachedDecoder;
 
 /// Audio quieter than this RMS (of samples in -1..1, about -45 dBFS) is silence: Whisper
 /// invents text for silence ("Thank you."), so it is never decoded.
@@ -56,7 +57,10 @@ pub struct WhisperModel {
     /// step is first given that many cores by the gate (candle splits its work over the rayon
     /// pool it runs in). A step given every core runs on rayon's global pool.
     narrow: std::sync::Mutex<Vec<(usize, std::sync::Arc<rayon::ThreadPool>)>>,
+    /// The encoder is candle's; its decoder is used only as the reference the cached one is
+    /// tested against ([`WhisperModel::transcribe_reference`]).
     model: Whisper,
+    decoder: CachedDecoder,
     filters: Vec<f32>,
     vocab: Vec<String>,
     bytes: ByteLevel,
@@ -84,6 +88,7 @@ impl Clone for WhisperModel {
             // Not shared: two clones given one core each must run on two threads.
             narrow: Default::default(),
             model: self.model.clone(),
+            decoder: self.decoder.clone(),
             filters: self.filters.clone(),
             vocab: self.vocab.clone(),
             bytes: self.bytes.clone(),
@@ -134,6 +139,8 @@ impl WhisperModel {
         let (tensors, config) = map_weights(&ct2, vocab.len()).map_err(|e| io_err(&bin, e))?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let model = Whisper::load(&vb, config.clone()).map_err(|e| io_err(&bin, e))?;
+        let decoder =
+            CachedDecoder::load(vb.pp("model.decoder"), &config).map_err(|e| io_err(&bin, e))?;
 
         let find = |t: &str| vocab.iter().position(|v| v == t).map(|i| i as u32);
         let missing = |t: &str| io_err(&vocab_path, format!("no {t} token"));
@@ -170,6 +177,7 @@ impl WhisperModel {
         Ok(WhisperModel {
             narrow: Default::default(),
             model,
+            decoder,
             filters: mel_filters(config.num_mel_bins, w::N_FFT, w::SAMPLE_RATE as f32),
             vocab,
             bytes: ByteLevel::default(),
@@ -238,6 +246,24 @@ impl WhisperModel {
         gate: Option<(&ComputeGate, &dyn Fn() -> Urgency)>,
         stop: &dyn Fn() -> bool,
     ) -> Result<Transcript, Error> {
+        self.run(samples, gate, stop, false)
+    }
+
+    /// [`transcribe`](Self::transcribe) with candle's own decoder, which feeds the whole token
+    /// sequence again at every step: the reference the cached decoder must agree with (tests
+    /// and benches only).
+    #[doc(hidden)]
+    pub fn transcribe_reference(&mut self, samples: &[f32]) -> Result<Transcript, Error> {
+        self.run(samples, None, &|| false, true)
+    }
+
+    fn run(
+        &mut self,
+        samples: &[f32],
+        gate: Option<(&ComputeGate, &dyn Fn() -> Urgency)>,
+        stop: &dyn Fn() -> bool,
+        reference: bool,
+    ) -> Result<Transcript, Error> {
         let silent = Transcript {
             text: String::new(),
             no_speech_prob: 1.0,
@@ -261,8 +287,12 @@ impl WhisperModel {
         if stop() {
             return Err(Error::Cancelled);
         }
+        // The gate's turn, kept from one step to the next while nobody of its class or a
+        // higher one waits and the urgency stays the same (a final transcript's tokens run
+        // back to back instead of each waiting behind an LLM step).
+        let mut turn = None;
         let audio = {
-            let turn = gate.map(|(g, u)| g.enter_as(u(), 1, g.cores()));
+            take_turn(&mut turn, gate);
             let pool = self.pool_for(turn.as_ref().map(|t| t.cores()))?;
             let encoder = &mut self.model.encoder;
             on(pool, || encoder.forward(&mel, true))?
@@ -272,6 +302,7 @@ impl WhisperModel {
         let budget =
             (MIN_TOKEN_BUDGET + (seconds * MAX_TOKENS_PER_SECOND) as usize).min(MAX_TOKENS);
         let mut tokens = self.prompt.clone();
+        let mut state = self.decoder.start(&audio)?;
         let mut no_speech_prob = 0.0;
         let mut guard = None;
         for step in 0..=budget {
@@ -282,29 +313,45 @@ impl WhisperModel {
             if stop() {
                 return Err(Error::Cancelled);
             }
-            let turn = gate.map(|(g, u)| g.enter_as(u(), 1, g.cores()));
+            take_turn(&mut turn, gate);
             let pool = self.pool_for(turn.as_ref().map(|t| t.cores()))?;
-            let (decoder, no_speech, suppress) =
-                (&mut self.model.decoder, self.no_speech, &self.suppress);
+            let (reference_decoder, decoder, no_speech, suppress) = (
+                &mut self.model.decoder,
+                &self.decoder,
+                self.no_speech,
+                &self.suppress,
+            );
+            let state = &mut state;
             let (mut logits, ns_prob) = on(pool, || {
-                let input = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-                let hidden = decoder.forward(&input, &audio, step == 0)?;
+                // The logits of one position of `hidden` (1, seq, d_model).
+                let (hidden, logits_at) = if reference {
+                    let input = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+                    let hidden = reference_decoder.forward(&input, &audio, step == 0)?;
+                    let at = |hidden: &Tensor, i: usize| {
+                        reference_decoder
+                            .final_linear(&hidden.i((.., i..i + 1))?)?
+                            .i((0, 0))
+                    };
+                    (hidden, Box::new(at) as Box<dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>>)
+                } else {
+                    // The prompt at the first step, then the token the last step added.
+                    let new = if step == 0 { &tokens[..] } else { &tokens[tokens.len() - 1..] };
+                    let hidden = decoder.forward(new, state)?;
+                    let at = |hidden: &Tensor, i: usize| decoder.logits(&hidden.i((0, i))?);
+                    (hidden, Box::new(at) as Box<dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>>)
+                };
                 let mut ns_prob = None;
                 if step == 0
                     && let Some(ns) = no_speech
                 {
                     // The no-speech probability is read at the sot position.
-                    let first = decoder.final_linear(&hidden.i((.., 0..1))?)?;
-                    let probs = candle_nn::ops::softmax(&first.i((0, 0))?, D::Minus1)?;
+                    let probs = candle_nn::ops::softmax(&logits_at(&hidden, 0)?, D::Minus1)?;
                     ns_prob = Some(probs.i(ns as usize)?.to_scalar::<f32>()?);
                 }
                 let (_, seq, _) = hidden.dims3()?;
-                let logits = decoder
-                    .final_linear(&hidden.i((.., seq - 1..))?)?
-                    .i((0, 0))?;
+                let logits = logits_at(&hidden, seq - 1)?;
                 Ok::<_, Error>(((logits + suppress)?.to_vec1::<f32>()?, ns_prob))
             })?;
-            drop(turn);
             if let Some(p) = ns_prob {
                 no_speech_prob = p;
             }
@@ -327,8 +374,8 @@ impl WhisperModel {
                 break;
             }
         }
-        // candle's Whisper decoder caches only the cross-attention keys (flushed at step 0),
-        // so each step re-feeds the whole (short) token sequence.
+        // The cached decoder feeds each token once; candle's (the reference) caches only the
+        // cross-attention keys (flushed at step 0) and feeds the whole sequence at each step.
         let generated = &tokens[self.prompt.len()..];
         if no_speech_prob > NO_SPEECH_THRESHOLD && generated.len() < 4 {
             return Ok(Transcript {
@@ -347,6 +394,25 @@ impl WhisperModel {
             no_speech_prob,
             guard,
         })
+    }
+}
+
+/// Takes the gate for a step of a transcription, keeping the turn `turn` holds from the step
+/// before while its urgency is unchanged and nobody of its class or a higher one waits.
+fn take_turn<'g>(
+    turn: &mut Option<GateGuard<'g>>,
+    gate: Option<(&'g ComputeGate, &dyn Fn() -> Urgency)>,
+) {
+    let Some((g, u)) = gate else { return };
+    let urgency = u();
+    if turn
+        .as_ref()
+        .is_some_and(|t| t.urgency() != urgency || t.should_yield())
+    {
+        *turn = None;
+    }
+    if turn.is_none() {
+        *turn = Some(g.enter_as(urgency, 1, g.cores()));
     }
 }
 
@@ -591,4 +657,68 @@ pub fn mel_filters(n_mels: usize, n_fft: usize, sample_rate: f32) -> Vec<f32> {
         }
     }
     weights
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A transcription keeps its turn from token to token while only lower classes wait (an
+    /// urgent LLM step waits until the final transcript is done, instead of running between
+    /// two of its tokens), and lets go for a waiter of its own class or when its urgency
+    /// changes.
+    #[test]
+    fn a_transcript_keeps_its_turn_between_tokens_until_its_class_waits() {
+        let gate = ComputeGate::with_cores(2);
+        let transcript = || Urgency::Transcript;
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|scope| {
+            // Inside the scope: a failed assertion drops the turn, so the other threads end
+            // and the test fails instead of hanging.
+            let mut turn = None;
+            take_turn(&mut turn, Some((&gate, &transcript)));
+            assert_eq!(turn.as_ref().map(|t| t.cores()), Some(2), "alone: every core");
+            let (g, t) = (&gate, tx.clone());
+            scope.spawn(move || {
+                let _llm = g.enter_as(Urgency::Urgent, 2, 2);
+                t.send("llm").unwrap();
+            });
+            // The LLM step waits at the gate.
+            while !turn.as_ref().unwrap().should_yield_to(Urgency::Urgent) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // The next tokens keep the turn: the LLM step does not run in between.
+            let ticket = turn.as_ref().unwrap().ticket();
+            for _ in 0..3 {
+                take_turn(&mut turn, Some((&gate, &transcript)));
+                assert_eq!(turn.as_ref().unwrap().ticket(), ticket, "the same turn");
+                std::thread::sleep(Duration::from_millis(5));
+                assert!(rx.try_recv().is_err(), "the LLM step ran between two tokens");
+            }
+            // Another final transcript asks: this one lets go at its next token, and both
+            // then run on a core each, before the LLM step.
+            let (g, t) = (&gate, tx.clone());
+            scope.spawn(move || {
+                let other = g.enter_as(Urgency::Transcript, 1, 2);
+                t.send(if other.cores() == 1 { "final, one core" } else { "final" })
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            });
+            while !turn.as_ref().unwrap().should_yield() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            take_turn(&mut turn, Some((&gate, &transcript)));
+            assert_ne!(turn.as_ref().unwrap().ticket(), ticket, "a new turn");
+            assert_eq!(turn.as_ref().map(|t| t.cores()), Some(1));
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(10)),
+                Ok("final, one core")
+            );
+            assert!(rx.try_recv().is_err(), "the LLM waits for both finals");
+            drop(turn);
+        });
+        assert_eq!(rx.try_recv(), Ok("llm"));
+    }
 }

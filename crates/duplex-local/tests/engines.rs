@@ -513,3 +513,38 @@ async fn a_turn_dropped_while_the_serial_llm_is_busy_never_starts() {
         "only the essay started"
     );
 }
+
+/// The decoder that caches its keys and values picks the tokens candle's decoder picks (which
+/// feeds the whole sequence again at each step), on every recorded LibriVox clip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cached_whisper_decoder_transcribes_as_the_uncached_one() {
+    let Some((_e, _turn)) = engines() else { return };
+    let mut whisper = duplex_local::whisper::WhisperModel::load(&ModelDir::from_env().whisper())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let transcripts = std::fs::read_to_string(format!("{LIBRIVOX}/transcription")).unwrap();
+    let mut compared = 0;
+    for line in transcripts.lines() {
+        let id = line.rsplit_once('(').unwrap().1.trim_end_matches(')');
+        let audio: Vec<f32> = read_wav_16k(&format!("{LIBRIVOX}/{id}.wav"))
+            .iter()
+            .map(|&s| f32::from(s) / 32768.0)
+            .collect();
+        let (t, cached) = (Instant::now(), whisper.transcribe(&audio).unwrap());
+        let cached_time = t.elapsed();
+        let (t, reference) = (Instant::now(), whisper.transcribe_reference(&audio).unwrap());
+        eprintln!(
+            "{id}: cached {cached_time:?}, uncached {:?}: {:?}",
+            t.elapsed(),
+            cached.text
+        );
+        assert!(!reference.text.is_empty(), "{id}");
+        assert_eq!(cached.text, reference.text, "{id}");
+        assert_eq!(cached.guard, reference.guard, "{id}");
+        assert!(
+            (cached.no_speech_prob - reference.no_speech_prob).abs() < 1e-3,
+            "{id}: {cached:?} {reference:?}"
+        );
+        compared += 1;
+    }
+    assert!(compared >= 5, "{compared} clips");
+}

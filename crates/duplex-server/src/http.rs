@@ -162,6 +162,10 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
                 .into_response();
         }
     }
+    state
+        .session
+        .metrics
+        .observe_store_writer(state.session.store.writer_stats());
     (
         [(
             header::CONTENT_TYPE,

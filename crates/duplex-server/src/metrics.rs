@@ -134,6 +134,14 @@ pub struct Metrics {
     pub busiest_user_seconds_today: IntGauge,
     /// The day `busiest_user_seconds_today` belongs to (days since the epoch).
     busiest_day: Arc<AtomicI64>,
+    /// SQLite's group-commit writer: transactions committed, writes they held, and the most
+    /// one held (all zero on PostgreSQL, which commits each write alone). Read from the store
+    /// at each scrape ([`Metrics::observe_store_writer`]).
+    pub store_batches_total: IntCounter,
+    pub store_batched_writes_total: IntCounter,
+    pub store_largest_batch: IntGauge,
+    /// Serialises scrapes' updates of the store counters (they move by deltas).
+    store_lock: Arc<Mutex<()>>,
     /// Local engines: time a job waited for an engine instance (STT, TTS) or an LLM sequence.
     pub local_queue_wait: HistogramVec,
     /// Local LLM answers being generated now.
@@ -231,6 +239,21 @@ impl Metrics {
         let usage_lost_seconds_total = IntCounter::new(
             "duplex_usage_lost_seconds_total",
             "Seconds of conversation never written to the store (backlog full or server exited first)",
+        )
+        .expect("valid metric");
+        let store_batches_total = IntCounter::new(
+            "duplex_store_batches_total",
+            "Transactions the store's group-commit writer committed (SQLite; 0 on PostgreSQL)",
+        )
+        .expect("valid metric");
+        let store_batched_writes_total = IntCounter::new(
+            "duplex_store_batched_writes_total",
+            "Writes (usage, session start and end) those transactions held: writes per batch is this over duplex_store_batches_total",
+        )
+        .expect("valid metric");
+        let store_largest_batch = IntGauge::new(
+            "duplex_store_largest_batch",
+            "The most writes one group-commit transaction held since the server started",
         )
         .expect("valid metric");
         let sessions_reaped_total = IntCounter::new(
@@ -410,6 +433,9 @@ impl Metrics {
             Box::new(sessions_reaped_total.clone()),
             Box::new(usage_backlog_writes.clone()),
             Box::new(usage_lost_seconds_total.clone()),
+            Box::new(store_batches_total.clone()),
+            Box::new(store_batched_writes_total.clone()),
+            Box::new(store_largest_batch.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -445,6 +471,10 @@ impl Metrics {
             max_daily_spend_usd,
             busiest_user_seconds_today,
             busiest_day: Arc::new(AtomicI64::new(i64::MIN)),
+            store_batches_total,
+            store_batched_writes_total,
+            store_largest_batch,
+            store_lock: Arc::default(),
             local_queue_wait,
             local_llm_active_sequences,
             local_llm_tokens_total,
@@ -478,6 +508,25 @@ impl Metrics {
         } else if day == current && seconds > self.busiest_user_seconds_today.get() {
             self.busiest_user_seconds_today.set(seconds);
         }
+    }
+
+    /// The store writer's figures since it opened, as `Store::writer_stats` reads them: the
+    /// counters move up to them (never down; a scrape that raced another changes nothing).
+    pub fn observe_store_writer(&self, stats: duplex_store::WriterStats) {
+        let _guard = self
+            .store_lock
+            .lock()
+            .expect("never poisoned: no panics while held");
+        for (counter, now) in [
+            (&self.store_batches_total, stats.batches),
+            (&self.store_batched_writes_total, stats.writes),
+        ] {
+            if let Some(delta) = now.checked_sub(counter.get()).filter(|&d| d > 0) {
+                counter.inc_by(delta);
+            }
+        }
+        self.store_largest_batch
+            .set(i64::try_from(stats.largest).unwrap_or(i64::MAX));
     }
 
     /// The registry in Prometheus text format.
@@ -624,6 +673,9 @@ mod tests {
             "duplex_daily_spend_usd",
             "duplex_busiest_user_seconds_today",
             "duplex_runtime_alive_tasks",
+            "duplex_store_batches_total",
+            "duplex_store_batched_writes_total",
+            "duplex_store_largest_batch",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),
@@ -631,6 +683,25 @@ mod tests {
             );
         }
         assert!(text.contains("duplex_process_cpu_seconds_total "), "{text}");
+    }
+
+    /// The store writer's counters follow its figures and never go back.
+    #[test]
+    fn store_writer_figures_become_counters() {
+        let m = Metrics::new();
+        let stats = |batches, writes, largest| duplex_store::WriterStats {
+            batches,
+            writes,
+            largest,
+        };
+        m.observe_store_writer(stats(3, 40, 20));
+        m.observe_store_writer(stats(5, 70, 30));
+        // A stale reading (a scrape that read before the one above) moves nothing back.
+        m.observe_store_writer(stats(4, 50, 30));
+        let text = m.render();
+        assert!(text.contains("\nduplex_store_batches_total 5\n"), "{text}");
+        assert!(text.contains("\nduplex_store_batched_writes_total 70\n"), "{text}");
+        assert!(text.contains("\nduplex_store_largest_batch 30\n"), "{text}");
     }
 
     /// The gauge follows the runtime: tasks started before a scrape are counted, and gone
