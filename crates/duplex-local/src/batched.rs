@@ -18,10 +18,11 @@
 //!   [`BatchConfig::context_per_sequence`] tokens (the oldest prompt tokens are cut, as
 //!   `LlamaChat` does).
 //! - **Latency first** (see [`Scheduler::step`]): every step carries one token of each running
-//!   answer; prompt tokens fill the rest, shortest remaining prompt first, at most
-//!   [`BatchConfig::prefill_chunk`] per step, and only
-//!   [`BatchConfig::opening_prefill_chunk`] while some answer has not yet finished its first
-//!   sentence (its user waits for the first audio).
+//!   answer, except that answers far ahead of their speech sit out a few steps while another
+//!   answer writes its first sentence ([`BatchConfig::hold_steps`]); prompt tokens fill the
+//!   rest, shortest remaining prompt first, at most [`BatchConfig::prefill_chunk`] per step,
+//!   and only [`BatchConfig::opening_prefill_chunk`] while some answer has not yet finished
+//!   its first sentence (its user waits for the first audio).
 //! - A reader that lags (its channel full) pauses its own answer only.
 //!
 //! The KV cache is llama.cpp's unified one: a step's tokens of all sequences go through the
@@ -63,6 +64,10 @@ const PAUSED_POLL: Duration = Duration::from_millis(5);
 /// An answer is "opening" (its user waits for the first audio) until its text has a sentence
 /// end, or for at most this many tokens (a first sentence without punctuation).
 const OPENING_MAX_TOKENS: usize = 48;
+/// Characters of text an answer past its first sentence must have written before it may sit
+/// out steps for others' first sentences: ~5 s of speech at ~14 chars/s, while the model
+/// writes several times faster than that is spoken, so its voice is seconds behind its text.
+const HOLD_AHEAD_CHARS: usize = 80;
 
 /// Sizes of the batched engine. Every field is a bound the lead may expose as a variable.
 #[derive(Debug, Clone)]
@@ -78,6 +83,12 @@ pub struct BatchConfig {
     /// Prompt tokens per decode step while some answer is before its first sentence end:
     /// small, so that its first sentence keeps coming at several tokens per second.
     pub opening_prefill_chunk: usize,
+    /// Consecutive steps an answer already speaking (past its first sentence, with
+    /// [`HOLD_AHEAD_CHARS`] written) may sit out while another answer writes its first
+    /// sentence: a step of fewer tokens is shorter (on 2 cores three tokens took ~70 ms, one
+    /// ~25-35 ms), so first sentences come sooner; it still takes part in one step of
+    /// `hold_steps + 1`. 0: every answer takes part in every step.
+    pub hold_steps: usize,
     /// Threads of each decode.
     pub threads: usize,
 }
@@ -94,6 +105,7 @@ impl Default for BatchConfig {
             context_per_sequence: 2048,
             prefill_chunk: 64,
             opening_prefill_chunk: 16,
+            hold_steps: 4,
             threads: crate::models::compute_threads(),
         }
     }
@@ -249,6 +261,7 @@ impl BatchedLlama {
                 context_per_sequence: per_seq,
                 prefill_chunk: config.prefill_chunk.max(1),
                 opening_prefill_chunk: config.opening_prefill_chunk.max(1),
+                hold_steps: config.hold_steps,
                 threads: config.threads,
             },
             gate,
@@ -352,14 +365,20 @@ struct SlotState {
     opening: bool,
     /// Its reader has room for this step's events.
     room: bool,
+    /// Past its first sentence with [`HOLD_AHEAD_CHARS`] written: may sit out.
+    ahead: bool,
+    /// Consecutive steps it sat out.
+    held: usize,
     remaining_prompt: usize,
     arrived: u64,
 }
 
 /// One step's plan, latency first: `(slot, tokens)` for every slot that takes part.
 ///
-/// 1. Every decoding answer whose reader has room gets its next token (a step of a few tokens
-///    costs little more than one: the weights are read once per step).
+/// 1. Every decoding answer whose reader has room gets its next token, except that while some
+///    answer is before its first sentence end, answers far ahead of their speech (`ahead`)
+///    sit out up to `hold_steps` steps in a row (a step's time grows with its tokens on a
+///    small CPU: first sentences come sooner in smaller steps).
 /// 2. Prompt tokens of new turns fill the rest, shortest remaining prompt first (a follow-up
 ///    turn whose history is cached is read before a long cold prompt; ties by arrival), up
 ///    to `prefill_chunk` per step, or `opening_chunk` while some decoding answer has not
@@ -369,6 +388,7 @@ fn plan(
     slots: &[Option<SlotState>],
     prefill_chunk: usize,
     opening_chunk: usize,
+    hold_steps: usize,
 ) -> Vec<(usize, usize)> {
     let running = || {
         slots
@@ -376,11 +396,11 @@ fn plan(
             .enumerate()
             .filter_map(|(i, s)| s.filter(|s| s.room).map(|s| (i, s)))
     };
+    let opening = running().any(|(_, s)| s.decoding && s.opening);
     let mut out: Vec<(usize, usize)> = running()
-        .filter(|(_, s)| s.decoding)
+        .filter(|(_, s)| s.decoding && !(opening && s.ahead && s.held < hold_steps))
         .map(|(i, _)| (i, 1))
         .collect();
-    let opening = running().any(|(_, s)| s.decoding && s.opening);
     let mut budget = if opening {
         opening_chunk
     } else {
@@ -443,6 +463,10 @@ struct Job {
     next: Option<LlamaToken>,
     /// Before the first sentence end (see [`OPENING_MAX_TOKENS`]).
     opening: bool,
+    /// Characters of text written so far.
+    chars: usize,
+    /// Consecutive steps it sat out (see [`BatchConfig::hold_steps`]).
+    held: usize,
     /// Arrival order, to break ties.
     arrived: u64,
 }
@@ -732,6 +756,8 @@ impl Scheduler {
             text: Utf8Stream::default(),
             next: None,
             opening: true,
+            chars: 0,
+            held: 0,
             arrived,
         });
     }
@@ -749,16 +775,26 @@ impl Scheduler {
                     decoding: job.next.is_some(),
                     opening: job.opening,
                     room: job.tx.capacity() >= ROOM_PER_STEP,
+                    ahead: !job.opening && job.chars >= HOLD_AHEAD_CHARS,
+                    held: job.held,
                     remaining_prompt: job.prompt.len().saturating_sub(slot.cached.len()),
                     arrived: job.arrived,
                 })
             })
             .collect();
-        let mut entries: Vec<Entry> = plan(
+        let planned = plan(
             &states,
             self.config.prefill_chunk,
             self.config.opening_prefill_chunk,
-        )
+            self.config.hold_steps,
+        );
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(job) = slot.job.as_mut().filter(|job| job.next.is_some()) {
+                let takes_part = planned.iter().any(|&(p, _)| p == i);
+                job.held = if takes_part { 0 } else { job.held + 1 };
+            }
+        }
+        let mut entries: Vec<Entry> = planned
         .into_iter()
         .map(|(i, take)| {
             let slot = &self.slots[i];
@@ -860,6 +896,7 @@ impl Scheduler {
         let mut bytes = Vec::new();
         vocab.token_to_piece_into(token, &mut bytes, false, None);
         let text = job.text.push(&bytes);
+        job.chars += text.chars().count();
         if job.opening
             && (text.contains(['.', '!', '?', '\n', ':', ';'])
                 || job.stats.completion_tokens >= OPENING_MAX_TOKENS)
@@ -887,6 +924,8 @@ mod tests {
             decoding: true,
             opening,
             room: true,
+            ahead: false,
+            held: 0,
             remaining_prompt: 0,
             arrived: 0,
         })
@@ -897,6 +936,8 @@ mod tests {
             decoding: false,
             opening: true,
             room: true,
+            ahead: false,
+            held: 0,
             remaining_prompt,
             arrived,
         })
@@ -906,16 +947,38 @@ mod tests {
     fn every_answer_gets_a_token_and_prompts_share_the_chunk_shortest_first() {
         let slots = [decoding(false), prefilling(200, 1), None, prefilling(20, 2)];
         // The short follow-up's whole tail, then the long prompt gets the rest of the chunk.
-        assert_eq!(plan(&slots, 64, 16), vec![(0, 1), (3, 20), (1, 44)]);
+        assert_eq!(plan(&slots, 64, 16, 4), vec![(0, 1), (3, 20), (1, 44)]);
     }
 
     #[test]
     fn an_opening_answer_caps_the_prompt_chunk() {
         let slots = [decoding(true), prefilling(200, 1), decoding(false)];
-        assert_eq!(plan(&slots, 64, 16), vec![(0, 1), (2, 1), (1, 16)]);
+        assert_eq!(plan(&slots, 64, 16, 4), vec![(0, 1), (2, 1), (1, 16)]);
         // A prefilling turn is not "opening" for the cap: nothing decodes yet.
         let slots = [prefilling(200, 1), prefilling(30, 2)];
-        assert_eq!(plan(&slots, 64, 16), vec![(1, 30), (0, 34)]);
+        assert_eq!(plan(&slots, 64, 16, 4), vec![(1, 30), (0, 34)]);
+    }
+
+    #[test]
+    fn answers_far_ahead_of_their_speech_sit_out_a_few_steps_for_first_sentences() {
+        let ahead = |held| {
+            let mut s = decoding(false);
+            let st = s.as_mut().unwrap();
+            (st.ahead, st.held) = (true, held);
+            s
+        };
+        // Another answer writes its first sentence: the one ahead sits out...
+        let slots = [ahead(0), decoding(true), decoding(false)];
+        assert_eq!(plan(&slots, 64, 16, 4), vec![(1, 1), (2, 1)]);
+        // ... up to `hold_steps` steps in a row, then takes part once.
+        let slots = [ahead(4), decoding(true)];
+        assert_eq!(plan(&slots, 64, 16, 4), vec![(0, 1), (1, 1)]);
+        // Nobody opening (a prompt being read is not): everyone takes part.
+        let slots = [ahead(0), prefilling(30, 1)];
+        assert_eq!(plan(&slots, 64, 16, 4), vec![(0, 1), (1, 30)]);
+        // 0 turns it off.
+        let slots = [ahead(0), decoding(true)];
+        assert_eq!(plan(&slots, 64, 16, 0), vec![(0, 1), (1, 1)]);
     }
 
     #[test]
@@ -923,7 +986,7 @@ mod tests {
         let mut lagging = decoding(true);
         lagging.as_mut().unwrap().room = false;
         let slots = [lagging, prefilling(100, 1)];
-        assert_eq!(plan(&slots, 64, 16), vec![(1, 64)]);
-        assert_eq!(plan(&[lagging, None], 64, 16), vec![]);
+        assert_eq!(plan(&slots, 64, 16, 4), vec![(1, 64)]);
+        assert_eq!(plan(&[lagging, None], 64, 16, 4), vec![]);
     }
 }
