@@ -96,8 +96,9 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
-            // Four answers at once keep a 2-core machine busy (a step of four tokens costs
-            // little more than one token: the weights are read once).
+            // Four answers at once keep a 2-core machine busy. A step of several tokens reads
+            // the weights once but still computes each token: on 2 cores three took ~70 ms
+            // against ~25-35 ms for one (see `hold_steps`).
             max_sequences: 4,
             // A spoken conversation's prompt and answer fit in a few hundred tokens; 2048
             // per sequence keep the whole cache at ~100 MB for Qwen2.5-0.5B (12 KiB per
