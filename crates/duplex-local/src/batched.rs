@@ -796,24 +796,24 @@ impl Scheduler {
             }
         }
         let mut entries: Vec<Entry> = planned
-        .into_iter()
-        .map(|(i, take)| {
-            let slot = &self.slots[i];
-            let job = slot.job.as_ref().expect("planned slots have a job");
-            let tokens = match job.next {
-                Some(next) => vec![next],
-                None => {
-                    let start = slot.cached.len();
-                    job.prompt[start..start + take].to_vec()
+            .into_iter()
+            .map(|(i, take)| {
+                let slot = &self.slots[i];
+                let job = slot.job.as_ref().expect("planned slots have a job");
+                let tokens = match job.next {
+                    Some(next) => vec![next],
+                    None => {
+                        let start = slot.cached.len();
+                        job.prompt[start..start + take].to_vec()
+                    }
+                };
+                Entry {
+                    slot: i,
+                    tokens,
+                    logits: None,
                 }
-            };
-            Entry {
-                slot: i,
-                tokens,
-                logits: None,
-            }
-        })
-        .collect();
+            })
+            .collect();
         if entries.is_empty() {
             return false;
         }

@@ -129,7 +129,11 @@ impl GateGuard<'_> {
 
     /// Whether a caller of `urgency` or a higher one waits.
     pub fn should_yield_to(&self, urgency: Urgency) -> bool {
-        let rank = if self.gate.inner.serial { 0 } else { urgency.rank() };
+        let rank = if self.gate.inner.serial {
+            0
+        } else {
+            urgency.rank()
+        };
         self.waiting_at_or_above(rank)
     }
 

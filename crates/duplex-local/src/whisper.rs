@@ -332,13 +332,23 @@ impl WhisperModel {
                             .final_linear(&hidden.i((.., i..i + 1))?)?
                             .i((0, 0))
                     };
-                    (hidden, Box::new(at) as Box<dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>>)
+                    (
+                        hidden,
+                        Box::new(at) as Box<dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>>,
+                    )
                 } else {
                     // The prompt at the first step, then the token the last step added.
-                    let new = if step == 0 { &tokens[..] } else { &tokens[tokens.len() - 1..] };
+                    let new = if step == 0 {
+                        &tokens[..]
+                    } else {
+                        &tokens[tokens.len() - 1..]
+                    };
                     let hidden = decoder.forward(new, state)?;
                     let at = |hidden: &Tensor, i: usize| decoder.logits(&hidden.i((0, i))?);
-                    (hidden, Box::new(at) as Box<dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>>)
+                    (
+                        hidden,
+                        Box::new(at) as Box<dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>>,
+                    )
                 };
                 let mut ns_prob = None;
                 if step == 0
@@ -679,7 +689,11 @@ mod tests {
             // and the test fails instead of hanging.
             let mut turn = None;
             take_turn(&mut turn, Some((&gate, &transcript)));
-            assert_eq!(turn.as_ref().map(|t| t.cores()), Some(2), "alone: every core");
+            assert_eq!(
+                turn.as_ref().map(|t| t.cores()),
+                Some(2),
+                "alone: every core"
+            );
             let (g, t) = (&gate, tx.clone());
             scope.spawn(move || {
                 let _llm = g.enter_as(Urgency::Urgent, 2, 2);
@@ -695,7 +709,10 @@ mod tests {
                 take_turn(&mut turn, Some((&gate, &transcript)));
                 assert_eq!(turn.as_ref().unwrap().ticket(), ticket, "the same turn");
                 std::thread::sleep(Duration::from_millis(5));
-                assert!(rx.try_recv().is_err(), "the LLM step ran between two tokens");
+                assert!(
+                    rx.try_recv().is_err(),
+                    "the LLM step ran between two tokens"
+                );
             }
             // Another final transcript asks: this one lets go at its next token, and both
             // run before the LLM step (side by side on a core each, or the other first on

@@ -162,10 +162,17 @@ impl CachedDecoder {
         hidden.unsqueeze(0)?.matmul(&self.embed.t()?)?.i(0)
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let heads = |x: &Tensor| -> Result<Tensor> {
             let (b, n, s) = x.dims3()?;
-            x.reshape((b, n, self.n_head, s / self.n_head))?.transpose(1, 2)
+            x.reshape((b, n, self.n_head, s / self.n_head))?
+                .transpose(1, 2)
         };
         let (_, _, n_state) = q.dims3()?;
         let scale = ((n_state / self.n_head) as f64).powf(-0.25);
@@ -185,9 +192,7 @@ impl CachedDecoder {
 fn causal_mask(past: usize, new: usize, device: &Device) -> Result<Tensor> {
     let cols = past + new;
     let mask: Vec<f32> = (0..new)
-        .flat_map(|i| {
-            (0..cols).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-        })
+        .flat_map(|i| (0..cols).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(mask, (new, cols), device)
 }
@@ -198,7 +203,10 @@ mod tests {
 
     #[test]
     fn new_tokens_see_the_past_and_those_before_them() {
-        let m = causal_mask(2, 3, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let m = causal_mask(2, 3, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let ninf = f32::NEG_INFINITY;
         assert_eq!(
             m,

@@ -531,7 +531,10 @@ async fn the_cached_whisper_decoder_transcribes_as_the_uncached_one() {
             .collect();
         let (t, cached) = (Instant::now(), whisper.transcribe(&audio).unwrap());
         let cached_time = t.elapsed();
-        let (t, reference) = (Instant::now(), whisper.transcribe_reference(&audio).unwrap());
+        let (t, reference) = (
+            Instant::now(),
+            whisper.transcribe_reference(&audio).unwrap(),
+        );
         eprintln!(
             "{id}: cached {cached_time:?}, uncached {:?}: {:?}",
             t.elapsed(),

@@ -700,7 +700,10 @@ mod tests {
         m.observe_store_writer(stats(4, 50, 30));
         let text = m.render();
         assert!(text.contains("\nduplex_store_batches_total 5\n"), "{text}");
-        assert!(text.contains("\nduplex_store_batched_writes_total 70\n"), "{text}");
+        assert!(
+            text.contains("\nduplex_store_batched_writes_total 70\n"),
+            "{text}"
+        );
         assert!(text.contains("\nduplex_store_largest_batch 30\n"), "{text}");
     }
 
