@@ -323,19 +323,19 @@ impl WhisperModel {
             );
             let state = &mut state;
             let (mut logits, ns_prob) = on(pool, || {
-                // The logits of one position of `hidden` (1, seq, d_model).
-                let (hidden, logits_at) = if reference {
+                // The logits at the sot position (for the no-speech probability, first step
+                // only) and at the last position.
+                let first = step == 0 && no_speech.is_some();
+                let (at_sot, logits) = if reference {
                     let input = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
                     let hidden = reference_decoder.forward(&input, &audio, step == 0)?;
-                    let at = |hidden: &Tensor, i: usize| {
+                    let at = |i: usize| {
                         reference_decoder
                             .final_linear(&hidden.i((.., i..i + 1))?)?
                             .i((0, 0))
                     };
-                    (
-                        hidden,
-                        Box::new(at) as Box<dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>>,
-                    )
+                    let (_, seq, _) = hidden.dims3()?;
+                    (first.then(|| at(0)).transpose()?, at(seq - 1)?)
                 } else {
                     // The prompt at the first step, then the token the last step added.
                     let new = if step == 0 {
@@ -344,22 +344,15 @@ impl WhisperModel {
                         &tokens[tokens.len() - 1..]
                     };
                     let hidden = decoder.forward(new, state)?;
-                    let at = |hidden: &Tensor, i: usize| decoder.logits(&hidden.i((0, i))?);
-                    (
-                        hidden,
-                        Box::new(at) as Box<dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>>,
-                    )
+                    let at = |i: usize| decoder.logits(&hidden.i((0, i))?);
+                    let (_, seq, _) = hidden.dims3()?;
+                    (first.then(|| at(0)).transpose()?, at(seq - 1)?)
                 };
                 let mut ns_prob = None;
-                if step == 0
-                    && let Some(ns) = no_speech
-                {
-                    // The no-speech probability is read at the sot position.
-                    let probs = candle_nn::ops::softmax(&logits_at(&hidden, 0)?, D::Minus1)?;
+                if let (Some(at_sot), Some(ns)) = (at_sot, no_speech) {
+                    let probs = candle_nn::ops::softmax(&at_sot, D::Minus1)?;
                     ns_prob = Some(probs.i(ns as usize)?.to_scalar::<f32>()?);
                 }
-                let (_, seq, _) = hidden.dims3()?;
-                let logits = logits_at(&hidden, seq - 1)?;
                 Ok::<_, Error>(((logits + suppress)?.to_vec1::<f32>()?, ns_prob))
             })?;
             if let Some(p) = ns_prob {
