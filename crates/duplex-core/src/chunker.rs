@@ -21,6 +21,9 @@
 //! - for the first chunk of a stream only, once it is at least [`ChunkerConfig::min_chars`]
 //!   long: after a clause boundary `,` `;` `:` followed by whitespace, a spaced dash ` — ` or
 //!   ` – `, or a fullwidth `，` `；` `：`;
+//! - for the first chunk only, when its caller finds it slow to come
+//!   ([`SentenceChunker::cut_first_at_word`]): at the last whitespace so far, once at least
+//!   `min_chars` long (the only rule that depends on timing, hence the caller's call);
 //! - if none of the above happens within [`ChunkerConfig::max_chars`]: at the last whitespace
 //!   that keeps the chunk within the limit, or exactly at the limit if there is none.
 //!
@@ -124,6 +127,45 @@ impl SentenceChunker {
                 }
             }
         }
+    }
+
+    /// Ends the first chunk early, at the last word boundary of the text received so far:
+    /// if no chunk of this stream was emitted yet and the text up to its last whitespace has
+    /// at least [`ChunkerConfig::min_chars`] chars, pushes it onto `out` (the word still being
+    /// written stays for the next chunk) and returns true.
+    ///
+    /// For a caller that knows the first chunk is slow to come (the conversation core calls it
+    /// once the first text is [`first_chunk_wait`](crate::conversation::ConversationConfig::first_chunk_wait)
+    /// old): an LLM writing a long first sentence slowly keeps the user waiting for audio, and
+    /// a sentence spoken in two pieces is better than silence. Later chunks still end at
+    /// sentence ends.
+    pub fn cut_first_at_word(&mut self, out: &mut Vec<String>) -> bool {
+        if !self.first {
+            return false;
+        }
+        // Word boundaries after `min_chars`, the last one preferred unless the chunk would
+        // end on a word that leans on the next one (`... dish is the` / `Margarita.`).
+        let mut chars = 0;
+        let mut cuts = Vec::new();
+        for (byte, ch) in self.buf.char_indices() {
+            if ch.is_whitespace() && chars >= self.cfg.min_chars {
+                cuts.push(byte);
+            }
+            chars += 1;
+        }
+        let Some(&last) = cuts.last() else {
+            return false;
+        };
+        let cut = cuts
+            .iter()
+            .rev()
+            .copied()
+            .find(|&at| !ends_on_a_leaning_word(&self.buf[..at]))
+            .unwrap_or(last);
+        let chunk: String = self.buf.drain(..cut).collect();
+        let before = out.len();
+        self.emit(&chunk, out);
+        out.len() > before
     }
 
     /// Ends the stream: pushes what remains (cleaned, if anything is left to speak) onto `out`
@@ -303,6 +345,25 @@ fn newline(c: &[char], i: usize) -> Decision {
         }
         _ => Decision::No,
     }
+}
+
+/// English words that lean on the word after them (articles, prepositions, conjunctions,
+/// auxiliaries, possessives): a first chunk cut early does not end on one of them if an
+/// earlier word boundary will do.
+const LEANING_WORDS: &[&str] = &[
+    "a", "an", "the", "of", "to", "in", "on", "at", "for", "with", "from", "by", "about", "as",
+    "into", "and", "or", "but", "nor", "so", "if", "than", "that", "is", "are", "was", "were",
+    "be", "been", "am", "will", "would", "can", "could", "should", "may", "might", "must",
+    "has", "have", "had", "do", "does", "did", "my", "your", "his", "her", "its", "our", "their",
+    "this", "these", "those", "some", "very", "not", "i", "you", "we", "they", "he", "she", "it",
+];
+
+/// Whether `text` ends on one of [`LEANING_WORDS`] (any case).
+fn ends_on_a_leaning_word(text: &str) -> bool {
+    let word = text.split_whitespace().last().unwrap_or("");
+    let word = word.trim_matches(|c: char| !c.is_alphanumeric());
+    let lower = word.to_lowercase();
+    !word.is_empty() && LEANING_WORDS.contains(&lower.as_str())
 }
 
 /// Where to cut a chunk that found no natural end within `max` chars; `c.len() > max`.
@@ -568,6 +629,53 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_first_chunk_is_cut_at_its_last_word_boundary() {
+        let mut chunker = SentenceChunker::new(ChunkerConfig::default());
+        let mut out = Vec::new();
+        // Too short: nothing to cut (`min_chars` is 20).
+        chunker.push("The Moon is", &mut out);
+        assert!(!chunker.cut_first_at_word(&mut out));
+        // The word being written (`384,4`) stays; the cut needs 20 chars before it.
+        chunker.push(" approximately 384,4", &mut out);
+        assert!(out.is_empty());
+        assert!(chunker.cut_first_at_word(&mut out));
+        assert_eq!(out, ["The Moon is approximately"]);
+        // Only the first chunk is cut early; the rest ends at its sentence end.
+        chunker.push("00 kilometers away, on average, from", &mut out);
+        assert!(!chunker.cut_first_at_word(&mut out));
+        chunker.push(" Earth. It", &mut out);
+        chunker.finish(&mut out);
+        assert_eq!(
+            out,
+            [
+                "The Moon is approximately",
+                "384,400 kilometers away, on average, from Earth.",
+                "It"
+            ]
+        );
+        // A new stream may be cut again; markdown is cleaned as in any chunk. The cut does
+        // not end on a word leaning on the next one (`of`, `the`) when an earlier one will do.
+        chunker.push("**Paris** is the capital of", &mut out);
+        assert!(chunker.cut_first_at_word(&mut out));
+        assert_eq!(out.last().unwrap(), "Paris is the capital");
+        chunker.finish(&mut out);
+        chunker.push("A simple recipe for a classic French dish is the Marg", &mut out);
+        assert!(chunker.cut_first_at_word(&mut out));
+        assert_eq!(out.last().unwrap(), "A simple recipe for a classic French dish");
+        chunker.finish(&mut out);
+        // ... but when every boundary ends on one, the last one is taken.
+        chunker.push("Ask your doctor about the wor", &mut out);
+        assert!(chunker.cut_first_at_word(&mut out));
+        assert_eq!(out.last().unwrap(), "Ask your doctor about the");
+        // A first chunk that already ended leaves nothing to cut.
+        let mut chunker = SentenceChunker::new(ChunkerConfig::default());
+        let mut out = Vec::new();
+        chunker.push("Sure! Here is a recipe you could try", &mut out);
+        assert_eq!(out, ["Sure!"]);
+        assert!(!chunker.cut_first_at_word(&mut out));
+    }
+
+    #[test]
     fn first_chunk_may_end_at_a_clause() {
         // The first clause reaching `min_chars` (20) ends the first chunk; later ones do not.
         check(
@@ -826,6 +934,7 @@ mod fuzz {
         fn chunks_keep_every_word(
             text in "([A-Za-z0-9]{1,8}|[ .,;:!?\n'\"()/-]|https?://[a-z.]{1,12}|[0-9]\\.[0-9]|Dr\\.|e\\.g\\.|\\PC){0,80}",
             cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+            early in prop::option::of(0usize..13),
         ) {
             // Cut at character boundaries only: deltas are strings.
             let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
@@ -839,8 +948,11 @@ mod fuzz {
             let mut chunker = SentenceChunker::new(ChunkerConfig::default());
             let mut out = Vec::new();
             let mut from = 0;
-            for &cut in at.iter().chain(std::iter::once(&text.len())) {
+            for (k, &cut) in at.iter().chain(std::iter::once(&text.len())).enumerate() {
                 chunker.push(&text[from..cut], &mut out);
+                if early == Some(k) {
+                    chunker.cut_first_at_word(&mut out);
+                }
                 from = cut;
             }
             chunker.finish(&mut out);

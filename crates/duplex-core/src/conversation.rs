@@ -42,6 +42,11 @@ pub struct HistoryEntry {
 /// The default of [`ConversationConfig::max_history_bytes`].
 pub const DEFAULT_MAX_HISTORY_BYTES: usize = 32 * 1024;
 
+/// The default of [`ConversationConfig::first_chunk_wait`]: about ten tokens of a 0.5B model
+/// on two busy cores, three to four seconds of speech from an LLM answering at cloud speed
+/// (where the first sentence has usually ended by then).
+pub const DEFAULT_FIRST_CHUNK_WAIT: Duration = Duration::from_millis(400);
+
 /// Tunables of the conversation core.
 #[derive(Debug, Clone)]
 pub struct ConversationConfig {
@@ -60,6 +65,12 @@ pub struct ConversationConfig {
     /// prompt is kept apart and always sent whole.
     pub max_history_bytes: usize,
     pub chunker: ChunkerConfig,
+    /// Once the answer's first text is this old and its first chunk has not ended (no
+    /// sentence end or clause boundary yet), the first chunk ends at its last word boundary
+    /// ([`SentenceChunker::cut_first_at_word`]), so a long first sentence written slowly (a
+    /// local LLM on a busy CPU) is spoken in two pieces instead of after a silence. Checked as
+    /// text arrives. `None`: first chunks end only at their natural boundaries.
+    pub first_chunk_wait: Option<Duration>,
     /// Format of the outbound audio, announced in `assistant_audio.start`.
     pub output_format: proto::AudioFormat,
 }
@@ -78,6 +89,7 @@ impl Default for ConversationConfig {
             // sends all of it, so it bounds each request's prompt cost and the memory held.
             max_history_bytes: DEFAULT_MAX_HISTORY_BYTES,
             chunker: ChunkerConfig::default(),
+            first_chunk_wait: Some(DEFAULT_FIRST_CHUNK_WAIT),
             output_format: proto::AudioFormat {
                 encoding: proto::Encoding::Pcm16,
                 sample_rate: 16000,
@@ -230,6 +242,8 @@ struct Turn {
     user_done_at: Instant,
     llm_started_at: Instant,
     first_token_seen: bool,
+    /// When the answer's first text came.
+    first_token_at: Option<Instant>,
     first_chunk_at: Option<Instant>,
     first_tts_audio_seen: bool,
 }
@@ -546,6 +560,7 @@ impl Conversation {
             user_done_at,
             llm_started_at: now,
             first_token_seen: false,
+            first_token_at: None,
             first_chunk_at: None,
             first_tts_audio_seen: false,
         });
@@ -561,6 +576,7 @@ impl Conversation {
         let turn = self.turn.as_mut().expect("caller checked is_current");
         if !turn.first_token_seen {
             turn.first_token_seen = true;
+            turn.first_token_at = Some(now);
             let value = now.saturating_duration_since(turn.llm_started_at);
             self.out.push_back(Output::Latency {
                 stage: Stage::LlmFirstToken,
@@ -571,6 +587,15 @@ impl Conversation {
         turn.text.push_str(&text);
         let mut chunks = Vec::new();
         turn.chunker.push(&text, &mut chunks);
+        let slow_first_chunk = turn.next_chunk == 0
+            && chunks.is_empty()
+            && self.config.first_chunk_wait.is_some_and(|wait| {
+                turn.first_token_at
+                    .is_some_and(|at| now.saturating_duration_since(at) >= wait)
+            });
+        if slow_first_chunk {
+            turn.chunker.cut_first_at_word(&mut chunks);
+        }
         let id = turn.id;
         self.emit(ServerMessage::AssistantMessage(proto::AssistantMessage {
             turn_id: id,
@@ -986,6 +1011,81 @@ mod tests {
                  1550 send {"type":"assistant_audio.end","turn_id":1,"duration_ms":600,"reason":"complete"}
                  1550 TurnEnded { turn: 1, reason: Complete, audio_ms: 600 }
                 history: ["User: hello there", "Assistant: Hi! How can I help?"]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn a_slow_first_sentence_is_spoken_from_its_last_word_boundary() {
+        // The first text comes at 1100; by 1400 (300 ms) the first chunk may still wait for
+        // its sentence end; the delta at 1500 (400 ms, `first_chunk_wait`) cuts it at its last
+        // whitespace, keeping the word being written. Later chunks end at sentence ends.
+        check(
+            r#"
+            0 text how far is the moon
+            1100 delta 1 The_Moon
+            1400 delta 1 _is_approximately_38
+            1500 delta 1 4,4
+            1600 delta 1 00_kilometers_away,_on_average.
+            1700 delta 1 _Yes
+            1750 done 1
+            "#,
+            expect![[r#"
+                    0 < text how far is the moon
+                    0 send {"type":"user_transcript","text":"how far is the moon","is_final":true}
+                    0 start_turn 1 history=["User:how far is the moon"]
+                 1100 < delta 1 The_Moon
+                 1100 latency llm_first_token 1100ms
+                 1100 send {"type":"assistant_message","turn_id":1,"delta":"The Moon","is_final":false}
+                 1400 < delta 1 _is_approximately_38
+                 1400 send {"type":"assistant_message","turn_id":1,"delta":" is approximately 38","is_final":false}
+                 1500 < delta 1 4,4
+                 1500 send {"type":"assistant_message","turn_id":1,"delta":"4,4","is_final":false}
+                 1500 TtsText { turn: 1, index: 0, text: "The Moon is approximately" }
+                 1600 < delta 1 00_kilometers_away,_on_average.
+                 1600 send {"type":"assistant_message","turn_id":1,"delta":"00 kilometers away, on average.","is_final":false}
+                 1700 < delta 1 _Yes
+                 1700 send {"type":"assistant_message","turn_id":1,"delta":" Yes","is_final":false}
+                 1700 TtsText { turn: 1, index: 1, text: "384,400 kilometers away, on average." }
+                 1750 < done 1
+                 1750 send {"type":"assistant_message","turn_id":1,"text":"The Moon is approximately 384,400 kilometers away, on average. Yes","is_final":true}
+                 1750 TtsText { turn: 1, index: 2, text: "Yes" }
+                 1750 TtsEnd { turn: 1 }
+                history: ["User: how far is the moon"]
+            "#]],
+        );
+        // Without the wait, the first chunk is the whole first sentence.
+        check_with(
+            ConversationConfig {
+                first_chunk_wait: None,
+                ..ConversationConfig::default()
+            },
+            r#"
+            0 text how far is the moon
+            1100 delta 1 The_Moon
+            1400 delta 1 _is_approximately_38
+            1500 delta 1 4,4
+            1600 delta 1 00_kilometers_away,_on_average.
+            1700 delta 1 _Yes
+            "#,
+            expect![[r#"
+                    0 < text how far is the moon
+                    0 send {"type":"user_transcript","text":"how far is the moon","is_final":true}
+                    0 start_turn 1 history=["User:how far is the moon"]
+                 1100 < delta 1 The_Moon
+                 1100 latency llm_first_token 1100ms
+                 1100 send {"type":"assistant_message","turn_id":1,"delta":"The Moon","is_final":false}
+                 1400 < delta 1 _is_approximately_38
+                 1400 send {"type":"assistant_message","turn_id":1,"delta":" is approximately 38","is_final":false}
+                 1500 < delta 1 4,4
+                 1500 send {"type":"assistant_message","turn_id":1,"delta":"4,4","is_final":false}
+                 1600 < delta 1 00_kilometers_away,_on_average.
+                 1600 send {"type":"assistant_message","turn_id":1,"delta":"00 kilometers away, on average.","is_final":false}
+                 1600 TtsText { turn: 1, index: 0, text: "The Moon is approximately 384,400 kilometers away," }
+                 1700 < delta 1 _Yes
+                 1700 send {"type":"assistant_message","turn_id":1,"delta":" Yes","is_final":false}
+                 1700 TtsText { turn: 1, index: 1, text: "on average." }
+                history: ["User: how far is the moon"]
             "#]],
         );
     }

@@ -179,6 +179,9 @@ pub struct AssistantConfig {
     pub system_prompt: String,
     /// Assistant audio sent ahead of the client's playhead.
     pub audio_lead: Duration,
+    /// How old an answer's first text may get before its first chunk of speech ends at a word
+    /// boundary; `None`: first chunks end only at sentence ends and clauses.
+    pub first_chunk_wait: Option<Duration>,
 }
 
 /// The engines sessions run on (`providers::build`).
@@ -601,6 +604,16 @@ pub const VARS: &[Var] = &[
         default: "300",
         help: "Assistant audio sent ahead of the client's playhead (bounds barge-in lag).",
         parse: |c, v| v.ms().map(|d| c.assistant.audio_lead = d),
+    },
+    Var {
+        name: "FIRST_CHUNK_WAIT_MS",
+        section: Section::Assistant,
+        default: "400",
+        help: "Once an answer's first text is this old and its first sentence (or a clause of 20 characters) has not ended, the words so far are spoken as the first chunk, so a slowly written long first sentence does not delay the first audio. `0`: the first chunk waits for its sentence end or clause.",
+        parse: |c, v| {
+            v.ms()
+                .map(|d| c.assistant.first_chunk_wait = (!d.is_zero()).then_some(d))
+        },
     },
     // Engines
     Var {

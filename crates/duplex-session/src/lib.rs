@@ -79,6 +79,8 @@ pub struct SessionConfig {
     pub system_prompt: String,
     /// How far assistant audio may run ahead of the client's playhead.
     pub audio_lead: Duration,
+    /// See `duplex_core::ConversationConfig::first_chunk_wait`.
+    pub first_chunk_wait: Option<Duration>,
     pub vad_mode: VadMode,
     /// Voiced audio needed to declare speech.
     pub speech_start: Duration,

@@ -613,6 +613,7 @@ impl Session {
                         .clone()
                         .unwrap_or_else(|| cfg.system_prompt.clone()),
                     audio_lead: cfg.audio_lead,
+                    first_chunk_wait: cfg.first_chunk_wait,
                     frame: Duration::from_millis(u64::from(OUT_FRAME_MS)),
                     output_format: output,
                     ..ConversationConfig::default()

@@ -81,6 +81,7 @@ fn config() -> SessionConfig {
         }),
         system_prompt: "Be brief.".into(),
         audio_lead: Duration::from_millis(300),
+        first_chunk_wait: None,
         vad_mode: VadMode::Aggressive,
         speech_start: Duration::from_millis(60),
         end_of_turn: Duration::from_millis(300),

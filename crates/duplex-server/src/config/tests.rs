@@ -15,6 +15,12 @@ fn defaults_parse() {
     assert_eq!(c.server.port, 10000);
     assert_eq!(c.engines.providers, ProviderMode::Local);
     assert_eq!(c.assistant.audio_lead, Duration::from_millis(300));
+    assert_eq!(
+        c.assistant.first_chunk_wait,
+        Some(Duration::from_millis(400))
+    );
+    let c = parse(&[("FIRST_CHUNK_WAIT_MS", "0")]).unwrap();
+    assert_eq!(c.assistant.first_chunk_wait, None);
 }
 
 #[test]

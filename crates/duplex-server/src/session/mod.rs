@@ -86,6 +86,7 @@ fn session_config(config: &Config, id: &str, providers: Option<&ProviderSet>) ->
         }),
         system_prompt: config.assistant.system_prompt.clone(),
         audio_lead: config.assistant.audio_lead,
+        first_chunk_wait: config.assistant.first_chunk_wait,
         vad_mode: config.turns.vad_mode,
         speech_start: config.turns.speech_start,
         end_of_turn: config.turns.end_of_turn,
