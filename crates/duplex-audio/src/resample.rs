@@ -355,7 +355,9 @@ fn up2_taps() -> &'static Up2Taps {
             .position(|&c| c == 1.0)
             .expect("a half-band filter's odd phase is its centre tap");
         assert!(
-            odd.iter().enumerate().all(|(i, &c)| i == centre || c == 0.0),
+            odd.iter()
+                .enumerate()
+                .all(|(i, &c)| i == centre || c == 0.0),
             "a half-band filter's odd phase is a unit impulse"
         );
         Up2Taps {

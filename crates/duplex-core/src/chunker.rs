@@ -353,9 +353,9 @@ fn newline(c: &[char], i: usize) -> Decision {
 const LEANING_WORDS: &[&str] = &[
     "a", "an", "the", "of", "to", "in", "on", "at", "for", "with", "from", "by", "about", "as",
     "into", "and", "or", "but", "nor", "so", "if", "than", "that", "is", "are", "was", "were",
-    "be", "been", "am", "will", "would", "can", "could", "should", "may", "might", "must",
-    "has", "have", "had", "do", "does", "did", "my", "your", "his", "her", "its", "our", "their",
-    "this", "these", "those", "some", "very", "not", "i", "you", "we", "they", "he", "she", "it",
+    "be", "been", "am", "will", "would", "can", "could", "should", "may", "might", "must", "has",
+    "have", "had", "do", "does", "did", "my", "your", "his", "her", "its", "our", "their", "this",
+    "these", "those", "some", "very", "not", "i", "you", "we", "they", "he", "she", "it",
 ];
 
 /// Whether `text` ends on one of [`LEANING_WORDS`] (any case).
@@ -659,9 +659,15 @@ mod tests {
         assert!(chunker.cut_first_at_word(&mut out));
         assert_eq!(out.last().unwrap(), "Paris is the capital");
         chunker.finish(&mut out);
-        chunker.push("A simple recipe for a classic French dish is the Marg", &mut out);
+        chunker.push(
+            "A simple recipe for a classic French dish is the Marg",
+            &mut out,
+        );
         assert!(chunker.cut_first_at_word(&mut out));
-        assert_eq!(out.last().unwrap(), "A simple recipe for a classic French dish");
+        assert_eq!(
+            out.last().unwrap(),
+            "A simple recipe for a classic French dish"
+        );
         chunker.finish(&mut out);
         // ... but when every boundary ends on one, the last one is taken.
         chunker.push("Ask your doctor about the wor", &mut out);
