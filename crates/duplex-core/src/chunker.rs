@@ -145,14 +145,13 @@ impl SentenceChunker {
         }
         // Word boundaries after `min_chars`, the last one preferred unless the chunk would
         // end on a word that leans on the next one (`... dish is the` / `Margarita.`).
-        let mut chars = 0;
-        let mut cuts = Vec::new();
-        for (byte, ch) in self.buf.char_indices() {
-            if ch.is_whitespace() && chars >= self.cfg.min_chars {
-                cuts.push(byte);
-            }
-            chars += 1;
-        }
+        let cuts: Vec<usize> = self
+            .buf
+            .char_indices()
+            .enumerate()
+            .filter(|&(chars, (_, ch))| ch.is_whitespace() && chars >= self.cfg.min_chars)
+            .map(|(_, (byte, _))| byte)
+            .collect();
         let Some(&last) = cuts.last() else {
             return false;
         };
