@@ -1015,21 +1015,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_slow_first_sentence_is_spoken_from_its_last_word_boundary() {
-        // The first text comes at 1100; by 1400 (300 ms) the first chunk may still wait for
-        // its sentence end; the delta at 1500 (400 ms, `first_chunk_wait`) cuts it at its last
-        // whitespace, keeping the word being written. Later chunks end at sentence ends.
-        check(
-            r#"
+    /// An answer whose long first sentence is written slowly.
+    const SLOW_FIRST_SENTENCE: &str = r#"
             0 text how far is the moon
             1100 delta 1 The_Moon
             1400 delta 1 _is_approximately_38
             1500 delta 1 4,4
             1600 delta 1 00_kilometers_away,_on_average.
             1700 delta 1 _Yes
-            1750 done 1
-            "#,
+            "#;
+
+    #[test]
+    fn a_slow_first_sentence_is_spoken_from_its_last_word_boundary() {
+        // The first text comes at 1100; by 1400 (300 ms) the first chunk may still wait for
+        // its sentence end; the delta at 1500 (400 ms, `first_chunk_wait`) cuts it at its last
+        // whitespace, keeping the word being written. Later chunks end at sentence ends.
+        check(
+            &format!("{SLOW_FIRST_SENTENCE}\n1750 done 1"),
             expect![[r#"
                     0 < text how far is the moon
                     0 send {"type":"user_transcript","text":"how far is the moon","is_final":true}
@@ -1060,14 +1062,7 @@ mod tests {
                 first_chunk_wait: None,
                 ..ConversationConfig::default()
             },
-            r#"
-            0 text how far is the moon
-            1100 delta 1 The_Moon
-            1400 delta 1 _is_approximately_38
-            1500 delta 1 4,4
-            1600 delta 1 00_kilometers_away,_on_average.
-            1700 delta 1 _Yes
-            "#,
+            SLOW_FIRST_SENTENCE,
             expect![[r#"
                     0 < text how far is the moon
                     0 send {"type":"user_transcript","text":"how far is the moon","is_final":true}
