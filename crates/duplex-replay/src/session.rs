@@ -235,6 +235,10 @@ pub struct SessionReport {
     pub frames_received: u64,
     /// Echo mode: round trip of each frame, in order.
     pub echo_rtt_ms: Vec<f64>,
+    /// Echo mode: when each frame of `echo_rtt_ms` was sent, in milliseconds since
+    /// [`epoch`] (shared by every session of the process), for latency-over-time views.
+    #[serde(skip)]
+    pub echo_sent_ms: Vec<f64>,
     /// Counts by code: server `error` codes (`stt_error`...), `limit_exceeded`,
     /// `protocol.*` violations, `turn_timeout`, `echo.missing_replies`.
     pub errors: BTreeMap<String, u64>,
@@ -430,6 +434,13 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Signed milliseconds from `reference` to `at`.
+/// The process-wide reference instant of [`SessionReport::echo_sent_ms`]: set by the first
+/// call.
+pub fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 fn rel(at: Instant, reference: Instant) -> f64 {
     if at >= reference {
         ms(at - reference)
@@ -1087,7 +1098,10 @@ async fn run_echo(
                 Ok(Event { at, kind: EventKind::Audio(_) }) => {
                     report.frames_received += 1;
                     match pending.pop_front() {
-                        Some(sent) => report.echo_rtt_ms.push(rel(at, sent)),
+                        Some(sent) => {
+                            report.echo_rtt_ms.push(rel(at, sent));
+                            report.echo_sent_ms.push(rel(sent, epoch()));
+                        }
                         None => report.protocol_error("unexpected_echo"),
                     }
                 }

@@ -97,6 +97,9 @@ pub struct FloorSettings {
     pub hold: Duration,
     pub ramp: Option<Duration>,
     pub servers: Vec<FloorServer>,
+    /// `BENCH_FLOOR_TIMELINE_MS`: print each point's round trips over time in windows of
+    /// this length (by send time), to see whether the tail is spread or comes in bursts.
+    pub timeline: Option<Duration>,
 }
 
 impl FloorSettings {
@@ -127,6 +130,8 @@ impl FloorSettings {
                 .filter(|s| !s.trim().is_empty())
                 .map(FloorServer::parse)
                 .collect(),
+            timeline: var("BENCH_FLOOR_TIMELINE_MS")
+                .map(|v| Duration::from_millis(num("BENCH_FLOOR_TIMELINE_MS", v).max(1))),
         }
     }
 
@@ -160,6 +165,9 @@ struct Point {
     rss_baseline_kib: u64,
     rss_peak_kib: u64,
     errors: String,
+    /// Per window of send time since the load started: (window start s, frames, p50, p99,
+    /// max), when `BENCH_FLOOR_TIMELINE_MS` is set.
+    timeline: Vec<(f64, usize, f64, f64, f64)>,
 }
 
 impl Point {
@@ -207,11 +215,96 @@ pub async fn run(settings: &FloorSettings) {
                 point.cpu_us_per_frame(),
                 point.other_cpu_s / point.run_s * 100.0
             );
+            for (start, n, p50, p99, max) in &point.timeline {
+                println!(
+                    "    t {start:>6.2} s  frames {n:>6}  p50 {p50:>7.1}  p99 {p99:>7.1}  \
+                     max {max:>7.1} ms"
+                );
+            }
             points.push(point);
         }
     }
     print_table(&points);
     print_ratios(&points, &settings.servers);
+    if let Some(&calls) = settings.levels.iter().max() {
+        println!(
+            "\n  idle sessions ({calls} started, no audio, held {} s): RSS per session",
+            IDLE_HOLD.as_secs()
+        );
+        for server in &settings.servers {
+            let (ready, kib) = idle_point(server, calls).await;
+            println!(
+                "  {:<20} {ready:>5} ready  {kib:>6.1} KiB per idle session",
+                server.name()
+            );
+        }
+    }
+}
+
+/// How long the idle sessions are held before RSS is read (heartbeats included: 5 s).
+const IDLE_HOLD: Duration = Duration::from_secs(6);
+/// How long an idle session may take to be ready.
+const IDLE_READY: Duration = Duration::from_secs(30);
+
+/// `calls` sessions started and left silent: (sessions ready, RSS KiB per session).
+async fn idle_point(server: &FloorServer, calls: usize) -> (usize, f64) {
+    let process = start_process(server).await;
+    tokio::time::sleep(SETTLE).await;
+    let pid = process.pid();
+    let baseline = rss_kib(&pid).unwrap_or(0);
+    let url = format!("ws://{}/v1/conversation", process.addr());
+    let start = duplex_proto::SessionStart {
+        sample_rate: RATE,
+        encoding: Encoding::Mulaw,
+        language: None,
+        voice: None,
+        model: None,
+        system_prompt: None,
+        output_sample_rate: None,
+        output_encoding: None,
+    };
+    let mut clients = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let url = url.clone();
+        let start = start.clone();
+        clients.push(tokio::spawn(async move {
+            let mut c = duplex_replay::Client::connect(&url, Some(start))
+                .await
+                .ok()?;
+            c.set_keep_log(false);
+            c.wait_ready(IDLE_READY).await.ok()?;
+            Some(c)
+        }));
+        // The floor's ramp: connects at a rate both servers take without queueing.
+        tokio::time::sleep(RAMP_PER_CALL).await;
+    }
+    let mut ready = Vec::with_capacity(calls);
+    for c in clients {
+        if let Ok(Some(c)) = c.await {
+            ready.push(c);
+        }
+    }
+    tokio::time::sleep(IDLE_HOLD).await;
+    let kib =
+        rss_kib(&pid).unwrap_or(0).saturating_sub(baseline) as f64 / ready.len().max(1) as f64;
+    let n = ready.len();
+    for c in ready {
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.close()).await;
+    }
+    drop(process);
+    (n, kib)
+}
+
+async fn start_process(server: &FloorServer) -> Process {
+    match server {
+        FloorServer::Duplex(binary) => {
+            let binary = binary
+                .as_deref()
+                .unwrap_or(Path::new(env!("CARGO_BIN_EXE_duplex")));
+            Process::Duplex(ServerProcess::start_binary(binary, "floor", "echo").await)
+        }
+        FloorServer::Bare(read_buffer) => Process::Bare(BareProcess::start(*read_buffer)),
+    }
 }
 
 async fn run_point(
@@ -221,15 +314,7 @@ async fn run_point(
     speech: &Wav,
 ) -> Point {
     let ramp = settings.ramp(calls);
-    let process = match server {
-        FloorServer::Duplex(binary) => {
-            let binary = binary
-                .as_deref()
-                .unwrap_or(Path::new(env!("CARGO_BIN_EXE_duplex")));
-            Process::Duplex(ServerProcess::start_binary(binary, "floor", "echo").await)
-        }
-        FloorServer::Bare(read_buffer) => Process::Bare(BareProcess::start(*read_buffer)),
-    };
+    let process = start_process(server).await;
     tokio::time::sleep(SETTLE).await;
     let pid = process.pid();
     let rss_baseline_kib = rss_kib(&pid).unwrap_or(0);
@@ -259,6 +344,10 @@ async fn run_point(
     let client0 = cpu_ticks("self").unwrap_or(0);
     let busy0 = machine_busy_ticks().unwrap_or(0);
     let t0 = Instant::now();
+    let t0_ms = t0
+        .duration_since(duplex_replay::session::epoch().into_std())
+        .as_secs_f64()
+        * 1e3;
     let report: LoadReport = tokio::time::timeout(fence, run_load(&cfg))
         .await
         .unwrap_or_else(|_| panic!("floor {calls}: run_load overran its own bounds"));
@@ -279,6 +368,10 @@ async fn run_point(
         .iter()
         .flat_map(|s| s.echo_rtt_ms.iter().copied())
         .collect();
+    let timeline = settings
+        .timeline
+        .map(|w| timeline(&report, t0_ms, w))
+        .unwrap_or_default();
     rtts.sort_by(f64::total_cmp);
     let q = |p: f64| percentile(&rtts, p).unwrap_or(f64::NAN);
     // Every call sends from its ramp offset to ramp + hold: on average hold + ramp / 2.
@@ -313,7 +406,39 @@ async fn run_point(
         rss_baseline_kib,
         rss_peak_kib,
         errors,
+        timeline,
     }
+}
+
+/// Round trips grouped by when their frame was sent, in windows of `window` from `t0_ms`.
+fn timeline(report: &LoadReport, t0_ms: f64, window: Duration) -> Vec<(f64, usize, f64, f64, f64)> {
+    let w = window.as_secs_f64() * 1e3;
+    let mut buckets: Vec<Vec<f64>> = Vec::new();
+    for s in &report.session_reports {
+        for (rtt, sent) in s.echo_rtt_ms.iter().zip(&s.echo_sent_ms) {
+            let i = ((sent - t0_ms).max(0.0) / w) as usize;
+            if buckets.len() <= i {
+                buckets.resize_with(i + 1, Vec::new);
+            }
+            buckets[i].push(*rtt);
+        }
+    }
+    buckets
+        .into_iter()
+        .enumerate()
+        .filter(|(_, b)| !b.is_empty())
+        .map(|(i, mut b)| {
+            b.sort_by(f64::total_cmp);
+            let q = |p: f64| percentile(&b, p).unwrap_or(f64::NAN);
+            (
+                i as f64 * w / 1e3,
+                b.len(),
+                q(50.0),
+                q(99.0),
+                b[b.len() - 1],
+            )
+        })
+        .collect()
 }
 
 fn print_table(points: &[Point]) {
