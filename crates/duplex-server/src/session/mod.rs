@@ -2,22 +2,25 @@
 //! (`duplex_session::Session`), which holds every rule of a session.
 //!
 //! ```text
-//!  socket ─► (read in the shell's loop) ─ClientIn─► shell ──Outbound (OUTBOUND_CAPACITY)──► writer ─► socket
-//!                                                  │  ▲  │ ▲  │ ▲   ▲ persists (JoinSet)
-//!                                  SttInput (try_send) │  │ │  │ │   │
+//!  socket ◄─► (read, and written, in the shell's loop) ─ClientIn─► shell ──Outbound (OUTBOUND_CAPACITY)──┐
+//!                                                  │  ▲  │ ▲  │ ▲   ▲ persists (JoinSet)                 │
+//!                                  SttInput (try_send) │  │ │  │ │   │          queued in the shell's Socket ┘
 //!                                                  SttEvent │ │  │ TtsEvent (read only while the
 //!                                                     LlmEvent  TtsInput     machine wants audio)
 //! ```
 //!
 //! The shell reads one clock (tokio's, so paused-time tests stay consistent), turns every
 //! event into a `duplex_session::Input`, sleeps until the machine's next deadline, and carries
-//! out its `Command`s. It never awaits a send: audio to STT and everything to the writer go by
-//! `try_send`. A full STT queue drops (and counts) frames; a full writer queue (256 messages or
-//! `OUTBOUND_BYTES`, whichever comes first) means the client stopped reading, and the session ends with `slow_consumer` instead of buffering without
-//! limit. The socket is read in the shell's own loop (one task and one wake-up per frame fewer
-//! than a reader task; a busy shell does not read, so TCP pushes back on the client). Every task
-//! it spawns (writer, LLM forwarder, usage writes, the start record)
-//! is owned here and ended with the session.
+//! out its `Command`s. It never awaits a send: audio to STT goes by `try_send`, and what the
+//! client gets is queued in the shell's [`Socket`] and written when the loop next polls it
+//! (its last branch: write what is queued, then read). A full STT queue drops (and counts)
+//! frames; a full socket queue (256 messages or `OUTBOUND_BYTES`, whichever comes first) means
+//! the client stopped reading, and the session ends with `slow_consumer` instead of buffering
+//! without limit. Reading and writing the socket in the shell's own loop saves, per frame, a
+//! reader task, a writer task, their channel hops and cross-thread wake-ups, and the lock
+//! between two halves of a split socket; a busy shell does not read, so TCP pushes back on
+//! the client. Every task it spawns (the socket's closing task at release, the LLM forwarder,
+//! usage writes, the start record) is owned here and ended with the session.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +48,7 @@ use crate::metrics::Metrics;
 
 mod socket;
 
-use socket::{Outbound, OutboundTx, PushError, client_in, outbound, writer};
+use socket::{Outbound, PushError, Socket, SocketEvent, client_in};
 
 /// Messages queued for the writer. Pacing keeps only `audio_lead / 20 ms` (~15) audio frames in
 /// flight and JSON events are sparse, so a healthy client never gets near 256; a client that
@@ -124,19 +127,15 @@ pub(crate) async fn run(
         info!(%peer, "session connected");
         ctx.metrics.sessions_total.inc();
         ctx.metrics.active_sessions.inc();
-        let (sink, stream) = socket.split();
-        let (out_tx, out_rx) = outbound(OUTBOUND_CAPACITY, OUTBOUND_BYTES);
-        let kill = CancellationToken::new();
-        let writer = tokio::spawn(writer(sink, out_rx, kill.clone()).in_current_span());
         let config = session_config(&ctx.config, &session_id, ctx.providers.as_ref());
         let machine = Session::new(config, ctx.turn_limiter.clone(), now(), wall_clock());
         let mut shell = Shell {
             ctx: ctx.clone(),
             id: session_id,
             machine,
-            out: Some(out_tx),
-            kill,
-            stream: Some(stream),
+            socket: Some(Socket::new(socket, OUTBOUND_CAPACITY, OUTBOUND_BYTES)),
+            writer_gone: false,
+            closing: None,
             max_message_bytes,
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             timer_at: None,
@@ -152,8 +151,13 @@ pub(crate) async fn run(
             shutdown_seen: false,
         };
         shell.run(&identity, start).await;
+        if let Some(socket) = shell.socket.take() {
+            socket.finish().await;
+        }
+        if let Some(closing) = shell.closing.take() {
+            let _ = closing.await;
+        }
         drop(shell);
-        let _ = writer.await;
         ctx.metrics.active_sessions.dec();
         info!("session closed");
     }
@@ -197,12 +201,13 @@ struct Shell {
     ctx: SessionContext,
     id: String,
     machine: Session,
-    /// `None` once the writer is gone or released.
-    out: Option<OutboundTx>,
-    kill: CancellationToken,
-    /// Aborted at release.
-    /// The socket's read half; dropped at release.
-    stream: Option<futures::stream::SplitStream<WebSocket>>,
+    /// Read and written in this task; handed to `closing` at release.
+    socket: Option<Socket>,
+    /// The socket failed or its client stopped reading: nothing more is queued for it.
+    writer_gone: bool,
+    /// At release, the socket writes what is left and closes in its own task, so that the
+    /// final usage write and the session's end record do not hold up the client's close.
+    closing: Option<JoinHandle<()>>,
     max_message_bytes: usize,
     /// One timer for the machine's deadlines, reset only when the deadline moves.
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
@@ -236,6 +241,7 @@ enum Wake {
     Llm(TurnId, Option<Result<LlmEvent, ProviderError>>),
     Tts(TurnId, Option<TtsEvent>),
     Client(Option<Result<axum::extract::ws::Message, axum::Error>>),
+    WriteFailed,
 }
 
 impl Shell {
@@ -279,6 +285,12 @@ impl Shell {
                 Wake::Stt(e) => self.on_stt(now, e),
                 Wake::Llm(turn, e) => self.on_llm(now, turn, e),
                 Wake::Tts(turn, e) => self.on_tts(now, turn, e),
+                Wake::WriteFailed => {
+                    self.socket = None;
+                    self.writer_gone = true;
+                    self.machine
+                        .handle_input(now, Input::WriterGone { slow: false });
+                }
                 Wake::Client(m) => {
                     let Some(m) = client_in(m, self.max_message_bytes) else {
                         continue;
@@ -307,7 +319,7 @@ impl Shell {
             }
         }
         let timer_armed = deadline.is_some();
-        let stream = self.stream.as_mut().filter(|_| !finishing);
+        let socket = self.socket.as_mut();
         let wants_audio = self.machine.wants_tts_audio();
         let llm_turn = self.llm.as_ref().map(|l| l.turn).unwrap_or(0);
         let tts_turn = self.tts.as_ref().map(|t| t.0).unwrap_or(0);
@@ -341,7 +353,12 @@ impl Shell {
             e = recv_opt(stt) => Wake::Stt(e),
             e = recv_opt(llm) => Wake::Llm(llm_turn, e),
             e = recv_opt(tts) => Wake::Tts(tts_turn, e),
-            m = next_opt(stream) => Wake::Client(m),
+            // Last: writes what the shell queued since the last wake-up (in this wake-up, not
+            // another task's), then reads the client's next message unless finishing.
+            e = socket_io(socket, !finishing) => match e {
+                SocketEvent::Message(m) => Wake::Client(m),
+                SocketEvent::WriteFailed => Wake::WriteFailed,
+            },
         }
     }
 
@@ -521,9 +538,10 @@ impl Shell {
                     self.llm = None;
                     self.tts = None;
                     self.usage = None;
-                    self.stream = None;
-                    // The writer sends what is queued, then closes.
-                    self.out = None;
+                    // The socket writes what is queued, then closes, in its own task.
+                    if let Some(socket) = self.socket.take() {
+                        self.closing = Some(tokio::spawn(socket.finish().in_current_span()));
+                    }
                 }
                 Command::RecordEnd { reason } => self.record_end(reason).await,
                 Command::Done => {}
@@ -533,8 +551,13 @@ impl Shell {
     }
 
     fn push(&mut self, msg: Outbound) {
-        let Some(out) = &self.out else { return };
-        match out.push(msg) {
+        if self.writer_gone {
+            return;
+        }
+        let Some(socket) = self.socket.as_mut() else {
+            return;
+        };
+        match socket.push(msg) {
             Ok(()) => {}
             Err(PushError::SlowConsumer) => {
                 warn!("client is not reading: disconnecting as slow consumer");
@@ -543,13 +566,10 @@ impl Shell {
                     .errors_total
                     .with_label_values(&[ErrorCode::SlowConsumer.as_str()])
                     .inc();
-                self.kill.cancel();
-                self.out = None;
+                // Only the error and the close frame are left to write, briefly.
+                socket.slow_consumer();
+                self.writer_gone = true;
                 self.input(Input::WriterGone { slow: true });
-            }
-            Err(PushError::Closed) => {
-                self.out = None;
-                self.input(Input::WriterGone { slow: false });
             }
         }
     }
@@ -725,11 +745,9 @@ async fn recv_opt<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
     }
 }
 
-async fn next_opt(
-    stream: Option<&mut futures::stream::SplitStream<WebSocket>>,
-) -> Option<Result<axum::extract::ws::Message, axum::Error>> {
-    match stream {
-        Some(s) => s.next().await,
+async fn socket_io(socket: Option<&mut Socket>, read: bool) -> SocketEvent {
+    match socket {
+        Some(s) => std::future::poll_fn(|cx| s.poll_io(cx, read)).await,
         None => std::future::pending().await,
     }
 }

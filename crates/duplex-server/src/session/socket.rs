@@ -1,21 +1,23 @@
-//! The socket side of a session: what a received message means, the writer task, and the
-//! writer's queue, bounded by messages and by bytes.
+//! The socket side of a session: what a received message means, and the socket the shell
+//! reads and writes in its own task, with its queue bounded by messages and by bytes.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use duplex_proto::{ErrorCode, ServerMessage};
 use duplex_session::ClientIn;
-use futures::SinkExt;
-use tokio::sync::mpsc;
-use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
+use futures::{SinkExt, StreamExt};
+use tokio::time::{Sleep, timeout};
 use tracing::{debug, warn};
 
-/// A single socket write blocked this long means the peer is gone.
+/// A socket that takes nothing for this long means the peer is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a slow consumer's error and close frame may take before the connection is dropped.
+const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(1);
 
 /// What the shell hands the writer.
 #[derive(Debug)]
@@ -35,17 +37,78 @@ impl Outbound {
     }
 }
 
-/// The shell's end of the writer queue: bounded by messages and by bytes.
-pub(super) struct OutboundTx {
-    tx: mpsc::Sender<Outbound>,
-    queued: Arc<AtomicUsize>,
+/// The session's WebSocket, read and written by the shell's own task. There is no writer
+/// task: an echoed or synthesized frame is written in the same wake-up that produced it (one
+/// task, one channel hop and one cross-thread wake-up per frame fewer), and reading and writing
+/// never contend for a lock between two halves of the socket.
+///
+/// What the socket does not take at once waits in a queue bounded by messages and by bytes;
+/// a full queue means the client stopped reading ([`PushError::SlowConsumer`]).
+pub(super) struct Socket {
+    ws: WebSocket,
+    queue: Outbox,
+    /// Messages handed to the WebSocket since its last completed flush.
+    unflushed: bool,
+    /// A close frame was handed to the WebSocket: nothing more can follow it.
+    closed: bool,
+    /// Armed while the socket refuses to take or flush what is queued; reset by any progress.
+    stall: Pin<Box<Sleep>>,
+    stalled: bool,
+    stall_limit: Duration,
+}
+
+/// What waits for the socket: bounded by messages and by bytes.
+struct Outbox {
+    queue: VecDeque<Outbound>,
+    bytes: usize,
+    capacity: usize,
     max_bytes: usize,
 }
 
-/// The writer's end; every message taken leaves the byte count.
-pub(super) struct OutboundRx {
-    rx: mpsc::Receiver<Outbound>,
-    queued: Arc<AtomicUsize>,
+impl Outbox {
+    fn new(capacity: usize, max_bytes: usize) -> Outbox {
+        Outbox {
+            queue: VecDeque::new(),
+            bytes: 0,
+            capacity,
+            max_bytes,
+        }
+    }
+
+    fn push(&mut self, msg: Outbound) -> Result<(), PushError> {
+        let len = msg.len();
+        if self.queue.len() >= self.capacity || self.bytes + len > self.max_bytes {
+            return Err(PushError::SlowConsumer);
+        }
+        self.bytes += len;
+        self.queue.push_back(msg);
+        Ok(())
+    }
+
+    /// Queued whatever the bounds (the last words to a slow consumer).
+    fn push_anyway(&mut self, msg: Outbound) {
+        self.bytes += msg.len();
+        self.queue.push_back(msg);
+    }
+
+    fn pop(&mut self) -> Option<Outbound> {
+        let msg = self.queue.pop_front()?;
+        self.bytes -= msg.len();
+        Some(msg)
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.bytes = 0;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn ends_with_close(&self) -> bool {
+        matches!(self.queue.back(), Some(Outbound::Close(..)))
+    }
 }
 
 /// Why a message could not be queued.
@@ -53,58 +116,152 @@ pub(super) struct OutboundRx {
 pub(super) enum PushError {
     /// The queue is full (by messages or bytes): the client is not reading.
     SlowConsumer,
-    /// The writer is gone.
-    Closed,
 }
 
-pub(super) fn outbound(capacity: usize, max_bytes: usize) -> (OutboundTx, OutboundRx) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let queued = Arc::new(AtomicUsize::new(0));
-    (
-        OutboundTx {
-            tx,
-            queued: queued.clone(),
-            max_bytes,
-        },
-        OutboundRx { rx, queued },
-    )
+/// What the socket has for the shell.
+pub(super) enum SocketEvent {
+    /// A message from the client, or the end of its stream (`None`).
+    Message(Option<Result<Message, axum::Error>>),
+    /// A write failed, or nothing could be written for [`WRITE_TIMEOUT`]: the peer is gone.
+    WriteFailed,
 }
 
-impl OutboundTx {
-    pub(super) fn push(&self, msg: Outbound) -> Result<(), PushError> {
-        let len = msg.len();
-        // Only this task adds, so the check and the add cannot race with another push.
-        if self.queued.load(Ordering::Acquire) + len > self.max_bytes {
-            return Err(if self.tx.is_closed() {
-                PushError::Closed
-            } else {
-                PushError::SlowConsumer
-            });
+/// Why [`Socket::poll_write`] stopped.
+enum WriteStop {
+    Failed,
+}
+
+impl Socket {
+    pub(super) fn new(ws: WebSocket, capacity: usize, max_bytes: usize) -> Socket {
+        Socket {
+            ws,
+            queue: Outbox::new(capacity, max_bytes),
+            unflushed: false,
+            closed: false,
+            stall: Box::pin(tokio::time::sleep(WRITE_TIMEOUT)),
+            stalled: false,
+            stall_limit: WRITE_TIMEOUT,
         }
-        self.queued.fetch_add(len, Ordering::AcqRel);
-        match self.tx.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.queued.fetch_sub(len, Ordering::AcqRel);
-                Err(match e {
-                    mpsc::error::TrySendError::Full(_) => PushError::SlowConsumer,
-                    mpsc::error::TrySendError::Closed(_) => PushError::Closed,
-                })
+    }
+
+    /// Queues a message; it is written the next time the shell polls [`Socket::poll_io`].
+    pub(super) fn push(&mut self, msg: Outbound) -> Result<(), PushError> {
+        if self.closed || self.queue.ends_with_close() {
+            // Nothing can follow a close frame.
+            return Ok(());
+        }
+        self.queue.push(msg)
+    }
+
+    /// The client is not reading: what is queued is dropped, and only an error saying why and
+    /// a close frame are left to write, within [`SLOW_CONSUMER_GRACE`].
+    pub(super) fn slow_consumer(&mut self) {
+        self.queue.clear();
+        if !self.closed {
+            let err = ServerMessage::error(
+                ErrorCode::SlowConsumer,
+                "client did not read audio fast enough",
+                true,
+            );
+            self.queue.push_anyway(Outbound::Text(err.to_json()));
+            self.queue.push_anyway(Outbound::Close(
+                duplex_proto::close_code::SLOW_CONSUMER,
+                "slow consumer".into(),
+            ));
+        }
+        self.stall_limit = SLOW_CONSUMER_GRACE;
+        self.stalled = false;
+    }
+
+    /// Writes what is queued as far as the socket takes it, then, if `read`, reads the next
+    /// message. `Pending` once nothing is left to do; woken by the socket.
+    pub(super) fn poll_io(&mut self, cx: &mut Context<'_>, read: bool) -> Poll<SocketEvent> {
+        if let Poll::Ready(Err(WriteStop::Failed)) = self.poll_write(cx) {
+            return Poll::Ready(SocketEvent::WriteFailed);
+        }
+        if read {
+            if let Poll::Ready(m) = self.ws.poll_next_unpin(cx) {
+                return Poll::Ready(SocketEvent::Message(m));
             }
         }
+        Poll::Pending
+    }
+
+    /// `Ready(Ok)`: everything queued is written and flushed.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteStop>> {
+        while !self.queue.is_empty() {
+            match self.ws.poll_ready_unpin(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return failed(&e),
+                Poll::Pending => return self.poll_stall(cx),
+            }
+            let Some(msg) = self.queue.pop() else { break };
+            self.stalled = false;
+            let msg = match msg {
+                Outbound::Text(t) => Message::Text(t.into()),
+                Outbound::Binary(b) => Message::Binary(b),
+                Outbound::Close(code, reason) => {
+                    // Nothing can follow a close frame.
+                    self.queue.clear();
+                    self.closed = true;
+                    close_message(code, &reason)
+                }
+            };
+            if let Err(e) = self.ws.start_send_unpin(msg) {
+                return failed(&e);
+            }
+            // Fed without flushing while more is queued: one syscall for a burst of frames.
+            self.unflushed = true;
+        }
+        if self.unflushed {
+            match self.ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.unflushed = false;
+                    self.stalled = false;
+                }
+                Poll::Ready(Err(e)) => return failed(&e),
+                Poll::Pending => return self.poll_stall(cx),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The socket took nothing: `Pending` until it does, `Failed` once that took too long.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteStop>> {
+        if !self.stalled {
+            self.stalled = true;
+            let at = tokio::time::Instant::now() + self.stall_limit;
+            self.stall.as_mut().reset(at);
+        }
+        match self.stall.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                warn!("socket write timed out");
+                Poll::Ready(Err(WriteStop::Failed))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The session is over: writes what is queued, then a close frame if none was sent, then
+    /// shuts the connection. Bounded: a stalled write ends it (after [`WRITE_TIMEOUT`], or
+    /// [`SLOW_CONSUMER_GRACE`] for a slow consumer).
+    pub(super) async fn finish(mut self) {
+        if std::future::poll_fn(|cx| self.poll_write(cx))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if !self.closed {
+            let limit = self.stall_limit;
+            let _ = timeout(limit, self.ws.close()).await;
+        }
     }
 }
 
-impl OutboundRx {
-    async fn recv(&mut self) -> Option<Outbound> {
-        let msg = self.rx.recv().await?;
-        self.queued.fetch_sub(msg.len(), Ordering::AcqRel);
-        Some(msg)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.rx.is_empty()
-    }
+fn failed(e: &axum::Error) -> Poll<Result<(), WriteStop>> {
+    debug!(error = %e, "socket write failed");
+    Poll::Ready(Err(WriteStop::Failed))
 }
 
 /// What a message read from the socket means to the session; `None`: nothing (a ping or pong
@@ -142,65 +299,6 @@ fn is_capacity_error(e: &axum::Error) -> bool {
     false
 }
 
-pub(super) async fn writer(
-    mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut rx: OutboundRx,
-    kill: CancellationToken,
-) {
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = kill.cancelled() => {
-                // The queue is full because the client does not read: skip it and try to say why.
-                let err = ServerMessage::error(
-                    ErrorCode::SlowConsumer,
-                    "client did not read audio fast enough",
-                    true,
-                );
-                let _ = timeout(Duration::from_secs(1), async {
-                    sink.send(Message::Text(err.to_json().into())).await?;
-                    sink.send(close_message(duplex_proto::close_code::SLOW_CONSUMER, "slow consumer")).await
-                })
-                .await;
-                return;
-            }
-            next = rx.recv() => next,
-        };
-        let msg = match next {
-            None => {
-                let _ = timeout(WRITE_TIMEOUT, sink.close()).await;
-                return;
-            }
-            Some(Outbound::Text(t)) => Message::Text(t.into()),
-            Some(Outbound::Binary(b)) => Message::Binary(b),
-            Some(Outbound::Close(code, reason)) => {
-                let _ = timeout(WRITE_TIMEOUT, sink.send(close_message(code, &reason))).await;
-                return;
-            }
-        };
-        // Feed without flushing while more is queued: one syscall for a burst of frames.
-        let write = async {
-            sink.feed(msg).await?;
-            if rx.is_empty() {
-                sink.flush().await
-            } else {
-                Ok(())
-            }
-        };
-        match timeout(WRITE_TIMEOUT, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                debug!(error = %e, "socket write failed");
-                return;
-            }
-            Err(_) => {
-                warn!("socket write timed out");
-                return;
-            }
-        }
-    }
-}
-
 fn close_message(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
         code,
@@ -213,38 +311,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_writer_queue_is_bounded_by_bytes_as_well_as_messages() {
-        let (tx, mut rx) = outbound(256, 10_000);
+    fn the_socket_queue_is_bounded_by_bytes_as_well_as_messages() {
+        let mut q = Outbox::new(256, 10_000);
         // Large messages: the byte bound is reached long before 256 of them.
         for _ in 0..3 {
-            tx.push(Outbound::Binary(vec![0; 3000].into())).unwrap();
+            q.push(Outbound::Binary(vec![0; 3000].into())).unwrap();
         }
         assert_eq!(
-            tx.push(Outbound::Binary(vec![0; 3000].into())),
+            q.push(Outbound::Binary(vec![0; 3000].into())),
             Err(PushError::SlowConsumer)
         );
         // Small ones still fit under the byte bound...
-        tx.push(Outbound::Text("x".repeat(500))).unwrap();
-        // ...and what the writer takes leaves the count.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            assert!(matches!(rx.recv().await, Some(Outbound::Binary(_))));
-        });
-        tx.push(Outbound::Binary(vec![0; 3000].into())).unwrap();
+        q.push(Outbound::Text("x".repeat(500))).unwrap();
+        // ...and what the socket takes leaves the count.
+        assert!(matches!(q.pop(), Some(Outbound::Binary(_))));
+        q.push(Outbound::Binary(vec![0; 3000].into())).unwrap();
         // Small messages: the message bound still holds.
-        let (tx, _rx) = outbound(4, 10_000);
+        let mut q = Outbox::new(4, 10_000);
         for _ in 0..4 {
-            tx.push(Outbound::Text("{}".into())).unwrap();
+            q.push(Outbound::Text("{}".into())).unwrap();
         }
         assert_eq!(
-            tx.push(Outbound::Text("{}".into())),
+            q.push(Outbound::Text("{}".into())),
             Err(PushError::SlowConsumer)
         );
-        // A gone writer is not a slow consumer.
-        let (tx, rx) = outbound(4, 10_000);
-        drop(rx);
-        assert_eq!(tx.push(Outbound::Text("{}".into())), Err(PushError::Closed));
+        // The last words to a slow consumer go in whatever the bounds, and leave with it.
+        q.push_anyway(Outbound::Close(4000, "slow consumer".into()));
+        assert!(q.ends_with_close());
+        q.clear();
+        assert!(q.is_empty());
+        q.push(Outbound::Text("x".repeat(10_000))).unwrap();
     }
 }
