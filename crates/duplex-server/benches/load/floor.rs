@@ -97,6 +97,11 @@ pub struct FloorSettings {
     pub hold: Duration,
     pub ramp: Option<Duration>,
     pub servers: Vec<FloorServer>,
+    /// `BENCH_FLOOR_ROUNDS`: how many times each level runs, the servers' order rotating from
+    /// one round to the next; ratios pair points of the same round, and a summary gives each
+    /// ratio's median and spread over the rounds (the tail at 1,000 calls on two shared cores
+    /// moves a lot from one run to the next, so one round proves little).
+    pub rounds: usize,
     /// `BENCH_FLOOR_TIMELINE_MS`: print each point's round trips over time in windows of
     /// this length (by send time), to see whether the tail is spread or comes in bursts.
     pub timeline: Option<Duration>,
@@ -130,6 +135,8 @@ impl FloorSettings {
                 .filter(|s| !s.trim().is_empty())
                 .map(FloorServer::parse)
                 .collect(),
+            rounds: var("BENCH_FLOOR_ROUNDS")
+                .map_or(1, |v| num("BENCH_FLOOR_ROUNDS", v).max(1) as usize),
             timeline: var("BENCH_FLOOR_TIMELINE_MS")
                 .map(|v| Duration::from_millis(num("BENCH_FLOOR_TIMELINE_MS", v).max(1))),
         }
@@ -145,6 +152,7 @@ impl FloorSettings {
 struct Point {
     server: String,
     calls: usize,
+    round: usize,
     ok: usize,
     ramp: Duration,
     p50: f64,
@@ -201,9 +209,17 @@ pub async fn run(settings: &FloorSettings) {
         settings.hold.as_secs()
     );
     let mut points = Vec::new();
-    for &calls in &settings.levels {
-        for server in &settings.servers {
-            let point = run_point(server, calls, settings, &speech).await;
+    let n = settings.servers.len();
+    for (&calls, round) in settings
+        .levels
+        .iter()
+        .flat_map(|c| std::iter::repeat(c).zip(0..settings.rounds))
+    {
+        // Round r starts with the r-th server, so no server always runs first or last.
+        for i in 0..n {
+            let server = &settings.servers[(i + round) % n];
+            let mut point = run_point(server, calls, settings, &speech).await;
+            point.round = round;
             println!(
                 "  {:<20} {:>5} calls: p50 {:>7.1} ms  p99 {:>7.1} ms  echoed {:>5.1} %  \
                  {:>5.1} us CPU/frame  (machine: other {:.0} % of a core)",
@@ -226,6 +242,9 @@ pub async fn run(settings: &FloorSettings) {
     }
     print_table(&points);
     print_ratios(&points, &settings.servers);
+    if settings.rounds > 1 {
+        print_round_summary(&points, &settings.servers);
+    }
     if let Some(&calls) = settings.levels.iter().max() {
         println!(
             "\n  idle sessions ({calls} started, no audio, held {} s): RSS per session",
@@ -389,6 +408,7 @@ async fn run_point(
     Point {
         server: server.name(),
         calls,
+        round: 0,
         ok: report.sessions_ok,
         ramp,
         p50: q(50.0),
@@ -542,11 +562,17 @@ fn print_ratios_to(points: &[Point], floor: &str, include: impl Fn(&Point) -> bo
         if p.server == floor || !include(p) {
             continue;
         }
-        // The latest reference point of the same level before this one (levels may repeat).
-        let Some(b) = points[..i]
+        // The reference point of the same level and round; else the latest one before this
+        // one (levels may repeat).
+        let Some(b) = points
             .iter()
-            .rev()
-            .find(|b| b.server == floor && b.calls == p.calls)
+            .find(|b| b.server == floor && b.calls == p.calls && b.round == p.round)
+            .or_else(|| {
+                points[..i]
+                    .iter()
+                    .rev()
+                    .find(|b| b.server == floor && b.calls == p.calls)
+            })
         else {
             continue;
         };
@@ -562,6 +588,76 @@ fn print_ratios_to(points: &[Point], floor: &str, include: impl Fn(&Point) -> bo
             r(p.cpu_us_per_frame(), b.cpu_us_per_frame()),
             r(p.rss_kib_per_call(), b.rss_kib_per_call()),
         );
+    }
+}
+
+/// Per level and server, each ratio to the first bare server of the same round: median, range,
+/// and in how many rounds the issue's goals held (p99 within 1.5x, CPU per frame within 1.3x).
+fn print_round_summary(points: &[Point], servers: &[FloorServer]) {
+    let Some(floor) = servers
+        .iter()
+        .find(|s| matches!(s, FloorServer::Bare(_)))
+        .map(FloorServer::name)
+    else {
+        return;
+    };
+    println!();
+    println!(
+        "  {:<28} {:>5} {:>6} {:>24} {:>24} {:>10}",
+        "over rounds, to the floor",
+        "calls",
+        "rounds",
+        "p99 median (min-max)",
+        "us/frame median (min-max)",
+        "goals met"
+    );
+    let mut levels: Vec<usize> = points.iter().map(|p| p.calls).collect();
+    levels.dedup();
+    for calls in levels {
+        for server in servers
+            .iter()
+            .map(FloorServer::name)
+            .filter(|s| *s != floor)
+        {
+            let mut p99 = Vec::new();
+            let mut cpu = Vec::new();
+            let mut met = 0;
+            for p in points
+                .iter()
+                .filter(|p| p.server == server && p.calls == calls)
+            {
+                let Some(b) = points
+                    .iter()
+                    .find(|b| b.server == floor && b.calls == calls && b.round == p.round)
+                else {
+                    continue;
+                };
+                let (rp, rc) = (p.p99 / b.p99, p.cpu_us_per_frame() / b.cpu_us_per_frame());
+                if rp <= 1.5 && rc <= 1.3 && p.echoed_pct() >= 100.0 {
+                    met += 1;
+                }
+                p99.push(rp);
+                cpu.push(rc);
+            }
+            if p99.is_empty() {
+                continue;
+            }
+            let spread = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                let median = percentile(v, 50.0).unwrap_or(f64::NAN);
+                format!("{median:.2}x ({:.2}-{:.2})", v[0], v[v.len() - 1])
+            };
+            println!(
+                "  {:<28} {:>5} {:>6} {:>24} {:>24} {:>7} of {}",
+                server,
+                calls,
+                p99.len(),
+                spread(&mut p99),
+                spread(&mut cpu),
+                met,
+                p99.len()
+            );
+        }
     }
 }
 
