@@ -28,6 +28,13 @@
 //! - `BENCH_FLOOR_SERVERS`: `duplex`, `duplex=PATH` (another build of the binary, e.g. a copy
 //!   from before a change), `bare` (tungstenite's default read buffer) and `bare@BYTES` (a read
 //!   buffer of BYTES), compared with the first bare one (default `bare,duplex`).
+//! - `BENCH_FLOOR_ROUNDS`: how many times each `floor` level runs (default 1), the servers'
+//!   order rotating; ratios pair the points of one round, and a summary gives each ratio's
+//!   median and range over the rounds.
+//! - `BENCH_FLOOR_TIMELINE_MS`: also print each `floor` point's round trips over time, in
+//!   windows of this length by send time.
+//! - After the levels, `floor` starts as many sessions as its largest level on each server,
+//!   leaves them silent for 6 s and prints RSS per idle session.
 //!
 //! The `soak` scenario (`load/soak.rs`, driven by `load/churn.rs`) holds many sessions with
 //! churn (barge-ins, abrupt disconnects, reconnects) for a long time and checks that RSS stays

@@ -633,7 +633,8 @@ fn print_round_summary(points: &[Point], servers: &[FloorServer]) {
                     continue;
                 };
                 let (rp, rc) = (p.p99 / b.p99, p.cpu_us_per_frame() / b.cpu_us_per_frame());
-                if rp <= 1.5 && rc <= 1.3 && p.echoed_pct() >= 100.0 {
+                if rp <= 1.5 && rc <= 1.3 && p.echoed_pct() >= 100.0 && p.sent_pct() >= MIN_SENT_PCT
+                {
                     met += 1;
                 }
                 p99.push(rp);

@@ -13,7 +13,8 @@
 //! event into a `duplex_session::Input`, sleeps until the machine's next deadline, and carries
 //! out its `Command`s. It never awaits a send: audio to STT goes by `try_send`, and what the
 //! client gets is queued in the shell's [`Socket`] and written when the loop next polls it
-//! (its last branch: write what is queued, then read). A full STT queue drops (and counts)
+//! (its last branch: hand what is queued to the WebSocket, read, and flush once nothing is
+//! left to read, so a shell catching up on several frames answers them with one write). A full STT queue drops (and counts)
 //! frames; a full socket queue (256 messages or `OUTBOUND_BYTES`, whichever comes first) means
 //! the client stopped reading, and the session ends with `slow_consumer` instead of buffering
 //! without limit. Reading and writing the socket in the shell's own loop saves, per frame, a

@@ -173,10 +173,13 @@ impl Socket {
         self.stalled = false;
     }
 
-    /// Writes what is queued as far as the socket takes it, then, if `read`, reads the next
-    /// message. `Pending` once nothing is left to do; woken by the socket.
+    /// Hands what is queued to the WebSocket as far as it takes it, then, if `read`, reads the
+    /// next message; only when there is nothing to read does it flush. A shell with several
+    /// messages waiting (a busy server catching up) thus answers them all with one write to
+    /// the socket, as a writer task would have found them queued; an idle one flushes at once.
+    /// `Pending` once nothing is left to do; woken by the socket.
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>, read: bool) -> Poll<SocketEvent> {
-        if let Poll::Ready(Err(WriteStop::Failed)) = self.poll_write(cx) {
+        if let Poll::Ready(Err(WriteStop::Failed)) = self.poll_feed(cx) {
             return Poll::Ready(SocketEvent::WriteFailed);
         }
         if read {
@@ -184,11 +187,23 @@ impl Socket {
                 return Poll::Ready(SocketEvent::Message(m));
             }
         }
+        if let Poll::Ready(Err(WriteStop::Failed)) = self.poll_flush(cx) {
+            return Poll::Ready(SocketEvent::WriteFailed);
+        }
         Poll::Pending
     }
 
     /// `Ready(Ok)`: everything queued is written and flushed.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteStop>> {
+        match self.poll_feed(cx) {
+            Poll::Ready(Ok(())) => self.poll_flush(cx),
+            other => other,
+        }
+    }
+
+    /// `Ready(Ok)`: everything queued is handed to the WebSocket (in its write buffer, or
+    /// written if the buffer filled), not necessarily flushed.
+    fn poll_feed(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteStop>> {
         while !self.queue.is_empty() {
             match self.ws.poll_ready_unpin(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -210,9 +225,13 @@ impl Socket {
             if let Err(e) = self.ws.start_send_unpin(msg) {
                 return failed(&e);
             }
-            // Fed without flushing while more is queued: one syscall for a burst of frames.
             self.unflushed = true;
         }
+        Poll::Ready(Ok(()))
+    }
+
+    /// `Ready(Ok)`: what was handed to the WebSocket is on the socket.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteStop>> {
         if self.unflushed {
             match self.ws.poll_flush_unpin(cx) {
                 Poll::Ready(Ok(())) => {
