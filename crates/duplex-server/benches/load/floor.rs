@@ -603,13 +603,14 @@ fn print_round_summary(points: &[Point], servers: &[FloorServer]) {
     };
     println!();
     println!(
-        "  {:<28} {:>5} {:>6} {:>24} {:>24} {:>10}",
+        "  {:<28} {:>5} {:>6} {:>24} {:>24} {:>10} {:>14}",
         "over rounds, to the floor",
         "calls",
         "rounds",
         "p99 median (min-max)",
         "us/frame median (min-max)",
-        "goals met"
+        "goals met",
+        "median p99s"
     );
     let mut levels: Vec<usize> = points.iter().map(|p| p.calls).collect();
     levels.dedup();
@@ -622,6 +623,10 @@ fn print_round_summary(points: &[Point], servers: &[FloorServer]) {
             let mut p99 = Vec::new();
             let mut cpu = Vec::new();
             let mut met = 0;
+            // The two servers' median p99 over the rounds: one lucky or unlucky round of
+            // either side moves it less than it moves that round's ratio.
+            let mut own = Vec::new();
+            let mut floors = Vec::new();
             for p in points
                 .iter()
                 .filter(|p| p.server == server && p.calls == calls)
@@ -639,6 +644,8 @@ fn print_round_summary(points: &[Point], servers: &[FloorServer]) {
                 }
                 p99.push(rp);
                 cpu.push(rc);
+                own.push(p.p99);
+                floors.push(b.p99);
             }
             if p99.is_empty() {
                 continue;
@@ -648,15 +655,23 @@ fn print_round_summary(points: &[Point], servers: &[FloorServer]) {
                 let median = percentile(v, 50.0).unwrap_or(f64::NAN);
                 format!("{median:.2}x ({:.2}-{:.2})", v[0], v[v.len() - 1])
             };
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                percentile(v, 50.0).unwrap_or(f64::NAN)
+            };
+            let (own, floor) = (median(&mut own), median(&mut floors));
             println!(
-                "  {:<28} {:>5} {:>6} {:>24} {:>24} {:>7} of {}",
+                "  {:<28} {:>5} {:>6} {:>24} {:>24} {:>7} of {} {:>6.1} / {:.1} ms = {:.2}x",
                 server,
                 calls,
                 p99.len(),
                 spread(&mut p99),
                 spread(&mut cpu),
                 met,
-                p99.len()
+                p99.len(),
+                own,
+                floor,
+                own / floor
             );
         }
     }
