@@ -241,7 +241,7 @@ pub enum Input {
     ProviderUsage(ProviderUsage),
     /// The server is shutting down.
     Shutdown,
-    /// The writer is gone: the client stopped reading (`slow`, the shell already told it
+    /// The way to the client is gone: the client stopped reading (`slow`, the shell already told it
     /// `slow_consumer`) or the socket failed. Nothing more reaches the client.
     WriterGone {
         slow: bool,
@@ -299,7 +299,7 @@ pub enum Command {
         deltas: Vec<UsageDelta>,
     },
     /// The connection is over: drop every provider stream, stop reading the client, and let
-    /// the writer finish what is queued. Only [`Input::Persisted`] and deadlines matter now.
+    /// the socket finish writing what is queued. Only [`Input::Persisted`] and deadlines matter now.
     Release,
     /// Record the session's end in the store (after its start record).
     RecordEnd { reason: &'static str },

@@ -51,11 +51,11 @@ mod socket;
 
 use socket::{Outbound, PushError, Socket, SocketEvent, client_in};
 
-/// Messages queued for the writer. Pacing keeps only `audio_lead / 20 ms` (~15) audio frames in
+/// Messages queued for the socket. Pacing keeps only `audio_lead / 20 ms` (~15) audio frames in
 /// flight and JSON events are sparse, so a healthy client never gets near 256; a client that
 /// stops reading fills it within seconds and is disconnected as a slow consumer.
 const OUTBOUND_CAPACITY: usize = 256;
-/// Bytes queued for the writer, whatever the number of messages: a client that stops reading
+/// Bytes queued for the socket, whatever the number of messages: a client that stops reading
 /// cannot make the server hold more than this for it (a message-count bound alone would let
 /// large messages pin megabytes). ~5 s of 48 kHz PCM16 audio, far beyond the pacer's lead.
 const OUTBOUND_BYTES: usize = 512 * 1024;

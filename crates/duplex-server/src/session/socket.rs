@@ -19,7 +19,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a slow consumer's error and close frame may take before the connection is dropped.
 const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(1);
 
-/// What the shell hands the writer.
+/// What the shell queues for the socket.
 #[derive(Debug)]
 pub(super) enum Outbound {
     Text(String),
