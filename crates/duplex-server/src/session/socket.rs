@@ -182,10 +182,8 @@ impl Socket {
         if let Poll::Ready(Err(WriteStop::Failed)) = self.poll_feed(cx) {
             return Poll::Ready(SocketEvent::WriteFailed);
         }
-        if read {
-            if let Poll::Ready(m) = self.ws.poll_next_unpin(cx) {
-                return Poll::Ready(SocketEvent::Message(m));
-            }
+        if read && let Poll::Ready(m) = self.ws.poll_next_unpin(cx) {
+            return Poll::Ready(SocketEvent::Message(m));
         }
         if let Poll::Ready(Err(WriteStop::Failed)) = self.poll_flush(cx) {
             return Poll::Ready(SocketEvent::WriteFailed);
