@@ -746,6 +746,43 @@ async fn echo_mode_returns_one_frame_per_frame() {
     assert_eq!(ts.metrics.frames_in_total.get(), frames);
 }
 
+/// The session reads and writes its socket in one task, and flushes only when it has nothing
+/// left to read: a lone frame must still go out with no traffic after it, and a burst must come
+/// back whole, byte for byte and in order.
+#[tokio::test]
+async fn echoes_come_back_in_order_alone_or_in_a_burst() {
+    let mut config = test_config();
+    config.engines.providers = ProviderMode::Echo;
+    let ts = TestServer::start(config).await;
+    let mut c = connect(&ts, 16000).await;
+    // 20 ms at 16 kHz, different for every i.
+    let frame = |i: u16| -> Vec<u8> {
+        (0..320u16)
+            .flat_map(|k| (k.wrapping_mul(97) ^ i.wrapping_mul(31)).to_le_bytes())
+            .collect()
+    };
+    async fn next_audio(c: &mut Client) -> Vec<u8> {
+        let e = c
+            .wait_for(|e| matches!(e.kind, EventKind::Audio(_)), WAIT)
+            .await
+            .expect("an echoed frame");
+        match e.kind {
+            EventKind::Audio(b) => b,
+            other => unreachable!("{other:?}"),
+        }
+    }
+    c.send_binary_raw(frame(1)).await.unwrap();
+    assert_eq!(next_audio(&mut c).await, frame(1), "the lone frame");
+    // 1 s of audio at once: within the real-time allowance, so every frame is echoed.
+    for i in 2..52 {
+        c.send_binary_raw(frame(i)).await.unwrap();
+    }
+    for i in 2..52 {
+        assert_eq!(next_audio(&mut c).await, frame(i), "frame {i} of the burst");
+    }
+    assert_eq!(ts.metrics.frames_out_total.get(), 51);
+}
+
 /// Audio sent faster than real time is cut at the allowance (`MAX_AUDIO_AHEAD_MS`, 2 s by
 /// default): the excess is dropped and counted, the client is told once, and the session goes
 /// on.
